@@ -1,0 +1,79 @@
+# bt_pipeline: every target works on a fresh machine that has only python3.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# DATA_DIR holds kaggle_3m/ (the folder Kaggle's archive unpacks to).
+DATA_DIR ?= data
+SHARED_LGG ?= ../shared/lgg
+KAGGLE_ROOT := $(DATA_DIR)/kaggle_3m
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONUNBUFFERED := 1
+
+# make tune: the reference budget by default, every number overridable.
+TRIALS ?= 20
+EPOCHS ?= 20
+EXECUTIONS ?= 2
+WORKERS ?= 2
+ORACLE_PORT ?= 8000
+UNET_EPOCHS ?= 60
+
+.PHONY: install data manifest eda test test-slow lint tune tune-distributed train-unet \
+        demo bench-loader clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+data: install
+	@if [ -d "$(SHARED_LGG)" ]; then \
+		$(PY) $(SHARED_LGG)/unpack.py $(DATA_DIR); \
+	elif [ -d "$(KAGGLE_ROOT)" ]; then \
+		echo "data present in $(KAGGLE_ROOT)"; \
+	else \
+		echo "The LGG MRI segmentation dataset is not here. To get it:"; \
+		echo "  1. Download it from Kaggle: https://www.kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation"; \
+		echo "     (or: kaggle datasets download -d mateuszbuda/lgg-mri-segmentation)"; \
+		echo "  2. Unzip it so that $(KAGGLE_ROOT)/TCGA_CS_4941_19960909/ exists"; \
+		echo "     (or unzip anywhere and pass DATA_DIR=<folder holding kaggle_3m>)."; \
+		exit 1; \
+	fi
+
+manifest: install
+	$(PY) -m bt_pipeline manifest --data-dir $(KAGGLE_ROOT) --out data_manifest.csv
+
+eda: install
+	$(PY) -m bt_pipeline eda --data-dir $(KAGGLE_ROOT) --out reports/eda
+
+test: install
+	$(PY) -m pytest
+
+test-slow: install
+	$(PY) -m pytest -m slow
+
+lint: install
+	$(VENV)/bin/ruff check bt_pipeline tests
+
+tune: install
+	$(PY) -m bt_pipeline.tune --data-dir $(KAGGLE_ROOT) --trials $(TRIALS) --epochs $(EPOCHS) \
+		--executions $(EXECUTIONS)
+
+# A chief (the gRPC oracle) and $(WORKERS) workers on this machine; see README for several.
+tune-distributed: install
+	WORKERS=$(WORKERS) ORACLE_PORT=$(ORACLE_PORT) PY=$(PY) bash tuning/run_distributed.sh \
+		--data-dir $(KAGGLE_ROOT) --trials $(TRIALS) --epochs $(EPOCHS) --executions $(EXECUTIONS)
+
+train-unet: install
+	$(PY) -m bt_pipeline.train_unet --data-dir $(KAGGLE_ROOT) --epochs $(UNET_EPOCHS)
+
+bench-loader: install
+	$(PY) -m bt_pipeline bench-loader --data-dir $(KAGGLE_ROOT)
+
+demo: install
+	@echo "make demo: not built yet (the inference issue adds it)."
+
+clean:
+	rm -rf .cache reports runs predictions tuning/work

@@ -1,0 +1,72 @@
+"""Command line: ``python -m bt_pipeline COMMAND``. Parses arguments and delegates."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from bt_pipeline.config import DataConfig
+    from bt_pipeline.data.manifest import build_manifest, write_manifest
+
+    defaults = DataConfig()
+    table = build_manifest(args.data_dir, defaults.val_fraction, defaults.test_fraction, args.seed)
+    write_manifest(table, args.out)
+    per_split = table.groupby("split")["patient_id"].nunique().to_dict()
+    print(f"{args.out}: {table['patient_id'].nunique()} patients, {len(table)} slices, "
+          f"{int(table['has_tumor'].sum())} with tumour; patients per split {per_split}")
+    return 0
+
+
+def _eda(args: argparse.Namespace) -> int:
+    from bt_pipeline.eda import write_eda_figures
+
+    for path in write_eda_figures(args.manifest, args.data_dir, args.out):
+        print(path)
+    return 0
+
+
+def _bench_loader(args: argparse.Namespace) -> int:
+    from bt_pipeline.bench import loader_throughput
+
+    for name, value in loader_throughput(args.manifest, args.data_dir, args.epochs).items():
+        print(f"{name}={value:.1f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bt_pipeline")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    manifest = commands.add_parser("manifest", help="(re)write the slice manifest")
+    manifest.add_argument("--data-dir", default="data/kaggle_3m")
+    manifest.add_argument("--out", default="data_manifest.csv")
+    manifest.add_argument("--seed", type=int, default=1337)
+    manifest.set_defaults(run=_manifest)
+
+    eda = commands.add_parser("eda", help="plots of the dataset")
+    eda.add_argument("--data-dir", default="data/kaggle_3m")
+    eda.add_argument("--manifest", default="data_manifest.csv")
+    eda.add_argument("--out", default="reports/eda")
+    eda.set_defaults(run=_eda)
+
+    bench = commands.add_parser("bench-loader", help="tf.data loader throughput (slices/s)")
+    bench.add_argument("--data-dir", default="data/kaggle_3m")
+    bench.add_argument("--manifest", default="data_manifest.csv")
+    bench.add_argument("--epochs", type=int, default=3)
+    bench.set_defaults(run=_bench_loader)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Explicit, frozen configuration with a JSON round trip.
+
+Every trained model is saved with the config that produced it (``<model>.json`` beside
+``<model>.keras``), so a model file never has to be guessed about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bt_pipeline.atomic import write_text_atomic
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the slices are, how they are split and how they reach a model."""
+
+    data_root: str = "data/kaggle_3m"
+    manifest: str = "data_manifest.csv"
+    image_size: int = 128  # slices are resized to image_size x image_size for both stages
+    seed: int = 1337
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    batch_size: int = 32
+    # U-Net batches: every tumour slice plus this many tumour-free slices per tumour slice.
+    negative_share: float = 0.25
+    augment: bool = True
+    max_rotation_deg: float = 10.0
+    max_scale: float = 0.08
+    intensity_jitter: float = 0.1
+    cache_dir: str = ".cache/bt_pipeline"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """Slice classifier: stacked Conv2D/MaxPool/Dropout blocks, a dense layer, a sigmoid."""
+
+    image_size: int = 128
+    filters: tuple[int, ...] = (16, 32, 64, 128, 128)
+    block_dropouts: tuple[float, ...] = (0.15, 0.15, 0.15, 0.15, 0.15)
+    dense_dropout: float = 0.15
+    dense_units: int = 128
+    conv_activation: str = "relu"
+    dense_activation: str = "relu"
+    learning_rate: float = 1e-3
+    epochs: int = 30
+    patience: int = 6
+    threshold: float = 0.5  # decision threshold on the tumour probability, chosen on val
+    min_val_sensitivity: float = 0.97  # the threshold rule's sensitivity floor (see tune.py)
+    seed: int = 1337
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """U-Net segmenter."""
+
+    image_size: int = 128
+    depth: int = 4
+    base_filters: int = 16
+    batch_norm: bool = True
+    loss: str = "bce_dice"  # "dice" or "bce_dice"
+    learning_rate: float = 1e-3
+    epochs: int = 40
+    patience: int = 8
+    mask_threshold: float = 0.5
+    distribution: str = "default"  # "default", "mirrored" or "multi_worker"
+    seed: int = 1337
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-JSON dict of a config dataclass, tagged with its type."""
+    return {"type": type(config).__name__, **dataclasses.asdict(config)}
+
+
+def from_dict(data: dict[str, Any], cls: type[T] | None = None) -> T:
+    """Rebuild a config from :func:`to_dict` output; unknown keys are an error."""
+    data = dict(data)
+    tag = data.pop("type", None)
+    if cls is None:
+        if tag not in _CONFIG_TYPES:
+            raise ValueError(f"unknown config type {tag!r}")
+        cls = _CONFIG_TYPES[tag]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+    for name, value in data.items():
+        if isinstance(value, list):  # JSON has no tuples
+            data[name] = tuple(value)
+    return cls(**data)
+
+
+def save_json(config: Any, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+    """Write ``config`` (plus optional ``extra`` facts) as JSON, atomically."""
+    payload = to_dict(config)
+    if extra:
+        payload["extra"] = extra
+    write_text_atomic(Path(path), json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def load_json(path: str | os.PathLike, cls: type[T] | None = None) -> T:
+    """Read a config written by :func:`save_json` (its ``extra`` block is ignored)."""
+    data = json.loads(Path(path).read_text())
+    data.pop("extra", None)
+    return from_dict(data, cls)
+
+
+_CONFIG_TYPES = {c.__name__: c for c in (DataConfig, ClassifierConfig, UNetConfig)}

@@ -1,0 +1,144 @@
+"""The one tf.data loader both stages share.
+
+Slices are decoded in parallel (a thread pool over :func:`load_slice`; OpenCV releases the GIL)
+and cached twice: in memory for the life of the dataset and on disk as ``.npy`` keyed by the
+file list, their sizes and mtimes, and the image size, so that later runs (every tuning trial)
+skip decoding. A bad file fails here, before TensorFlow sees it, with a
+:class:`~bt_pipeline.data.preprocess.SliceReadError` naming the file.
+
+Training pipelines shuffle with an explicit seed, augment on whole batches with per-batch
+stateless seeds (image and mask go through the same geometric transform), and prefetch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from bt_pipeline.atomic import write_with
+from bt_pipeline.config import DataConfig
+from bt_pipeline.data.augment import augment_batch
+from bt_pipeline.data.preprocess import load_mask, load_slice
+
+_CACHE_VERSION = 1  # bump when preprocessing changes, to invalidate disk caches
+
+
+@dataclass(frozen=True)
+class SplitArrays:
+    """Preprocessed slices of one split, in manifest order."""
+
+    images: np.ndarray  # float32 (N, S, S, 3) in [0, 1]
+    masks: np.ndarray  # float32 (N, S, S, 1) in {0, 1}
+    labels: np.ndarray  # float32 (N,) 1 = tumour on the slice
+    rows: pd.DataFrame  # the manifest rows, index reset
+
+
+def _cache_key(paths: list[Path], image_size: int) -> str:
+    digest = hashlib.sha256(json.dumps([_CACHE_VERSION, image_size]).encode())
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def _decode_all(loader, paths: list[Path], image_size: int, desc: str) -> np.ndarray:
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        arrays = list(tqdm(pool.map(lambda p: loader(p, image_size), paths), total=len(paths),
+                           desc=desc, unit="slice", leave=False, disable=len(paths) < 200))
+    return np.stack(arrays)
+
+
+def _cached(loader, paths: list[Path], image_size: int, cache_dir: str | None, kind: str):
+    if not cache_dir:
+        return _decode_all(loader, paths, image_size, f"decoding {kind}")
+    cache_file = Path(cache_dir) / f"{kind}-{image_size}-{_cache_key(paths, image_size)}.npy"
+    if cache_file.is_file():
+        return np.load(cache_file)
+    array = _decode_all(loader, paths, image_size, f"decoding {kind}")
+    write_with(cache_file, lambda tmp: np.save(tmp, array), suffix=".npy")
+    return array
+
+
+def load_split(manifest: pd.DataFrame, split: str, config: DataConfig) -> SplitArrays:
+    """Decode (or read from cache) every slice and mask of ``split``."""
+    rows = manifest[manifest["split"] == split].reset_index(drop=True)
+    if rows.empty:
+        raise ValueError(f"split {split!r} has no slices in the manifest")
+    root = Path(config.data_root)
+    images = _cached(load_slice, [root / p for p in rows["image"]], config.image_size,
+                     config.cache_dir, "images")
+    masks = _cached(load_mask, [root / p for p in rows["mask"]], config.image_size,
+                    config.cache_dir, "masks")
+    labels = rows["has_tumor"].to_numpy(dtype=np.float32)
+    return SplitArrays(images=images, masks=masks, labels=labels, rows=rows)
+
+
+def classifier_dataset(arrays: SplitArrays, config: DataConfig, training: bool) -> tf.data.Dataset:
+    """``(image, label)`` batches; label shape (batch, 1), 1.0 = tumour."""
+    labels = arrays.labels[:, None]
+    dataset = tf.data.Dataset.from_tensor_slices((arrays.images, labels))
+    if not training:
+        return dataset.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.shuffle(len(labels), seed=config.seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(config.batch_size)
+    if config.augment:
+        dataset = _augment_batches(dataset, config, with_mask=False)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def unet_dataset(arrays: SplitArrays, config: DataConfig, training: bool) -> tf.data.Dataset:
+    """``(image, mask)`` batches: every tumour slice plus a share of tumour-free ones.
+
+    In training the tumour-free slices are redrawn every epoch (seeded); otherwise the first
+    ``negative_share`` of them (in a seeded order) are used, so evaluation is fixed.
+    """
+    positive = np.flatnonzero(arrays.labels > 0)
+    negative = np.flatnonzero(arrays.labels == 0)
+    n_negative = min(len(negative), int(round(config.negative_share * len(positive))))
+    if not training:
+        order = np.random.default_rng(config.seed).permutation(negative)[:n_negative]
+        chosen = np.sort(np.concatenate([positive, order]))
+        subset = (arrays.images[chosen], arrays.masks[chosen])
+        return (tf.data.Dataset.from_tensor_slices(subset).batch(config.batch_size)
+                .prefetch(tf.data.AUTOTUNE))
+    negatives = (tf.data.Dataset.from_tensor_slices(negative)
+                 .shuffle(max(1, len(negative)), seed=config.seed, reshuffle_each_iteration=True)
+                 .take(n_negative))
+    indices = tf.data.Dataset.from_tensor_slices(positive).concatenate(negatives)
+    images, masks = tf.constant(arrays.images), tf.constant(arrays.masks)
+    dataset = (indices.shuffle(len(positive) + n_negative, seed=config.seed + 1,
+                               reshuffle_each_iteration=True)
+               .map(lambda i: (tf.gather(images, i), tf.gather(masks, i)),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+               .batch(config.batch_size))
+    if config.augment:
+        dataset = _augment_batches(dataset, config, with_mask=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_epoch(n_items: int, batch_size: int) -> int:
+    return max(1, math.ceil(n_items / batch_size))
+
+
+def _augment_batches(dataset: tf.data.Dataset, config: DataConfig, with_mask: bool):
+    seeds = tf.data.Dataset.random(seed=config.seed).batch(2)
+    zipped = tf.data.Dataset.zip((dataset, seeds))
+
+    def apply(batch, seed):
+        seed = tf.cast(seed, tf.int32)
+        image, target = batch
+        mask = target if with_mask else None
+        image, mask = augment_batch(image, mask, seed, config)
+        return (image, mask) if with_mask else (image, target)
+
+    return zipped.map(apply, num_parallel_calls=tf.data.AUTOTUNE)

@@ -1,0 +1,155 @@
+"""The slice manifest: one row per slice of a Kaggle-layout root, with a patient-level split.
+
+Columns: patient_id, institution, slice, n_slices, image, mask, tumor_pixels, has_tumor, split.
+Paths are relative to the data root, with forward slashes, so the CSV is portable and the
+committed ``data_manifest.csv`` is reproduced byte for byte by ``make manifest``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bt_pipeline.atomic import write_text_atomic
+from bt_pipeline.data.preprocess import read_mask
+
+COLUMNS = [
+    "patient_id", "institution", "slice", "n_slices", "image", "mask",
+    "tumor_pixels", "has_tumor", "split",
+]
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+_SLICE_NAME = re.compile(r"^(?P<patient>.+)_(?P<slice>\d+)$")
+_INSTITUTION = re.compile(r"^TCGA_(?P<institution>[A-Za-z0-9]+)_")
+
+
+def institution_of(patient_id: str) -> str:
+    """Institution code from ``TCGA_<inst>_<id>_<date>``; ``"unknown"`` otherwise."""
+    match = _INSTITUTION.match(patient_id)
+    return match.group("institution") if match else "unknown"
+
+
+def parse_slice_name(path: Path) -> tuple[str, int] | None:
+    """``<patient>_<n>.tif`` -> (patient, n); None for masks and anything else."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES or path.stem.endswith("_mask"):
+        return None
+    match = _SLICE_NAME.match(path.stem)
+    if match is None:
+        return None
+    return match.group("patient"), int(match.group("slice"))
+
+
+def mask_path_for(image_path: Path) -> Path:
+    """The ground-truth mask that belongs to an image slice."""
+    return image_path.with_name(f"{image_path.stem}_mask{image_path.suffix}")
+
+
+def scan_slices(data_root: str | os.PathLike) -> pd.DataFrame:
+    """One row per image slice (with its mask) under ``data_root/<patient>/``, no split yet."""
+    root = Path(data_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: data directory not found (see `make data`)")
+    rows = []
+    for patient_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for path in sorted(patient_dir.iterdir()):
+            parsed = parse_slice_name(path)
+            if parsed is None:
+                continue
+            mask = mask_path_for(path)
+            if not mask.is_file():
+                raise FileNotFoundError(f"{mask}: mask missing for slice {path.name}")
+            rows.append({
+                "patient_id": patient_dir.name,
+                "institution": institution_of(patient_dir.name),
+                "slice": parsed[1],
+                "image": path.relative_to(root).as_posix(),
+                "mask": mask.relative_to(root).as_posix(),
+            })
+    if not rows:
+        raise FileNotFoundError(f"{root}: no <patient>/<patient>_<n>.tif slices found")
+    table = pd.DataFrame(rows).sort_values(["patient_id", "slice"], kind="stable")
+    table = table.reset_index(drop=True)
+    table["n_slices"] = table.groupby("patient_id")["slice"].transform("size")
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        counts = list(pool.map(lambda rel: int(read_mask(root / rel).sum()), table["mask"]))
+    table["tumor_pixels"] = counts
+    table["has_tumor"] = (table["tumor_pixels"] > 0).astype(int)
+    return table
+
+
+def split_patients(
+    institution_by_patient: dict[str, str],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> dict[str, str]:
+    """Assign each patient to train/val/test, stratified by institution.
+
+    Within each institution the patients are shuffled with ``seed`` and the split sizes are
+    apportioned by largest remainder, so every institution appears in every split it is big
+    enough for, and the result depends only on the patient list and the seed.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError("val_fraction and test_fraction must be in [0, 1) and sum below 1")
+    rng = np.random.default_rng(seed)
+    fractions = np.array([1.0 - val_fraction - test_fraction, val_fraction, test_fraction])
+    by_institution: dict[str, list[str]] = {}
+    for patient, institution in sorted(institution_by_patient.items()):
+        by_institution.setdefault(institution, []).append(patient)
+    assignment: dict[str, str] = {}
+    assigned = np.zeros(len(SPLITS))
+    for institution in sorted(by_institution):
+        members = by_institution[institution]
+        patients = [members[i] for i in rng.permutation(len(members))]
+        ideal = fractions * len(patients)
+        counts = np.floor(ideal).astype(int)
+        # Leftover patients go to the largest remainders; ties go to the split furthest
+        # below its share of all patients seen so far, so small institutions spread out.
+        deficit = fractions * (len(assignment) + len(patients)) - assigned - counts
+        order = sorted(range(len(SPLITS)), key=lambda k: (-round(ideal[k] - counts[k], 9),
+                                                          -deficit[k], k))
+        for index in order[: len(patients) - counts.sum()]:
+            counts[index] += 1
+        assigned += counts
+        bounds = np.cumsum(counts)
+        for position, patient in enumerate(patients):
+            assignment[patient] = SPLITS[int(np.searchsorted(bounds, position, side="right"))]
+    return assignment
+
+
+def build_manifest(
+    data_root: str | os.PathLike, val_fraction: float, test_fraction: float, seed: int
+) -> pd.DataFrame:
+    """Scan ``data_root`` and add the patient-level split."""
+    table = scan_slices(data_root)
+    institutions = dict(zip(table["patient_id"], table["institution"], strict=False))
+    split = split_patients(institutions, val_fraction, test_fraction, seed)
+    table["split"] = table["patient_id"].map(split)
+    return table[COLUMNS]
+
+
+def write_manifest(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    write_text_atomic(path, table[COLUMNS].to_csv(index=False, lineterminator="\n"))
+
+
+def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    """Read and check a manifest written by :func:`write_manifest`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: manifest not found (run `make manifest`)")
+    table = pd.read_csv(path, dtype={"patient_id": str, "institution": str})
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks column(s) {missing}")
+    bad = sorted(set(table["split"]) - set(SPLITS))
+    if bad:
+        raise ValueError(f"{path}: unknown split name(s) {bad}")
+    leaked = table.groupby("patient_id")["split"].nunique()
+    if (leaked > 1).any():
+        raise ValueError(f"{path}: patient(s) in several splits: {list(leaked[leaked > 1].index)}")
+    return table

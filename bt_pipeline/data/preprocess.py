@@ -1,0 +1,119 @@
+"""The one place that turns a slice file into model input.
+
+Training, evaluation and inference all call :func:`load_slice` (images) and
+:func:`load_mask` (ground truth); nothing else decodes, normalises or resizes a slice.
+
+Normalisation: pixel values are divided by 255, giving float32 in [0, 1]. The LGG slices are
+8-bit and were already windowed per volume when the dataset was built, so a fixed scale keeps
+the contrast the annotators saw and treats every slice of a volume alike. Per-slice z-scoring
+was rejected: it stretches the near-empty slices at the top and bottom of the head into noise
+and makes a slice's values depend on how much brain it happens to show.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+#: Smallest and largest accepted slice side, in pixels.
+MIN_SIDE = 32
+MAX_SIDE = 2048
+#: Largest accepted slice file (a 2048x2048 RGB uncompressed TIFF is ~12 MiB).
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+class SliceReadError(ValueError):
+    """A slice or mask file that cannot be used; the message names the file."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _decode(path: str | os.PathLike) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise SliceReadError(path, "file not found")
+    size = path.stat().st_size
+    if size == 0:
+        raise SliceReadError(path, "empty file")
+    if size > MAX_FILE_BYTES:
+        raise SliceReadError(path, f"file too large ({size} bytes)")
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+        array = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    except (OSError, cv2.error) as exc:
+        raise SliceReadError(path, f"cannot read image ({exc.__class__.__name__})") from exc
+    if array is None:
+        raise SliceReadError(path, "not a readable image (corrupt, truncated or not an image)")
+    if array.dtype != np.uint8:
+        raise SliceReadError(path, f"expected 8-bit pixels, got {array.dtype}")
+    if array.ndim not in (2, 3):
+        raise SliceReadError(path, f"unexpected array shape {array.shape}")
+    height, width = array.shape[:2]
+    if not (MIN_SIDE <= height <= MAX_SIDE and MIN_SIDE <= width <= MAX_SIDE):
+        raise SliceReadError(path, f"size {width}x{height} outside {MIN_SIDE}..{MAX_SIDE} pixels")
+    return array
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an MR slice to uint8 RGB (H, W, 3): pre-contrast, FLAIR, post-contrast.
+
+    Raises:
+        SliceReadError: missing, empty, corrupt or truncated file, grayscale or wrong depth.
+    """
+    array = _decode(path)
+    if array.ndim == 2 or array.shape[2] == 1:
+        raise SliceReadError(
+            path, "grayscale image; expected 3 channels (pre-contrast, FLAIR, post-contrast)"
+        )
+    if array.shape[2] == 4:  # an alpha channel carries no signal
+        array = array[:, :, :3]
+    if array.shape[2] != 3:
+        raise SliceReadError(path, f"expected 3 channels, got {array.shape[2]}")
+    return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Decode a ground-truth mask to uint8 {0, 1} (H, W); any value > 127 is tumour."""
+    array = _decode(path)
+    if array.ndim == 3:
+        array = array[:, :, 0]
+    return (array > 127).astype(np.uint8)
+
+
+def preprocess_image(image_rgb: np.ndarray, image_size: int) -> np.ndarray:
+    """uint8 RGB slice -> float32 (image_size, image_size, 3) in [0, 1]."""
+    if image_rgb.shape[:2] != (image_size, image_size):
+        shrink = image_rgb.shape[0] > image_size
+        interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        image_rgb = cv2.resize(image_rgb, (image_size, image_size), interpolation=interpolation)
+    return image_rgb.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+def preprocess_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
+    """{0, 1} mask -> float32 (image_size, image_size, 1), resized nearest-neighbour."""
+    if mask.shape[:2] != (image_size, image_size):
+        mask = cv2.resize(mask, (image_size, image_size), interpolation=cv2.INTER_NEAREST)
+    return mask.astype(np.float32)[:, :, None]
+
+
+def load_slice(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """Slice file -> model input: decode, RGB order, scale to [0, 1], resize."""
+    return preprocess_image(read_image(path), image_size)
+
+
+def load_mask(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """Mask file -> float32 {0, 1} (image_size, image_size, 1)."""
+    return preprocess_mask(read_mask(path), image_size)
+
+
+def resize_mask_to(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bring a predicted mask (any float/uint8 2-D array) back to the slice's own grid."""
+    if mask.shape[:2] == (height, width):
+        return mask
+    return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)

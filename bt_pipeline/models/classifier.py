@@ -1,0 +1,51 @@
+"""Slice classifier: does this axial slice show tumour?
+
+Stacked blocks of Conv2D (3x3, growing filters) -> MaxPooling -> Dropout, then Flatten ->
+Dropout -> Dense -> sigmoid, after the reference design. Tuning and training call the same
+builder; the tuner only chooses its arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+
+
+def build_classifier(
+    image_size: int = 128,
+    filters: Sequence[int] = (16, 32, 64, 128),
+    block_dropouts: Sequence[float] = (0.15, 0.15, 0.15, 0.15),
+    dense_dropout: float = 0.15,
+    dense_units: int = 128,
+    conv_activation: str = "relu",
+    dense_activation: str = "relu",
+) -> keras.Model:
+    """Build the (uncompiled) classifier; output is P(tumour) with shape (batch, 1)."""
+    if len(block_dropouts) != len(filters):
+        raise ValueError(f"need one dropout per block: {len(filters)} blocks, "
+                         f"{len(block_dropouts)} dropouts")
+    if image_size % (2 ** len(filters)):
+        raise ValueError(f"image_size {image_size} must be divisible by 2**{len(filters)}")
+    inputs = keras.Input((image_size, image_size, 3), name="slice")
+    x = inputs
+    for block, (width, rate) in enumerate(zip(filters, block_dropouts, strict=True), start=1):
+        x = keras.layers.Conv2D(width, 3, padding="same", activation=conv_activation,
+                                name=f"block{block}_conv")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+        x = keras.layers.Dropout(rate, name=f"block{block}_dropout")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dropout(dense_dropout, name="dense_dropout")(x)
+    x = keras.layers.Dense(dense_units, activation=dense_activation, name="dense")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="tumor_probability")(x)
+    return keras.Model(inputs, outputs, name="slice_classifier")
+
+
+def compile_classifier(model: keras.Model, learning_rate: float) -> keras.Model:
+    """Adam + binary cross-entropy, with accuracy and ROC AUC tracked."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="binary_crossentropy",
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+    )
+    return model

@@ -1,0 +1,55 @@
+"""U-Net segmenter (Ronneberger et al. 2015), sized for a laptop CPU.
+
+Contracting path: (Conv 3x3 -> [BatchNorm] -> activation) x2, then 2x2 max pooling. Expanding
+path: Conv2DTranspose (2x2, stride 2) upsampling, concatenation with the skip connection of
+the same level, then the same double convolution. A 1x1 convolution with sigmoid gives the
+per-pixel tumour probability.
+"""
+
+from __future__ import annotations
+
+import keras
+
+
+def _double_conv(x, width: int, batch_norm: bool, activation: str, name: str):
+    for index in (1, 2):
+        x = keras.layers.Conv2D(width, 3, padding="same", use_bias=not batch_norm,
+                                name=f"{name}_conv{index}")(x)
+        if batch_norm:
+            x = keras.layers.BatchNormalization(name=f"{name}_bn{index}")(x)
+        x = keras.layers.Activation(activation, name=f"{name}_act{index}")(x)
+    return x
+
+
+def build_unet(
+    image_size: int = 128,
+    depth: int = 4,
+    base_filters: int = 16,
+    batch_norm: bool = True,
+    activation: str = "relu",
+    channels: int = 3,
+) -> keras.Model:
+    """Build the (uncompiled) U-Net; output (batch, S, S, 1) tumour probability.
+
+    Args:
+        image_size: input side; must be divisible by ``2**depth``.
+        depth: number of poolings (levels below the input resolution).
+        base_filters: width of the first level; each level down doubles it.
+        batch_norm: insert BatchNormalization after every convolution.
+    """
+    if depth < 1 or image_size % (2**depth):
+        raise ValueError(f"image_size {image_size} must be divisible by 2**depth (depth={depth})")
+    inputs = keras.Input((image_size, image_size, channels), name="slice")
+    skips, x = [], inputs
+    for level in range(depth):
+        x = _double_conv(x, base_filters * 2**level, batch_norm, activation, f"down{level}")
+        skips.append(x)
+        x = keras.layers.MaxPooling2D(2, name=f"down{level}_pool")(x)
+    x = _double_conv(x, base_filters * 2**depth, batch_norm, activation, "bottleneck")
+    for level in reversed(range(depth)):
+        width = base_filters * 2**level
+        x = keras.layers.Conv2DTranspose(width, 2, strides=2, name=f"up{level}_transpose")(x)
+        x = keras.layers.Concatenate(name=f"up{level}_concat")([x, skips[level]])
+        x = _double_conv(x, width, batch_norm, activation, f"up{level}")
+    outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", name="mask_probability")(x)
+    return keras.Model(inputs, outputs, name="unet")

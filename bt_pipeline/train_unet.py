@@ -1,0 +1,100 @@
+"""Train the U-Net on the manifest's train split, select on val, ship it with its config.
+
+    python -m bt_pipeline.train_unet [--epochs N] [--max-minutes M] [--run-dir DIR]
+
+Re-running the same command after a kill resumes from the last completed epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import keras
+
+from bt_pipeline.config import DataConfig, UNetConfig, save_json
+from bt_pipeline.data.loader import load_split, unet_dataset
+from bt_pipeline.data.manifest import read_manifest
+from bt_pipeline.models.losses import compile_unet
+from bt_pipeline.models.unet import build_unet
+from bt_pipeline.training import make_strategy, ship_model, training_callbacks
+
+SHIPPED_UNET = Path(__file__).parent / "weights" / "unet.keras"
+
+
+def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
+               ship_to: Path | None = SHIPPED_UNET, max_minutes: float | None = None,
+               verbose: int | str = "auto") -> keras.Model:
+    """Fit the U-Net; returns the best-on-val model (also shipped to ``ship_to``)."""
+    if data_config.image_size != unet_config.image_size:
+        raise ValueError("data and U-Net image sizes differ")
+    keras.utils.set_random_seed(unet_config.seed)
+    manifest = read_manifest(data_config.manifest)
+    train = unet_dataset(load_split(manifest, "train", data_config), data_config, training=True)
+    val_config = dataclasses.replace(data_config, augment=False)
+    val = unet_dataset(load_split(manifest, "val", data_config), val_config, training=False)
+    save_json(unet_config, run_dir / "config.json", extra={"data": dataclasses.asdict(data_config)})
+    with make_strategy(unet_config.distribution).scope():
+        model = build_unet(unet_config.image_size, unet_config.depth, unet_config.base_filters,
+                           unet_config.batch_norm)
+        compile_unet(model, unet_config.learning_rate, unet_config.loss)
+    started = time.monotonic()
+    callbacks = training_callbacks(run_dir, "val_dice_metric", "max", unet_config.patience,
+                                   max_minutes)
+    history = model.fit(train, validation_data=val, epochs=unet_config.epochs,
+                        callbacks=callbacks, verbose=verbose)
+    best = keras.saving.load_model(run_dir / "best.keras")
+    if ship_to is not None:
+        facts = {
+            "data": dataclasses.asdict(data_config),
+            "parameters": int(best.count_params()),
+            "epochs_run_this_call": len(history.history.get("loss", [])),
+            "wall_seconds_this_call": round(time.monotonic() - started, 1),
+            "best_val_dice": max(history.history.get("val_dice_metric", [float("nan")])),
+        }
+        ship_model(best, ship_to, unet_config, facts)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=DataConfig.data_root)
+    parser.add_argument("--manifest", default=DataConfig.manifest)
+    parser.add_argument("--run-dir", default="runs/unet")
+    parser.add_argument("--epochs", type=int, default=UNetConfig.epochs)
+    parser.add_argument("--image-size", type=int, default=UNetConfig.image_size)
+    parser.add_argument("--base-filters", type=int, default=UNetConfig.base_filters)
+    parser.add_argument("--depth", type=int, default=UNetConfig.depth)
+    parser.add_argument("--no-batch-norm", action="store_true")
+    parser.add_argument("--loss", default=UNetConfig.loss, choices=["dice", "bce_dice"])
+    parser.add_argument("--learning-rate", type=float, default=UNetConfig.learning_rate)
+    parser.add_argument("--batch-size", type=int, default=DataConfig.batch_size)
+    parser.add_argument("--distribution", default="default",
+                        choices=["default", "mirrored", "multi_worker"])
+    parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--ship-to", default=str(SHIPPED_UNET))
+    parser.add_argument("--seed", type=int, default=UNetConfig.seed)
+    args = parser.parse_args(argv)
+    data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
+                             image_size=args.image_size, batch_size=args.batch_size,
+                             seed=args.seed)
+    unet_config = UNetConfig(image_size=args.image_size, depth=args.depth,
+                             base_filters=args.base_filters, batch_norm=not args.no_batch_norm,
+                             loss=args.loss, learning_rate=args.learning_rate, epochs=args.epochs,
+                             distribution=args.distribution, seed=args.seed)
+    verbose = "auto" if sys.stdout.isatty() else 2
+    try:
+        train_unet(data_config, unet_config, Path(args.run_dir), Path(args.ship_to),
+                   args.max_minutes, verbose)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"shipped U-Net: {args.ship_to}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""What every training run shares: seeding, callbacks, distribution strategy, shipping a model.
+
+A run directory holds ``best.keras`` (best on val), ``log.csv`` (one row per epoch),
+``tensorboard/``, ``backup/`` (BackupAndRestore: a killed run resumes from its last completed
+epoch) and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from bt_pipeline.atomic import write_text_atomic, write_with
+from bt_pipeline.config import save_json
+
+
+class TimeLimit(keras.callbacks.Callback):
+    """Stop training cleanly once ``minutes`` of wall time have passed (checked per epoch)."""
+
+    def __init__(self, minutes: float | None):
+        super().__init__()
+        self.minutes = minutes
+        self.started = time.monotonic()
+        self.stopped_early = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.minutes is not None and time.monotonic() - self.started > 60 * self.minutes:
+            print(f"time limit of {self.minutes:g} min reached after epoch {epoch + 1}; stopping")
+            self.stopped_early = True
+            self.model.stop_training = True
+
+
+def training_callbacks(run_dir: Path, monitor: str, mode: str, patience: int,
+                       max_minutes: float | None = None) -> list[keras.callbacks.Callback]:
+    """Best-on-val checkpoint, early stopping, LR schedule, CSV log, TensorBoard, resume."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
+        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=monitor, mode=mode,
+                                        save_best_only=True),
+        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience),
+        keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5,
+                                          patience=max(1, patience // 3), min_lr=1e-5),
+        keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=True),
+        keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False,
+                                    profile_batch=0),
+        TimeLimit(max_minutes),
+    ]
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """``default``: one device; ``mirrored``: all local GPUs (or CPUs listed as logical devices);
+    ``multi_worker``: several machines described by the ``TF_CONFIG`` environment variable."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"unknown distribution {name!r}: default, mirrored or multi_worker")
+
+
+def ship_model(model: keras.Model, path: Path, config: Any, facts: dict[str, Any]) -> None:
+    """Save ``model`` without optimizer state (small file) and its config beside it, atomically."""
+    clone = keras.Model.from_config(model.get_config())  # uncompiled: no optimizer slots
+    clone.set_weights(model.get_weights())
+    write_with(path, lambda tmp: clone.save(tmp), suffix=".keras")
+    save_json(config, path.with_suffix(".json"), extra=facts)
+
+
+def history_rows(run_dir: Path) -> list[dict[str, str]]:
+    """Rows of the run's ``log.csv`` (empty if none)."""
+    log = run_dir / "log.csv"
+    if not log.is_file():
+        return []
+    with open(log) as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

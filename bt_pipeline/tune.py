@@ -1,0 +1,248 @@
+"""Stage 1: tune the slice classifier with Keras Tuner RandomSearch, then retrain and ship it.
+
+    python -m bt_pipeline.tune [--trials 20] [--epochs 20] [--executions 2]
+
+The objective is validation accuracy only; test patients are never looked at until the
+shipped model is scored. Re-running the command resumes the search from ``--work-dir``.
+For chief/worker tuning set ``KERASTUNER_TUNER_ID``, ``KERASTUNER_ORACLE_IP`` and
+``KERASTUNER_ORACLE_PORT`` (see README); every process runs this same command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import keras
+import keras_tuner
+import numpy as np
+import pandas as pd
+
+from bt_pipeline.atomic import write_text_atomic
+from bt_pipeline.classifier_metrics import choose_threshold, classification_metrics
+from bt_pipeline.config import ClassifierConfig, DataConfig
+from bt_pipeline.data.loader import SplitArrays, classifier_dataset, load_split
+from bt_pipeline.data.manifest import read_manifest
+from bt_pipeline.models.classifier import build_classifier, compile_classifier
+from bt_pipeline.training import ship_model, training_callbacks
+
+SHIPPED_CLASSIFIER = Path(__file__).parent / "weights" / "classifier.keras"
+DENSE_ACTIVATIONS = ["relu", "sigmoid", "tanh", "elu"]
+# elu and swish keep a gradient for negative inputs, which helps small nets that ReLU can kill.
+CONV_ACTIVATIONS = ["relu", "elu", "swish"]
+
+
+def classifier_kwargs_from_hp(hp: keras_tuner.HyperParameters, n_blocks: int) -> dict:
+    """Map hyperparameters to :func:`build_classifier` keyword arguments (plus the LR)."""
+    dropout = dict(min_value=0.0, max_value=0.5, step=0.05, default=0.15)
+    return {
+        "block_dropouts": tuple(hp.Float(f"dropout_{i + 1}", **dropout) for i in range(n_blocks)),
+        "dense_dropout": hp.Float("dropout_dense", **dropout),
+        "dense_units": hp.Int("dense_units", 64, 512, step=32, default=128),
+        "dense_activation": hp.Choice("dense_activation", DENSE_ACTIVATIONS, default="relu"),
+        "conv_activation": hp.Choice("conv_activation", CONV_ACTIVATIONS, default="relu"),
+        "learning_rate": hp.Float("learning_rate", 1e-4, 1e-2, sampling="log", default=1e-3),
+    }
+
+
+class ClassifierHyperModel(keras_tuner.HyperModel):
+    """``build(hp)`` only turns ``hp`` into arguments of the training builder."""
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__(name="slice_classifier")
+        self.config = config
+
+    def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
+        kwargs = classifier_kwargs_from_hp(hp, len(self.config.filters))
+        learning_rate = kwargs.pop("learning_rate")
+        model = build_classifier(image_size=self.config.image_size, filters=self.config.filters,
+                                 **kwargs)
+        return compile_classifier(model, learning_rate)
+
+
+class ClassifierSearch(keras_tuner.RandomSearch):
+    """RandomSearch whose trials report the mean over executions of each execution's best
+    epoch (by val accuracy) and the trial's wall time."""
+
+    def __init__(self, hypermodel, *, seed: int, **kwargs):
+        super().__init__(hypermodel, seed=seed, **kwargs)
+        self.search_seed = seed
+
+    def run_trial(self, trial, train, val, epochs: int, verbose="auto"):
+        started, accuracies, losses = time.monotonic(), [], []
+        for execution in range(self.executions_per_trial):
+            keras.utils.set_random_seed(self.search_seed + 10 * int(trial.trial_id) + execution)
+            model = self.hypermodel.build(trial.hyperparameters)
+            history = model.fit(train, validation_data=val, epochs=epochs, verbose=verbose)
+            best_epoch = int(np.argmax(history.history["val_accuracy"]))
+            accuracies.append(history.history["val_accuracy"][best_epoch])
+            losses.append(history.history["val_loss"][best_epoch])
+        return {"val_accuracy": float(np.mean(accuracies)), "val_loss": float(np.mean(losses)),
+                "seconds": time.monotonic() - started}
+
+    def save_model(self, trial_id, model, step=0):  # the best configuration is retrained instead
+        pass
+
+
+def make_tuner(config: ClassifierConfig, work_dir: Path, max_trials: int,
+               executions: int, seed: int) -> ClassifierSearch:
+    return ClassifierSearch(
+        ClassifierHyperModel(config),
+        objective=keras_tuner.Objective("val_accuracy", "max"),
+        max_trials=max_trials, executions_per_trial=executions, seed=seed,
+        directory=str(work_dir), project_name="classifier", overwrite=False,
+    )
+
+
+def trials_table(tuner: keras_tuner.Tuner) -> pd.DataFrame:
+    """One row per trial: id, every hyperparameter, mean val accuracy/loss, status, seconds."""
+    rows = []
+    for trial in tuner.oracle.trials.values():
+        metrics = trial.metrics
+        values = {name: round(value, 6) if isinstance(value, float) else value
+                  for name, value in trial.hyperparameters.values.items()}
+        row = {"trial_id": trial.trial_id, **values}
+        for name in ("val_accuracy", "val_loss", "seconds"):
+            row[name] = metrics.get_last_value(name) if metrics.exists(name) else float("nan")
+        row["status"] = trial.status
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    return table.sort_values("trial_id").reset_index(drop=True) if rows else table
+
+
+def write_search_reports(table: pd.DataFrame, best_hparams: dict, out_dir: Path,
+                         settings: dict) -> None:
+    """``trials.csv``, ``best_hparams.json`` and a readable ``top10.md`` under ``out_dir``."""
+    write_text_atomic(out_dir / "trials.csv", table.to_csv(index=False, lineterminator="\n"))
+    write_text_atomic(out_dir / "best_hparams.json",
+                      json.dumps({"hyperparameters": best_hparams, "search": settings},
+                                 indent=2, sort_keys=True) + "\n")
+    done = table[table["status"] == "COMPLETED"]
+    top = done.sort_values(["val_accuracy", "val_loss"], ascending=[False, True]).head(10)
+    lines = [f"# Top {len(top)} of {len(done)} completed trials (objective: val accuracy)", "",
+             f"Search: {json.dumps(settings, sort_keys=True)}", "",
+             _markdown_table(top.round(4))]
+    write_text_atomic(out_dir / "top10.md", "\n".join(lines) + "\n")
+
+
+def _markdown_table(table: pd.DataFrame) -> str:
+    header = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    body = ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def config_from_hparams(base: ClassifierConfig, hparams: dict) -> ClassifierConfig:
+    """The shipped classifier's config: ``base`` with the tuned values filled in."""
+    hp = keras_tuner.HyperParameters()
+    for name, value in hparams.items():
+        hp.Fixed(name, value)
+    kwargs = classifier_kwargs_from_hp(hp, len(base.filters))
+    return dataclasses.replace(base, **kwargs)
+
+
+def predict_probabilities(model: keras.Model, arrays: SplitArrays, config: DataConfig):
+    plain = dataclasses.replace(config, augment=False)
+    return model.predict(classifier_dataset(arrays, plain, training=False), verbose=0).ravel()
+
+
+def retrain_and_ship(config: ClassifierConfig, data_config: DataConfig,
+                     splits: dict[str, SplitArrays], run_dir: Path, ship_to: Path | None,
+                     verbose="auto") -> tuple[keras.Model, pd.DataFrame]:
+    """Train ``config`` with early stopping on val, choose the threshold on val, score every
+    split, ship the model with its config. Returns the model and the per-split metrics."""
+    keras.utils.set_random_seed(config.seed)
+    model = compile_classifier(
+        build_classifier(config.image_size, config.filters, config.block_dropouts,
+                         config.dense_dropout, config.dense_units, config.conv_activation,
+                         config.dense_activation),
+        config.learning_rate)
+    started = time.monotonic()
+    train = classifier_dataset(splits["train"], data_config, training=True)
+    val = classifier_dataset(splits["val"], data_config, training=False)
+    model.fit(train, validation_data=val, epochs=config.epochs, verbose=verbose,
+              callbacks=training_callbacks(run_dir, "val_loss", "min", config.patience))
+    model = keras.saving.load_model(run_dir / "best.keras")
+    wall = time.monotonic() - started
+    probabilities = {name: predict_probabilities(model, arrays, data_config)
+                     for name, arrays in splits.items()}
+    threshold = choose_threshold(splits["val"].labels, probabilities["val"],
+                                 config.min_val_sensitivity)
+    config = dataclasses.replace(config, threshold=threshold)
+    table = pd.DataFrame([{"split": name, **classification_metrics(arrays.labels,
+                                                                   probabilities[name], threshold)}
+                          for name, arrays in splits.items()])
+    if ship_to is not None:
+        ship_model(model, ship_to, config, {
+            "data": dataclasses.asdict(data_config), "retrain_wall_seconds": round(wall, 1),
+            "parameters": int(model.count_params()),
+            "metrics": table.set_index("split").to_dict(orient="index")})
+    return model, table
+
+
+def run_tuning(data_config: DataConfig, base: ClassifierConfig, out_dir: Path, work_dir: Path,
+               trials: int, epochs: int, executions: int, ship_to: Path | None,
+               verbose="auto") -> pd.DataFrame | None:
+    """The whole of ``make tune``. Returns the per-split metrics table (None on a worker)."""
+    manifest = read_manifest(data_config.manifest)
+    wanted = ("train", "val", "test")
+    splits = {name: load_split(manifest, name, data_config) for name in wanted}
+    tuner = make_tuner(base, work_dir, trials, executions, data_config.seed)
+    started = time.monotonic()
+    tuner.search(classifier_dataset(splits["train"], data_config, training=True),
+                 classifier_dataset(splits["val"], data_config, training=False),
+                 epochs=epochs, verbose=verbose)
+    if os.environ.get("KERASTUNER_TUNER_ID", "chief").startswith("tuner"):
+        return None  # a worker: the chief writes the reports and retrains
+    best_hparams = tuner.get_best_hyperparameters(1)[0].values
+    settings = {"trials": trials, "epochs_per_trial": epochs, "executions_per_trial": executions,
+                "image_size": data_config.image_size, "seed": data_config.seed,
+                "wall_seconds_this_call": round(time.monotonic() - started, 1)}
+    write_search_reports(trials_table(tuner), best_hparams, out_dir, settings)
+    config = config_from_hparams(base, best_hparams)
+    _, table = retrain_and_ship(config, data_config, splits, work_dir / "retrain", ship_to,
+                                verbose)
+    write_text_atomic(out_dir / "classifier_metrics.csv",
+                      table.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=DataConfig.data_root)
+    parser.add_argument("--manifest", default=DataConfig.manifest)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=20, help="epochs per execution")
+    parser.add_argument("--executions", type=int, default=2, help="executions per trial")
+    parser.add_argument("--retrain-epochs", type=int, default=ClassifierConfig.epochs)
+    parser.add_argument("--image-size", type=int, default=ClassifierConfig.image_size)
+    parser.add_argument("--out-dir", default="tuning")
+    parser.add_argument("--work-dir", default="tuning/work")
+    parser.add_argument("--ship-to", default=str(SHIPPED_CLASSIFIER))
+    parser.add_argument("--seed", type=int, default=DataConfig.seed)
+    args = parser.parse_args(argv)
+    data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
+                             image_size=args.image_size, seed=args.seed)
+    base = ClassifierConfig(image_size=args.image_size, epochs=args.retrain_epochs,
+                            seed=args.seed)
+    verbose = "auto" if sys.stdout.isatty() else 2
+    try:
+        table = run_tuning(data_config, base, Path(args.out_dir), Path(args.work_dir),
+                           args.trials, args.epochs, args.executions, Path(args.ship_to), verbose)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if table is not None:
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(f"shipped classifier: {args.ship_to}; reports in {args.out_dir}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

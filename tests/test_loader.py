@@ -1,0 +1,97 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bt_pipeline.config import DataConfig
+from bt_pipeline.data.augment import augment_batch
+from bt_pipeline.data.loader import classifier_dataset, load_split, unet_dataset
+from bt_pipeline.data.manifest import read_manifest
+from bt_pipeline.data.preprocess import SliceReadError, load_slice
+
+
+@pytest.fixture()
+def config(synthetic_root, synthetic_manifest, tmp_path):
+    return DataConfig(data_root=str(synthetic_root), manifest=str(synthetic_manifest),
+                      image_size=32, batch_size=4, negative_share=0.5,
+                      cache_dir=str(tmp_path / "cache"))
+
+
+def test_split_arrays_match_the_one_preprocessing_function(config):
+    manifest = read_manifest(config.manifest)
+    arrays = load_split(manifest, "train", config)
+    assert arrays.images.shape == (len(arrays.rows), 32, 32, 3)
+    assert arrays.masks.shape == (len(arrays.rows), 32, 32, 1)
+    for index in (0, len(arrays.rows) - 1):
+        path = f"{config.data_root}/{arrays.rows['image'][index]}"
+        np.testing.assert_array_equal(arrays.images[index], load_slice(path, 32))
+    cached = load_split(manifest, "train", config)  # second call reads the disk cache
+    np.testing.assert_array_equal(cached.images, arrays.images)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_classifier_batches(config, training):
+    arrays = load_split(read_manifest(config.manifest), "train", config)
+    images, labels = next(iter(classifier_dataset(arrays, config, training)))
+    assert images.shape == (4, 32, 32, 3) and images.dtype == tf.float32
+    assert labels.shape == (4, 1) and labels.dtype == tf.float32
+    assert float(tf.reduce_min(images)) >= 0.0 and float(tf.reduce_max(images)) <= 1.0
+    assert set(np.unique(labels.numpy())) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_unet_batches_hold_tumours_and_a_share_of_negatives(config, training):
+    arrays = load_split(read_manifest(config.manifest), "train", config)
+    batches = list(unet_dataset(arrays, config, training))
+    masks = np.concatenate([m.numpy() for _, m in batches])
+    n_pos = int((arrays.labels > 0).sum())
+    assert len(masks) == n_pos + round(0.5 * n_pos)
+    assert int((masks.reshape(len(masks), -1).max(axis=1) > 0).sum()) == n_pos
+    assert set(np.unique(masks)) <= {0.0, 1.0}
+    assert batches[0][0].shape[1:] == (32, 32, 3) and batches[0][1].shape[1:] == (32, 32, 1)
+
+
+def test_training_order_is_seeded(config):
+    arrays = load_split(read_manifest(config.manifest), "train", config)
+    first = [b[1].numpy() for b in classifier_dataset(arrays, config, True)]
+    again = [b[1].numpy() for b in classifier_dataset(arrays, config, True)]
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_augmentation_keeps_masks_on_the_lesion(config):
+    arrays = load_split(read_manifest(config.manifest), "train", config)
+    tumour = arrays.labels > 0
+    images, masks = tf.constant(arrays.images[tumour]), tf.constant(arrays.masks[tumour])
+    strong = dataclasses.replace(config, max_rotation_deg=25.0, max_scale=0.15,
+                                 intensity_jitter=0.0)
+    for seed in range(3):
+        out_images, out_masks = augment_batch(images, masks, tf.constant([seed, 1]), strong)
+        out_images, out_masks = out_images.numpy(), out_masks.numpy()
+        assert set(np.unique(out_masks)) <= {0.0, 1.0}
+        assert not np.array_equal(out_masks, masks.numpy())  # something moved
+        # The synthetic lesion is the only FLAIR-bright tissue: after the move, the mask must
+        # still sit on it and cover it (a mask moved on its own scores about 0.5 on both).
+        bright = out_images[..., 1] > 0.6
+        inside = out_masks[..., 0] > 0
+        assert (bright & inside).sum() / inside.sum() > 0.85
+        assert (bright & inside).sum() / bright.sum() > 0.85
+        area_ratio = out_masks.sum() / masks.numpy().sum()
+        assert 0.6 < area_ratio < 1.6
+
+
+def test_bad_slice_fails_in_the_loader_naming_the_file(config, tmp_path):
+    import shutil
+
+    root = tmp_path / "kaggle_3m"
+    shutil.copytree(config.data_root, root)
+    manifest = read_manifest(config.manifest)
+    victim = root / manifest[manifest["split"] == "val"]["image"].iloc[2]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated
+    broken = dataclasses.replace(config, data_root=str(root), cache_dir="")
+    with pytest.raises(SliceReadError, match=victim.name):
+        load_split(manifest, "val", broken)
+    (root / manifest[manifest["split"] == "test"]["image"].iloc[0]).unlink()
+    with pytest.raises(SliceReadError, match="file not found"):
+        load_split(manifest, "test", broken)

@@ -1,0 +1,56 @@
+import cv2
+import numpy as np
+import pytest
+
+from bt_pipeline.data.preprocess import SliceReadError, load_mask, load_slice, read_image
+
+
+def _slice_file(root, index=3):
+    return sorted(root.glob(f"*/*_{index}.tif"))[0]
+
+
+def test_load_slice_shape_range_and_channel_order(synthetic_root):
+    path = _slice_file(synthetic_root, 5)
+    image = load_slice(path, 32)
+    assert image.shape == (32, 32, 3) and image.dtype == np.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    raw_bgr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(read_image(path), raw_bgr[..., ::-1])  # RGB out
+
+
+def test_mask_resize_is_nearest_neighbour(synthetic_root):
+    mask = load_mask(sorted(synthetic_root.glob("*/*_5_mask.tif"))[0], 40)
+    assert mask.shape == (40, 40, 1)
+    assert set(np.unique(mask)) <= {0.0, 1.0}
+    assert mask.sum() > 0
+
+
+def test_png_slices_load_like_tif(synthetic_root, tmp_path):
+    path = _slice_file(synthetic_root, 5)
+    png = tmp_path / "x_5.png"
+    cv2.imwrite(str(png), cv2.imread(str(path), cv2.IMREAD_UNCHANGED))
+    np.testing.assert_array_equal(load_slice(png, 64), load_slice(path, 64))
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "garbage", "truncated", "grayscale",
+                                  "tiny", "uint16"])
+def test_bad_slices_raise_clear_error_naming_the_file(synthetic_root, tmp_path, case):
+    good = _slice_file(synthetic_root)
+    bad = tmp_path / f"TCGA_CS_0000_20000101_{case}.tif"
+    if case == "empty":
+        bad.write_bytes(b"")
+    elif case == "garbage":
+        bad.write_bytes(b"this is not an image" * 50)
+    elif case == "truncated":
+        data = good.read_bytes()
+        bad.write_bytes(data[: len(data) // 3])
+    elif case == "grayscale":
+        cv2.imwrite(str(bad), np.full((64, 64), 80, np.uint8))
+    elif case == "tiny":
+        cv2.imwrite(str(bad), np.full((8, 8, 3), 80, np.uint8))
+    elif case == "uint16":
+        cv2.imwrite(str(bad), np.full((64, 64, 3), 800, np.uint16))
+    with pytest.raises(SliceReadError) as info:
+        load_slice(bad, 32)
+    message = str(info.value)
+    assert str(bad) in message and "\n" not in message
