@@ -16,6 +16,11 @@ from bt_pipeline.atomic import write_text_atomic
 
 T = TypeVar("T")
 
+#: The models that ship inside the package, each with ``<name>.json`` (its config) beside it.
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+SHIPPED_CLASSIFIER = WEIGHTS_DIR / "classifier.keras"
+SHIPPED_UNET = WEIGHTS_DIR / "unet.keras"
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -48,6 +53,7 @@ class ClassifierConfig:
     dense_units: int = 128
     conv_activation: str = "relu"
     dense_activation: str = "relu"
+    batch_norm: bool = True
     learning_rate: float = 1e-3
     epochs: int = 30
     patience: int = 6

@@ -15,14 +15,12 @@ from pathlib import Path
 
 import keras
 
-from bt_pipeline.config import DataConfig, UNetConfig, save_json
+from bt_pipeline.config import SHIPPED_UNET, DataConfig, UNetConfig, save_json
 from bt_pipeline.data.loader import load_split, unet_dataset
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.models.losses import compile_unet
 from bt_pipeline.models.unet import build_unet
-from bt_pipeline.training import make_strategy, ship_model, training_callbacks
-
-SHIPPED_UNET = Path(__file__).parent / "weights" / "unet.keras"
+from bt_pipeline.training import limit_threads, make_strategy, ship_model, training_callbacks
 
 
 def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
@@ -77,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--ship-to", default=str(SHIPPED_UNET))
     parser.add_argument("--seed", type=int, default=UNetConfig.seed)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="TensorFlow threads (default: all cores)")
     args = parser.parse_args(argv)
+    limit_threads(args.threads)
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
                              image_size=args.image_size, batch_size=args.batch_size,
                              seed=args.seed)

@@ -23,13 +23,12 @@ import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.classifier_metrics import choose_threshold, classification_metrics
-from bt_pipeline.config import ClassifierConfig, DataConfig
+from bt_pipeline.config import SHIPPED_CLASSIFIER, ClassifierConfig, DataConfig
 from bt_pipeline.data.loader import SplitArrays, classifier_dataset, load_split
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.models.classifier import build_classifier, compile_classifier
-from bt_pipeline.training import ship_model, training_callbacks
+from bt_pipeline.training import limit_threads, ship_model, training_callbacks
 
-SHIPPED_CLASSIFIER = Path(__file__).parent / "weights" / "classifier.keras"
 DENSE_ACTIVATIONS = ["relu", "sigmoid", "tanh", "elu"]
 # elu and swish keep a gradient for negative inputs, which helps small nets that ReLU can kill.
 CONV_ACTIVATIONS = ["relu", "elu", "swish"]
@@ -59,7 +58,7 @@ class ClassifierHyperModel(keras_tuner.HyperModel):
         kwargs = classifier_kwargs_from_hp(hp, len(self.config.filters))
         learning_rate = kwargs.pop("learning_rate")
         model = build_classifier(image_size=self.config.image_size, filters=self.config.filters,
-                                 **kwargs)
+                                 batch_norm=self.config.batch_norm, **kwargs)
         return compile_classifier(model, learning_rate)
 
 
@@ -158,7 +157,7 @@ def retrain_and_ship(config: ClassifierConfig, data_config: DataConfig,
     model = compile_classifier(
         build_classifier(config.image_size, config.filters, config.block_dropouts,
                          config.dense_dropout, config.dense_units, config.conv_activation,
-                         config.dense_activation),
+                         config.dense_activation, config.batch_norm),
         config.learning_rate)
     started = time.monotonic()
     train = classifier_dataset(splits["train"], data_config, training=True)
@@ -226,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default="tuning/work")
     parser.add_argument("--ship-to", default=str(SHIPPED_CLASSIFIER))
     parser.add_argument("--seed", type=int, default=DataConfig.seed)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="TensorFlow threads (default: all cores)")
     args = parser.parse_args(argv)
+    limit_threads(args.threads)
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
                              image_size=args.image_size, seed=args.seed)
     base = ClassifierConfig(image_size=args.image_size, epochs=args.retrain_epochs,

@@ -55,3 +55,35 @@ def real_root(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(SHARED_LGG / "unpack.py"), str(dest)], check=True,
                    stdout=subprocess.DEVNULL)
     return dest / "kaggle_3m"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(synthetic_root, synthetic_manifest, tmp_path_factory):
+    """A tiny classifier and U-Net trained for a few epochs on the synthetic patients,
+    shipped (``.keras`` + config JSON) like the real ones. Returns their two paths."""
+    import keras
+
+    from bt_pipeline.config import ClassifierConfig, DataConfig, UNetConfig
+    from bt_pipeline.data.loader import classifier_dataset, load_split, unet_dataset
+    from bt_pipeline.data.manifest import read_manifest
+    from bt_pipeline.models.classifier import build_classifier, compile_classifier
+    from bt_pipeline.models.losses import compile_unet
+    from bt_pipeline.models.unet import build_unet
+    from bt_pipeline.training import ship_model
+
+    keras.utils.set_random_seed(0)
+    out = tmp_path_factory.mktemp("models")
+    data = DataConfig(data_root=str(synthetic_root), manifest=str(synthetic_manifest),
+                      image_size=32, batch_size=8, augment=False, negative_share=1.0,
+                      cache_dir="")
+    arrays = load_split(read_manifest(synthetic_manifest), "train", data)
+    clf_config = ClassifierConfig(image_size=32, filters=(8, 16), block_dropouts=(0.0, 0.0),
+                                  dense_dropout=0.0, dense_units=16, threshold=0.5)
+    classifier = compile_classifier(build_classifier(32, (8, 16), (0.0, 0.0), 0.0, 16), 3e-3)
+    classifier.fit(classifier_dataset(arrays, data, training=True), epochs=15, verbose=0)
+    unet_config = UNetConfig(image_size=32, depth=2, base_filters=8)
+    unet = compile_unet(build_unet(32, 2, 8), 3e-3)
+    unet.fit(unet_dataset(arrays, data, training=True), epochs=25, verbose=0)
+    ship_model(classifier, out / "classifier.keras", clf_config, {"note": "test model"})
+    ship_model(unet, out / "unet.keras", unet_config, {"note": "test model"})
+    return out / "classifier.keras", out / "unet.keras"

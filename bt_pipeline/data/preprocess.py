@@ -111,9 +111,3 @@ def load_mask(path: str | os.PathLike, image_size: int) -> np.ndarray:
     """Mask file -> float32 {0, 1} (image_size, image_size, 1)."""
     return preprocess_mask(read_mask(path), image_size)
 
-
-def resize_mask_to(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bring a predicted mask (any float/uint8 2-D array) back to the slice's own grid."""
-    if mask.shape[:2] == (height, width):
-        return mask
-    return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)

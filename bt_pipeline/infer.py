@@ -1,0 +1,217 @@
+"""Per-patient tumour detection and masks for a folder of MR slices.
+
+    python -m bt_pipeline.infer SCAN_DIR [SCAN_DIR ...] [--out predictions/]
+
+Exit status: 0 all inputs processed; 1 some inputs skipped (listed in OUT/errors.csv and on
+stderr); 2 nothing could be processed, or the call itself was wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from bt_pipeline.atomic import write_text_atomic
+from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET
+from bt_pipeline.data.preprocess import SliceReadError, read_image, read_mask
+from bt_pipeline.models.losses import dice_score, iou_score
+from bt_pipeline.report import write_html_report, write_mask_png, write_mask_volume, write_overview
+from bt_pipeline.scan import InputProblem, PatientScan, scan_inputs
+
+SLICE_COLUMNS = ["patient_id", "slice", "image", "tumor_probability", "tumor_predicted",
+                 "mask_pixels"]
+PATIENT_COLUMNS = ["patient_id", "n_slices", "n_tumor_slices", "tumor_detected", "tumor_pixels"]
+ERROR_COLUMNS = ["path", "patient_id", "problem", "skipped"]
+
+
+class UsageError(ValueError):
+    """The call itself is wrong (exit status 2)."""
+
+
+@dataclass
+class InferenceResult:
+    patients: pd.DataFrame
+    slices: pd.DataFrame
+    problems: list[InputProblem]
+    seconds_to_first_patient: float | None
+
+    @property
+    def exit_code(self) -> int:
+        if self.patients.empty:
+            return 2
+        return 1 if any(p.skipped for p in self.problems) else 0
+
+
+def _read_slice(entry):
+    number, image_path, mask_path = entry
+    image = read_image(image_path)  # raises SliceReadError naming the file
+    truth, problem = None, None
+    if mask_path is not None:
+        try:
+            truth = read_mask(mask_path)
+        except SliceReadError as exc:
+            problem = str(exc)
+    return number, image_path, image, mask_path, truth, problem
+
+
+def _load_patient(scan: PatientScan, pool: ThreadPoolExecutor, problems: list[InputProblem]):
+    """Readable slices of one patient, all of one size; the rest become problems."""
+    loaded = [pool.submit(_read_slice, entry) for entry in scan.slices]
+    slices = []
+    for future, entry in zip(loaded, scan.slices, strict=True):
+        try:
+            slices.append(future.result())
+        except SliceReadError as exc:
+            problems.append(InputProblem(str(entry[1]), scan.patient_id, exc.reason))
+    for *_, mask_path, _, problem in slices:
+        if problem:
+            problems.append(InputProblem(str(mask_path), scan.patient_id,
+                                         problem.split(": ", 1)[-1] + " (no ground truth used)"))
+    if slices:
+        shape = Counter(s[2].shape for s in slices).most_common(1)[0][0]
+        for s in [s for s in slices if s[2].shape != shape]:
+            problems.append(InputProblem(str(s[1]), scan.patient_id,
+                                         f"size {s[2].shape[1]}x{s[2].shape[0]} differs from the "
+                                         f"patient's other slices ({shape[1]}x{shape[0]})"))
+        slices = [s for s in slices if s[2].shape == shape]
+    return slices
+
+
+def _write_patient(out: Path, scan: PatientScan, slices, probabilities, masks, threshold,
+                   pool: ThreadPoolExecutor):
+    folder = out / scan.patient_id
+    list(pool.map(lambda item: write_mask_png(folder / f"{item[0][1].stem}_mask.png", item[1]),
+                  zip(slices, masks, strict=True)))
+    truths = [s[4] for s in slices]
+    has_truth = all(t is not None for t in truths)
+    write_mask_volume(folder / "mask.nii.gz", masks)
+    write_overview(folder / "overview.png", [s[2] for s in slices], masks,
+                   truths if has_truth else None, [s[0] for s in slices])
+    slice_rows = [{"patient_id": scan.patient_id, "slice": s[0],
+                   "image": s[1].relative_to(scan.folder.parent).as_posix(),
+                   "tumor_probability": round(float(p), 6), "tumor_predicted": int(p >= threshold),
+                   "mask_pixels": int(m.sum())}
+                  for s, p, m in zip(slices, probabilities, masks, strict=True)]
+    patient = {"patient_id": scan.patient_id, "n_slices": len(slices),
+               "n_tumor_slices": int(sum(r["mask_pixels"] > 0 for r in slice_rows)),
+               "tumor_pixels": int(sum(r["mask_pixels"] for r in slice_rows))}
+    patient["tumor_detected"] = int(patient["n_tumor_slices"] > 0)
+    if has_truth:
+        patient["dice"] = dice_score(np.stack(truths), np.stack(masks))
+        patient["iou"] = iou_score(np.stack(truths), np.stack(masks))
+    return patient, slice_rows
+
+
+def _check_out_dir(scan_dirs: list[Path], out: Path) -> None:
+    resolved = out.resolve()
+    for scan_dir in scan_dirs:
+        base = scan_dir.resolve()
+        if resolved == base or base in resolved.parents:
+            raise UsageError(f"--out {out} is inside the input folder {scan_dir}; "
+                             "inputs are never written to, choose another --out")
+
+
+def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = True,
+                  report=print) -> InferenceResult:
+    """Run both stages over every patient found in ``scan_dirs`` and write the outputs."""
+    started = time.monotonic()
+    _check_out_dir(scan_dirs, out)
+    patients, problems = scan_inputs(scan_dirs)
+    for problem in problems:
+        print(problem.line(), file=sys.stderr)
+    seen: set[str] = set()
+    patient_rows, slice_rows, first = [], [], None
+    threshold = predictor.classifier_config.threshold
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for scan in tqdm(patients, desc="patients", unit="patient", disable=not progress):
+            if scan.patient_id in seen:
+                problems.append(InputProblem(str(scan.folder), scan.patient_id,
+                                             "duplicate patient id"))
+                print(problems[-1].line(), file=sys.stderr)
+                continue
+            seen.add(scan.patient_id)
+            before = len(problems)
+            slices = _load_patient(scan, pool, problems)
+            for problem in problems[before:]:
+                print(problem.line(), file=sys.stderr)
+            if not slices:
+                continue
+            probabilities, masks = predictor.predict([s[2] for s in slices])
+            patient, rows = _write_patient(out, scan, slices, probabilities, masks, threshold,
+                                           pool)
+            patient_rows.append(patient)
+            slice_rows.extend(rows)
+            first = first if first is not None else time.monotonic() - started
+    result = InferenceResult(
+        pd.DataFrame(patient_rows, columns=PATIENT_COLUMNS + (
+            ["dice", "iou"] if any("dice" in p for p in patient_rows) else [])),
+        pd.DataFrame(slice_rows, columns=SLICE_COLUMNS), problems, first)
+    _write_tables(out, result)
+    for row in result.patients.itertuples(index=False):
+        truth = f", dice {row.dice:.3f}" if "dice" in result.patients and not np.isnan(row.dice) \
+            else ""
+        report(f"{row.patient_id}: {'TUMOUR' if row.tumor_detected else 'no tumour'} "
+               f"({row.n_tumor_slices}/{row.n_slices} slices, {row.tumor_pixels} px{truth})")
+    return result
+
+
+def _write_tables(out: Path, result: InferenceResult) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "slices.csv", result.slices.to_csv(index=False, lineterminator="\n"))
+    write_text_atomic(out / "patients.csv", result.patients.to_csv(
+        index=False, lineterminator="\n", float_format="%.4f"))
+    errors = pd.DataFrame([p.__dict__ for p in result.problems], columns=ERROR_COLUMNS)
+    write_text_atomic(out / "errors.csv", errors.to_csv(index=False, lineterminator="\n"))
+    write_html_report(out / "report.html", result.patients, errors)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bt_pipeline.infer",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("scan_dirs", nargs="+", type=Path, metavar="SCAN_DIR",
+                        help="a patient folder, or a folder of patient folders")
+    parser.add_argument("--out", type=Path, default=Path("predictions"))
+    parser.add_argument("--classifier", type=Path, default=SHIPPED_CLASSIFIER)
+    parser.add_argument("--unet", type=Path, default=SHIPPED_UNET)
+    parser.add_argument("--threshold", type=float, default=0.5, help="mask threshold")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the usage error
+        return 0 if exc.code == 0 else 2
+    if not 0.0 < args.threshold < 1.0:
+        print("error: --threshold must be between 0 and 1", file=sys.stderr)
+        return 2
+    from bt_pipeline.predict import ModelLoadError, TwoStagePredictor
+
+    try:
+        predictor = TwoStagePredictor.load(args.classifier, args.unet, args.threshold)
+        result = run_inference(args.scan_dirs, args.out, predictor, progress=not args.quiet)
+    except (ModelLoadError, UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write outputs: {exc}", file=sys.stderr)
+        return 2
+    if result.patients.empty:
+        print("error: no slice could be processed", file=sys.stderr)
+    else:
+        print(f"report: {args.out / 'report.html'}")
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

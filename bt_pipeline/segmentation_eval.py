@@ -1,0 +1,92 @@
+"""Per-patient segmentation scores at the original 256x256 grid.
+
+Two views per patient, both scored on masks brought back to each slice's own size:
+
+* ``unet``: the U-Net alone on the slices that truly show tumour (the segmenter's own quality);
+* ``pipeline``: the classifier gate then the U-Net, on every slice of the volume (what a user
+  gets from ``bt_pipeline.infer``).
+
+Dice per patient is computed over the whole volume (all voxels of the slices in view pooled,
+as brain-segmentation-pytorch's ``dsc_per_volume``); IoU is reported per tumour slice. Empty
+truth with an empty prediction scores 1.0 (see ``models/losses.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from bt_pipeline.data.preprocess import read_image, read_mask
+from bt_pipeline.models.losses import dice_score, iou_score
+from bt_pipeline.predict import TwoStagePredictor
+
+
+def score_patient(predictor: TwoStagePredictor, rows: pd.DataFrame, data_root: Path):
+    """Score one patient's slices (manifest rows in slice order).
+
+    Returns ``(patient_row, slice_rows)``.
+    """
+    images = [read_image(data_root / p) for p in rows["image"]]
+    truths = [read_mask(data_root / p) for p in rows["mask"]]
+    probabilities = predictor.tumour_probabilities(images)
+    unet_maps = predictor.mask_probabilities(images)
+    gate = probabilities >= predictor.classifier_config.threshold
+    unet_masks = [m > predictor.mask_threshold for m in unet_maps]
+    pipeline_masks = [m & g for m, g in zip(unet_masks, gate, strict=True)]
+    has_tumour = np.array([t.any() for t in truths])
+    tumour_idx = np.flatnonzero(has_tumour)
+    slice_rows = []
+    for k, row in enumerate(rows.itertuples(index=False)):
+        slice_rows.append({
+            "patient_id": row.patient_id, "institution": row.institution, "slice": row.slice,
+            "n_slices": row.n_slices, "has_tumor": int(has_tumour[k]),
+            "tumor_probability": float(probabilities[k]), "tumor_predicted": int(gate[k]),
+            "truth_pixels": int(truths[k].sum()),
+            "unet_pixels": int(unet_masks[k].sum()),
+            "pipeline_pixels": int(pipeline_masks[k].sum()),
+            "iou_unet": iou_score(truths[k], unet_masks[k]),
+            "iou_pipeline": iou_score(truths[k], pipeline_masks[k]),
+            "dice_pipeline": dice_score(truths[k], pipeline_masks[k]),
+        })
+    patient = {
+        "patient_id": rows["patient_id"].iloc[0], "institution": rows["institution"].iloc[0],
+        "n_slices": len(rows), "n_tumor_slices": int(has_tumour.sum()),
+        "dice_unet": dice_score(np.stack([truths[i] for i in tumour_idx]),
+                                np.stack([unet_masks[i] for i in tumour_idx]))
+        if len(tumour_idx) else float("nan"),
+        "dice_pipeline": dice_score(np.stack(truths), np.stack(pipeline_masks)),
+    }
+    return patient, slice_rows
+
+
+def evaluate_split(predictor: TwoStagePredictor, manifest: pd.DataFrame, split: str,
+                   data_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-patient and per-slice tables for every patient of ``split``."""
+    rows = manifest[manifest["split"] == split].sort_values(["patient_id", "slice"])
+    patients, slices = [], []
+    for _, group in tqdm(rows.groupby("patient_id", sort=True), desc=f"scoring {split}",
+                         unit="patient"):
+        patient, slice_rows = score_patient(predictor, group, Path(data_root))
+        patients.append({"split": split, **patient})
+        slices.extend({"split": split, **r} for r in slice_rows)
+    return pd.DataFrame(patients), pd.DataFrame(slices)
+
+
+def summarise(patients: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
+    """One row per split: mean/median per-patient Dice and mean IoU on tumour slices."""
+    out = []
+    for split, group in patients.groupby("split", sort=False):
+        tumour = slices[(slices["split"] == split) & (slices["has_tumor"] == 1)]
+        out.append({
+            "split": split, "patients": len(group), "tumour_slices": len(tumour),
+            "dice_unet_mean": group["dice_unet"].mean(),
+            "dice_unet_median": group["dice_unet"].median(),
+            "iou_unet_tumour_slices": tumour["iou_unet"].mean(),
+            "dice_pipeline_mean": group["dice_pipeline"].mean(),
+            "dice_pipeline_median": group["dice_pipeline"].median(),
+            "iou_pipeline_tumour_slices": tumour["iou_pipeline"].mean(),
+        })
+    return pd.DataFrame(out)

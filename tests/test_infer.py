@@ -1,0 +1,123 @@
+import shutil
+
+import cv2
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from bt_pipeline.infer import PATIENT_COLUMNS, SLICE_COLUMNS, main
+
+
+def _tree_snapshot(root):
+    return sorted((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in root.rglob("*"))
+
+
+def _run(tiny_models, *args):
+    classifier, unet = tiny_models
+    return main([*map(str, args), "--classifier", str(classifier), "--unet", str(unet),
+                 "--quiet"])
+
+
+def test_full_output_contract(tiny_models, synthetic_root, tmp_path):
+    out = tmp_path / "out"
+    before = _tree_snapshot(synthetic_root)
+    assert _run(tiny_models, synthetic_root, "--out", out) == 0
+    assert _tree_snapshot(synthetic_root) == before  # nothing written into SCAN_DIR
+    slices = pd.read_csv(out / "slices.csv")
+    patients = pd.read_csv(out / "patients.csv")
+    assert list(slices.columns) == SLICE_COLUMNS
+    assert list(patients.columns) == PATIENT_COLUMNS + ["dice", "iou"]
+    assert len(patients) == 8 and len(slices) == 8 * 9
+    assert set(slices["tumor_predicted"]) <= {0, 1}
+    assert slices["tumor_probability"].between(0, 1).all()
+    assert patients["dice"].between(0, 1).all() and patients["iou"].between(0, 1).all()
+    assert patients["dice"].mean() > 0.5  # the tiny models learnt the synthetic lesions
+    for row in slices.itertuples():
+        image = cv2.imread(str(synthetic_root / row.image), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(out / row.patient_id / f"{row.image.split('/')[-1][:-4]}_mask.png"),
+                          cv2.IMREAD_UNCHANGED)
+        assert mask.dtype == np.uint8 and mask.shape == image.shape[:2]
+        assert set(np.unique(mask)) <= {0, 255}
+        assert int((mask > 0).sum()) == row.mask_pixels
+    for patient in patients["patient_id"]:
+        volume = nib.load(out / patient / "mask.nii.gz")
+        assert volume.shape == (64, 64, 9)
+        assert int(np.asarray(volume.dataobj).sum()) == int(
+            patients.set_index("patient_id").loc[patient, "tumor_pixels"])
+        assert cv2.imread(str(out / patient / "overview.png")) is not None
+    html = (out / "report.html").read_text()
+    assert html.count("<img ") == 8 and "patients.csv" in html
+    assert pd.read_csv(out / "errors.csv").empty
+    assert not list(out.rglob(".*tmp*"))  # no temporary leftovers
+
+
+def test_single_patient_folder_and_no_truth(tiny_models, synthetic_root, tmp_path):
+    patient = tmp_path / "TCGA_XX_0001_20200101"
+    source = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+    patient.mkdir()
+    for path in source.glob("*.tif"):
+        if not path.stem.endswith("_mask"):
+            shutil.copy(path, patient / path.name)
+    out = tmp_path / "out"
+    assert _run(tiny_models, patient, "--out", out) == 0
+    patients = pd.read_csv(out / "patients.csv")
+    assert list(patients.columns) == PATIENT_COLUMNS  # no truth, no dice/iou
+    assert len(list((out / patient.name).glob("*_mask.png"))) == 9
+
+
+@pytest.fixture()
+def messy_dir(synthetic_root, tmp_path):
+    root = tmp_path / "scans"
+    shutil.copytree(synthetic_root, root)
+    patients = sorted(p for p in root.iterdir() if p.is_dir())
+    first, second = patients[0], patients[1]
+    bad = {}
+    bad["truncated"] = first / f"{first.name}_2.tif"
+    bad["truncated"].write_bytes(bad["truncated"].read_bytes()[:300])
+    bad["not_image"] = first / f"{first.name}_3.tif"
+    bad["not_image"].write_text("hello")
+    bad["grayscale"] = first / f"{first.name}_4.tif"
+    cv2.imwrite(str(bad["grayscale"]), np.full((64, 64), 50, np.uint8))
+    bad["wrong_size"] = second / f"{second.name}_2.tif"
+    cv2.imwrite(str(bad["wrong_size"]), np.full((80, 80, 3), 50, np.uint8))
+    bad["orphan_mask"] = second / f"{second.name}_99_mask.tif"
+    cv2.imwrite(str(bad["orphan_mask"]), np.zeros((64, 64), np.uint8))
+    bad["empty_patient"] = root / "TCGA_CS_9999_20000101"
+    bad["empty_patient"].mkdir()
+    (second / "notes.txt").write_text("stray")
+    return root, bad
+
+
+def test_bad_inputs_are_reported_and_good_slices_still_processed(tiny_models, messy_dir,
+                                                                  tmp_path, capsys):
+    root, bad = messy_dir
+    before = _tree_snapshot(root)
+    out = tmp_path / "out"
+    assert _run(tiny_models, root, "--out", out) == 1
+    assert _tree_snapshot(root) == before
+    stderr = capsys.readouterr().err
+    errors = pd.read_csv(out / "errors.csv")
+    for path in bad.values():
+        assert str(path) in stderr
+        assert str(path) in set(errors["path"])
+    lines = [line for line in stderr.splitlines() if str(root) in line]
+    assert all(line.startswith(("skipped: ", "ignored: ")) for line in lines)
+    slices = pd.read_csv(out / "slices.csv")
+    assert len(slices) == 8 * 9 - 4  # every good slice processed
+    assert len(pd.read_csv(out / "patients.csv")) == 8
+
+
+def test_nothing_processable_exits_2(tiny_models, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _run(tiny_models, empty, "--out", tmp_path / "out") == 2
+
+
+def test_wrong_calls_exit_2(tiny_models, synthetic_root, tmp_path, capsys):
+    assert _run(tiny_models, synthetic_root, "--out", synthetic_root / "preds") == 2
+    assert not (synthetic_root / "preds").exists()
+    assert main([str(synthetic_root), "--classifier", str(tmp_path / "missing.keras")]) == 2
+    assert "missing.keras" in capsys.readouterr().err
+    assert main(["--no-such-flag"]) == 2
