@@ -18,7 +18,7 @@ ORACLE_PORT ?= 8000
 UNET_EPOCHS ?= 60
 
 .PHONY: install data manifest eda test test-slow lint tune tune-distributed train-unet \
-        demo bench-loader clean
+        demo evaluate bench-loader clean
 
 install: $(VENV)/.installed
 
@@ -72,8 +72,16 @@ train-unet: install
 bench-loader: install
 	$(PY) -m bt_pipeline bench-loader --data-dir $(KAGGLE_ROOT)
 
+# The README's first command: shipped models on the test-split patients of the data directory.
 demo: install
-	@echo "make demo: not built yet (the inference issue adds it)."
+	@if [ ! -d "$(KAGGLE_ROOT)" ] && [ -d "$(SHARED_LGG)" ]; then $(MAKE) --no-print-directory data; fi
+	@if [ ! -d "$(KAGGLE_ROOT)" ]; then $(MAKE) --no-print-directory data; exit 1; fi
+	$(PY) -m bt_pipeline.infer $$($(PY) -m bt_pipeline patients --split test \
+		--data-dir $(KAGGLE_ROOT)) --out predictions/demo
+	@echo "open predictions/demo/report.html"
+
+evaluate: install
+	$(PY) -m bt_pipeline.evaluate --data-dir $(KAGGLE_ROOT) --splits val test
 
 clean:
 	rm -rf .cache reports runs predictions tuning/work

@@ -35,6 +35,17 @@ def _bench_loader(args: argparse.Namespace) -> int:
     return 0
 
 
+def _patients(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bt_pipeline.data.manifest import read_manifest
+
+    table = read_manifest(args.manifest)
+    for patient in sorted(table.loc[table["split"] == args.split, "patient_id"].unique()):
+        print(Path(args.data_dir) / patient)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bt_pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--manifest", default="data_manifest.csv")
     bench.add_argument("--epochs", type=int, default=3)
     bench.set_defaults(run=_bench_loader)
+
+    patients = commands.add_parser("patients", help="patient folders of one split")
+    patients.add_argument("--split", choices=["train", "val", "test"], default="test")
+    patients.add_argument("--data-dir", default="data/kaggle_3m")
+    patients.add_argument("--manifest", default="data_manifest.csv")
+    patients.set_defaults(run=_patients)
     return parser
 
 

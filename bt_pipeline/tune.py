@@ -27,6 +27,7 @@ from bt_pipeline.config import SHIPPED_CLASSIFIER, ClassifierConfig, DataConfig
 from bt_pipeline.data.loader import SplitArrays, classifier_dataset, load_split
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.models.classifier import build_classifier, compile_classifier
+from bt_pipeline.reporting import markdown_table
 from bt_pipeline.training import limit_threads, ship_model, training_callbacks
 
 DENSE_ACTIVATIONS = ["relu", "sigmoid", "tanh", "elu"]
@@ -72,6 +73,7 @@ class ClassifierSearch(keras_tuner.RandomSearch):
 
     def run_trial(self, trial, train, val, epochs: int, verbose="auto"):
         started, accuracies, losses = time.monotonic(), [], []
+        print(f"trial {trial.trial_id} runs on {self.tuner_id}", flush=True)
         for execution in range(self.executions_per_trial):
             keras.utils.set_random_seed(self.search_seed + 10 * int(trial.trial_id) + execution)
             model = self.hypermodel.build(trial.hyperparameters)
@@ -123,15 +125,9 @@ def write_search_reports(table: pd.DataFrame, best_hparams: dict, out_dir: Path,
     top = done.sort_values(["val_accuracy", "val_loss"], ascending=[False, True]).head(10)
     lines = [f"# Top {len(top)} of {len(done)} completed trials (objective: val accuracy)", "",
              f"Search: {json.dumps(settings, sort_keys=True)}", "",
-             _markdown_table(top.round(4))]
+             markdown_table(top.round(4))]
     write_text_atomic(out_dir / "top10.md", "\n".join(lines) + "\n")
 
-
-def _markdown_table(table: pd.DataFrame) -> str:
-    header = "| " + " | ".join(map(str, table.columns)) + " |"
-    rule = "|" + "---|" * len(table.columns)
-    body = ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
 
 
 def config_from_hparams(base: ClassifierConfig, hparams: dict) -> ClassifierConfig:

@@ -1,0 +1,173 @@
+"""Evaluation report for the shipped models on the patient-level splits (``make evaluate``).
+
+    python -m bt_pipeline.evaluate [--splits val test] [--out reports/evaluation]
+
+Writes ``summary.md`` (the tables), ``patients.csv`` and ``slices.csv`` (every score), and
+PNG figures: the classifier's ROC curves and confusion matrices, the per-patient Dice
+distribution, and the best and worst slices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_curve
+
+from bt_pipeline.atomic import write_text_atomic
+from bt_pipeline.classifier_metrics import classification_metrics
+from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig
+from bt_pipeline.data.manifest import read_manifest
+from bt_pipeline.data.preprocess import read_image, read_mask
+from bt_pipeline.plotting import draw_outline, plt, save_figure
+from bt_pipeline.predict import TwoStagePredictor
+from bt_pipeline.reporting import markdown_table
+from bt_pipeline.segmentation_eval import evaluate_split, summarise
+
+
+def classifier_table(slices: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    rows = [{"split": split, **classification_metrics(group["has_tumor"],
+                                                       group["tumor_probability"], threshold)}
+            for split, group in slices.groupby("split", sort=False)]
+    return pd.DataFrame(rows)
+
+
+def breakdown(patients: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
+    """Pipeline Dice per institution and IoU per level of the brain (lower/middle/upper third
+    of the patient's slices), per split."""
+    slices = slices.copy()
+    position = (slices["slice"] - 1) / slices["n_slices"].clip(lower=1)
+    slices["level"] = pd.cut(position, [-0.01, 1 / 3, 2 / 3, 1.01],
+                             labels=["lower third", "middle third", "upper third"])
+    by_inst = (patients.groupby(["split", "institution"])
+               .agg(patients=("patient_id", "size"), dice_pipeline_mean=("dice_pipeline", "mean"))
+               .reset_index().rename(columns={"institution": "group"}))
+    tumour = slices[slices["has_tumor"] == 1]
+    by_level = (tumour.groupby(["split", "level"], observed=True)
+                .agg(tumour_slices=("slice", "size"), iou_pipeline_mean=("iou_pipeline", "mean"),
+                     sensitivity=("tumor_predicted", "mean"))
+                .reset_index().rename(columns={"level": "group"}))
+    return pd.concat([by_inst.assign(by="institution"), by_level.assign(by="slice level")])
+
+
+def _roc_figure(slices: pd.DataFrame, table: pd.DataFrame, out: Path) -> str:
+    figure, axis = plt.subplots(figsize=(5, 5))
+    for split, group in slices.groupby("split", sort=False):
+        fpr, tpr, _ = roc_curve(group["has_tumor"], group["tumor_probability"])
+        auc = table.set_index("split").loc[split, "auc"]
+        axis.plot(fpr, tpr, label=f"{split} (AUC {auc:.3f})")
+    axis.plot([0, 1], [0, 1], color="#aaa", linestyle=":")
+    axis.set_xlabel("1 - specificity")
+    axis.set_ylabel("sensitivity")
+    axis.set_title("Slice classifier ROC")
+    axis.legend()
+    return save_figure(figure, out / "classifier_roc.png")
+
+
+def _confusion_figure(table: pd.DataFrame, out: Path) -> str:
+    figure, axes = plt.subplots(1, len(table), figsize=(3.2 * len(table), 3))
+    for axis, row in zip(np.atleast_1d(axes), table.itertuples(index=False), strict=True):
+        matrix = np.array([[row.tn, row.fp], [row.fn, row.tp]])
+        axis.imshow(matrix, cmap="Blues")
+        for (i, j), value in np.ndenumerate(matrix):
+            axis.text(j, i, str(value), ha="center", va="center")
+        axis.set_xticks([0, 1], ["no tumour", "tumour"])
+        axis.set_yticks([0, 1], ["no tumour", "tumour"])
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("truth")
+        axis.set_title(f"{row.split} (threshold {row.threshold:.3f})")
+    return save_figure(figure, out / "classifier_confusion.png")
+
+
+def _dice_figure(patients: pd.DataFrame, out: Path) -> str:
+    figure, axis = plt.subplots(figsize=(7, 4))
+    groups, labels = [], []
+    for split, group in patients.groupby("split", sort=False):
+        for column in ("dice_unet", "dice_pipeline"):
+            groups.append(group[column].dropna())
+            labels.append(f"{split}\n{column.split('_')[1]}")
+    axis.boxplot(groups, showmeans=True)
+    axis.set_xticks(range(1, len(labels) + 1), labels)
+    for k, values in enumerate(groups, start=1):
+        axis.scatter(np.full(len(values), k) + np.linspace(-0.1, 0.1, len(values)), values,
+                     s=8, color="#c44", alpha=0.6)
+    axis.set_ylabel("Dice per patient volume")
+    axis.set_ylim(0, 1.02)
+    axis.set_title("Per-patient Dice (U-Net on tumour slices; two-stage pipeline on all)")
+    return save_figure(figure, out / "dice_per_patient.png")
+
+
+def _extremes_figure(predictor: TwoStagePredictor, slices: pd.DataFrame,
+                     manifest: pd.DataFrame, data_root: Path, out: Path, n: int = 4) -> str:
+    tumour = slices[slices["has_tumor"] == 1].sort_values("iou_pipeline")
+    picks = pd.concat([tumour.tail(n).iloc[::-1], tumour.head(n)])
+    paths = manifest.set_index(["patient_id", "slice"])
+    figure, axes = plt.subplots(2, n, figsize=(3 * n, 6.4))
+    for axis, row in zip(axes.ravel(), picks.itertuples(index=False), strict=False):
+        entry = paths.loc[(row.patient_id, row.slice)]
+        image = read_image(data_root / entry["image"])
+        truth = read_mask(data_root / entry["mask"])
+        _, masks = predictor.predict([image])
+        shown = draw_outline(draw_outline(image, truth, (0, 255, 0)), masks[0], (255, 0, 0))
+        axis.imshow(shown)
+        axis.set_title(f"{row.patient_id[5:12]} #{row.slice} IoU {row.iou_pipeline:.2f}",
+                       fontsize=8)
+        axis.axis("off")
+    figure.suptitle(f"Best (top) and worst (bottom) {n} tumour slices: truth green, "
+                    "prediction red")
+    return save_figure(figure, out / "best_worst_slices.png")
+
+
+def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits: list[str],
+                   out: Path) -> dict[str, pd.DataFrame]:
+    manifest = read_manifest(data_config.manifest)
+    root = Path(data_config.data_root)
+    results = [evaluate_split(predictor, manifest, split, root) for split in splits]
+    patients = pd.concat([p for p, _ in results], ignore_index=True)
+    slices = pd.concat([s for _, s in results], ignore_index=True)
+    tables = {
+        "classifier": classifier_table(slices, predictor.classifier_config.threshold),
+        "segmentation": summarise(patients, slices),
+        "breakdown": breakdown(patients, slices),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "patients.csv", patients.to_csv(index=False, lineterminator="\n"))
+    write_text_atomic(out / "slices.csv", slices.to_csv(index=False, lineterminator="\n"))
+    figures = [_roc_figure(slices, tables["classifier"], out),
+               _confusion_figure(tables["classifier"], out), _dice_figure(patients, out),
+               _extremes_figure(predictor, slices, manifest, root, out)]
+    lines = ["# bt_pipeline evaluation", "",
+             f"Splits: {', '.join(splits)} (patient-level, from `{data_config.manifest}`). "
+             f"Classifier threshold {predictor.classifier_config.threshold:.4f} (chosen on val); "
+             f"mask threshold {predictor.mask_threshold}. Scored at each slice's original grid.",
+             ""]
+    for name, table in tables.items():
+        lines += [f"## {name}", "", markdown_table(table.round(4)), ""]
+    lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
+    write_text_atomic(out / "summary.md", "\n".join(lines) + "\n")
+    return tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=DataConfig.data_root)
+    parser.add_argument("--manifest", default=DataConfig.manifest)
+    parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument("--classifier", default=str(SHIPPED_CLASSIFIER))
+    parser.add_argument("--unet", default=str(SHIPPED_UNET))
+    parser.add_argument("--out", default="reports/evaluation")
+    args = parser.parse_args(argv)
+    predictor = TwoStagePredictor.load(args.classifier, args.unet)
+    data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest)
+    tables = run_evaluation(predictor, data_config, args.splits, Path(args.out))
+    for name, table in tables.items():
+        print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"\nreport: {Path(args.out) / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
