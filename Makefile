@@ -18,7 +18,7 @@ ORACLE_PORT ?= 8000
 UNET_EPOCHS ?= 60
 
 .PHONY: install data manifest eda test test-slow lint tune tune-distributed train-unet \
-        demo evaluate bench-loader clean
+        demo evaluate bench-loader bench-infer clean
 
 install: $(VENV)/.installed
 
@@ -71,6 +71,9 @@ train-unet: install
 
 bench-loader: install
 	$(PY) -m bt_pipeline bench-loader --data-dir $(KAGGLE_ROOT)
+
+bench-infer: install
+	$(PY) -m bt_pipeline bench-infer --data-dir $(KAGGLE_ROOT) --splits val test
 
 # The README's first command: shipped models on the test-split patients of the data directory.
 demo: install

@@ -35,6 +35,21 @@ def _bench_loader(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_infer(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from bt_pipeline.bench import infer_throughput
+    from bt_pipeline.data.manifest import read_manifest
+
+    table = read_manifest(args.manifest)
+    chosen = table[table["split"].isin(args.splits)]["patient_id"].unique()
+    folders = [f"{args.data_dir}/{patient}" for patient in sorted(chosen)]
+    with tempfile.TemporaryDirectory() as out:
+        for name, value in infer_throughput(folders, out).items():
+            print(f"{name}={value:.2f}")
+    return 0
+
+
 def _patients(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -67,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--manifest", default="data_manifest.csv")
     bench.add_argument("--epochs", type=int, default=3)
     bench.set_defaults(run=_bench_loader)
+
+    infer = commands.add_parser("bench-infer", help="end-to-end inference speed")
+    infer.add_argument("--data-dir", default="data/kaggle_3m")
+    infer.add_argument("--manifest", default="data_manifest.csv")
+    infer.add_argument("--splits", nargs="+", default=["val", "test"])
+    infer.set_defaults(run=_bench_infer)
 
     patients = commands.add_parser("patients", help="patient folders of one split")
     patients.add_argument("--split", choices=["train", "val", "test"], default="test")

@@ -51,3 +51,25 @@ def loader_throughput(manifest_path: str | os.PathLike, data_root: str | os.Path
         results[f"{name}_cached_no_augment_slices_per_s"] = (sum(c for c, _ in totals)
                                                              / sum(s for _, s in totals))
     return results
+
+
+def infer_throughput(scan_dirs: list[str], out_dir: str | os.PathLike,
+                     extra_args: tuple[str, ...] = ()) -> dict[str, float]:
+    """End-to-end ``python -m bt_pipeline.infer`` in a fresh process: slices/s over the whole
+    run (start-up, reading, both stages, writing) and seconds from process start to the first
+    patient's outputs on disk."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    timing_file = Path(out_dir) / "timing.json"
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "bt_pipeline.infer", *scan_dirs, "--out", str(out_dir),
+                    "--quiet", "--timing", str(timing_file), *extra_args], check=False,
+                   stdout=subprocess.DEVNULL)
+    timing = json.loads(timing_file.read_text())
+    total = timing["end_unix"] - started
+    return {"infer_patients": float(timing["patients"]), "infer_slices": float(timing["slices"]),
+            "infer_seconds": total, "infer_slices_per_s": timing["slices"] / total,
+            "infer_first_patient_s": timing["first_patient_unix"] - started}

@@ -9,6 +9,7 @@ stderr); 2 nothing could be processed, or the call itself was wrong.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import Counter
@@ -42,7 +43,7 @@ class InferenceResult:
     patients: pd.DataFrame
     slices: pd.DataFrame
     problems: list[InputProblem]
-    seconds_to_first_patient: float | None
+    first_patient_unix: float | None  # wall clock when the first patient's outputs were written
 
     @property
     def exit_code(self) -> int:
@@ -123,7 +124,6 @@ def _check_out_dir(scan_dirs: list[Path], out: Path) -> None:
 def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = True,
                   report=print) -> InferenceResult:
     """Run both stages over every patient found in ``scan_dirs`` and write the outputs."""
-    started = time.monotonic()
     _check_out_dir(scan_dirs, out)
     patients, problems = scan_inputs(scan_dirs)
     for problem in problems:
@@ -150,7 +150,7 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
                                            pool)
             patient_rows.append(patient)
             slice_rows.extend(rows)
-            first = first if first is not None else time.monotonic() - started
+            first = first if first is not None else time.time()
     result = InferenceResult(
         pd.DataFrame(patient_rows, columns=PATIENT_COLUMNS + (
             ["dice", "iou"] if any("dice" in p for p in patient_rows) else [])),
@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unet", type=Path, default=SHIPPED_UNET)
     parser.add_argument("--threshold", type=float, default=0.5, help="mask threshold")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--timing", type=Path, default=None,
+                        help="write wall-clock timings as JSON here (for benchmarks)")
     return parser
 
 
@@ -206,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot write outputs: {exc}", file=sys.stderr)
         return 2
+    if args.timing is not None:
+        timing = {"first_patient_unix": result.first_patient_unix, "end_unix": time.time(),
+                  "slices": len(result.slices), "patients": len(result.patients)}
+        write_text_atomic(args.timing, json.dumps(timing) + "\n")
     if result.patients.empty:
         print("error: no slice could be processed", file=sys.stderr)
     else:
