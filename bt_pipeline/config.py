@@ -75,6 +75,9 @@ class UNetConfig:
     epochs: int = 40
     patience: int = 8
     mask_threshold: float = 0.5
+    # Post-processing: connected components (per slice) smaller than this are dropped;
+    # 0 = off. Chosen on val by `python -m bt_pipeline.evaluate --sweep` only if it helps.
+    min_component_pixels: int = 0
     distribution: str = "default"  # "default", "mirrored" or "multi_worker"
     seed: int = 1337
 

@@ -25,7 +25,10 @@ from bt_pipeline.data.preprocess import read_image, read_mask
 from bt_pipeline.plotting import draw_outline, plt, save_figure
 from bt_pipeline.predict import TwoStagePredictor
 from bt_pipeline.reporting import markdown_table
-from bt_pipeline.segmentation_eval import evaluate_split, summarise
+from bt_pipeline.segmentation_eval import evaluate_split, summarise, sweep_thresholds
+
+#: Post-processing is adopted only if it lifts mean val Dice by at least this much.
+MIN_POSTPROCESS_GAIN = 0.005
 
 
 def classifier_table(slices: pd.DataFrame, threshold: float) -> pd.DataFrame:
@@ -121,6 +124,44 @@ def _extremes_figure(predictor: TwoStagePredictor, slices: pd.DataFrame,
     return save_figure(figure, out / "best_worst_slices.png")
 
 
+def _sweep_figure(sweep: pd.DataFrame, classifier_threshold: float, out: Path) -> str:
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    at_gate = sweep[np.isclose(sweep["classifier_threshold"], classifier_threshold)]
+    for pixels, group in at_gate.groupby("min_component_pixels"):
+        left.plot(group["mask_threshold"], group["dice_pipeline_mean"], marker="o",
+                  label=f"drop components < {pixels} px")
+    left.set_xlabel("mask threshold")
+    left.set_ylabel("mean per-patient Dice (val)")
+    left.set_title(f"Mask threshold (classifier threshold {classifier_threshold:.3f})")
+    left.legend(fontsize=8)
+    plain = sweep[np.isclose(sweep["mask_threshold"], 0.5) & (sweep["min_component_pixels"] == 0)]
+    right.plot(plain["classifier_threshold"], plain["dice_pipeline_mean"], marker="o",
+               label="mean per-patient Dice")
+    right.plot(plain["classifier_threshold"], plain["slice_sensitivity"], marker="s",
+               label="tumour-slice sensitivity")
+    right.axvline(classifier_threshold, color="#aaa", linestyle=":")
+    right.set_xlabel("classifier threshold")
+    right.set_title("Classifier threshold (mask threshold 0.5)")
+    right.legend(fontsize=8)
+    return save_figure(figure, out / "threshold_sweep.png")
+
+
+def choose_postprocessing(sweep: pd.DataFrame, classifier_threshold: float,
+                          mask_threshold: float = 0.5) -> tuple[int, float]:
+    """Smallest-component size to drop, chosen on val, and its Dice gain over none.
+
+    Returns ``(0, 0.0)`` unless some size beats no post-processing by MIN_POSTPROCESS_GAIN.
+    """
+    rows = sweep[np.isclose(sweep["classifier_threshold"], classifier_threshold)
+                 & np.isclose(sweep["mask_threshold"], mask_threshold)]
+    baseline = rows.loc[rows["min_component_pixels"] == 0, "dice_pipeline_mean"].iloc[0]
+    best = rows.loc[rows["dice_pipeline_mean"].idxmax()]
+    gain = float(best["dice_pipeline_mean"] - baseline)
+    if gain < MIN_POSTPROCESS_GAIN:
+        return 0, gain
+    return int(best["min_component_pixels"]), gain
+
+
 def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits: list[str],
                    out: Path) -> dict[str, pd.DataFrame]:
     manifest = read_manifest(data_config.manifest)
@@ -136,9 +177,19 @@ def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "patients.csv", patients.to_csv(index=False, lineterminator="\n"))
     write_text_atomic(out / "slices.csv", slices.to_csv(index=False, lineterminator="\n"))
+    if "val" in splits:
+        sweep = sweep_thresholds(predictor, manifest, "val", root)
+        write_text_atomic(out / "threshold_sweep.csv",
+                          sweep.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
+        pixels, gain = choose_postprocessing(sweep, predictor.classifier_config.threshold)
+        tables["postprocessing_choice"] = pd.DataFrame([{
+            "min_component_pixels": pixels, "val_dice_gain": gain,
+            "in_use": predictor.unet_config.min_component_pixels}])
     figures = [_roc_figure(slices, tables["classifier"], out),
                _confusion_figure(tables["classifier"], out), _dice_figure(patients, out),
                _extremes_figure(predictor, slices, manifest, root, out)]
+    if "val" in splits:
+        figures.append(_sweep_figure(sweep, predictor.classifier_config.threshold, out))
     lines = ["# bt_pipeline evaluation", "",
              f"Splits: {', '.join(splits)} (patient-level, from `{data_config.manifest}`). "
              f"Classifier threshold {predictor.classifier_config.threshold:.4f} (chosen on val); "

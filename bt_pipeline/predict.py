@@ -99,8 +99,20 @@ class TwoStagePredictor:
         chosen = np.flatnonzero(positive)
         for index, prob in zip(chosen, self.mask_probabilities([images[i] for i in chosen]),
                                strict=True):
-            masks[index] = (prob > self.mask_threshold).astype(np.uint8)
+            masks[index] = remove_small_components(prob > self.mask_threshold,
+                                                   self.unet_config.min_component_pixels)
         return probabilities, masks
+
+
+def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """uint8 {0, 1} copy of a binary mask without 8-connected components under ``min_pixels``."""
+    mask = mask.astype(np.uint8)
+    if min_pixels <= 0 or not mask.any():
+        return mask
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    keep = np.zeros(count, np.uint8)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_pixels
+    return keep[labels]
 
 
 def to_grid(probability: np.ndarray, height: int, width: int) -> np.ndarray:

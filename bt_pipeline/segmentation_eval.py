@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from bt_pipeline.data.preprocess import read_image, read_mask
 from bt_pipeline.models.losses import dice_score, iou_score
-from bt_pipeline.predict import TwoStagePredictor
+from bt_pipeline.predict import TwoStagePredictor, remove_small_components
 
 
 def score_patient(predictor: TwoStagePredictor, rows: pd.DataFrame, data_root: Path):
@@ -34,7 +34,9 @@ def score_patient(predictor: TwoStagePredictor, rows: pd.DataFrame, data_root: P
     probabilities = predictor.tumour_probabilities(images)
     unet_maps = predictor.mask_probabilities(images)
     gate = probabilities >= predictor.classifier_config.threshold
-    unet_masks = [m > predictor.mask_threshold for m in unet_maps]
+    min_pixels = predictor.unet_config.min_component_pixels
+    unet_masks = [remove_small_components(m > predictor.mask_threshold, min_pixels).astype(bool)
+                  for m in unet_maps]
     pipeline_masks = [m & g for m, g in zip(unet_masks, gate, strict=True)]
     has_tumour = np.array([t.any() for t in truths])
     tumour_idx = np.flatnonzero(has_tumour)
@@ -90,3 +92,42 @@ def summarise(patients: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
             "iou_pipeline_tumour_slices": tumour["iou_pipeline"].mean(),
         })
     return pd.DataFrame(out)
+
+
+def sweep_thresholds(predictor: TwoStagePredictor, manifest: pd.DataFrame, split: str,
+                     data_root: str | Path, mask_thresholds=(0.3, 0.4, 0.5, 0.6, 0.7),
+                     classifier_thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+                     min_pixels=(0, 25, 50, 100, 200)) -> pd.DataFrame:
+    """Mean per-patient pipeline Dice (and slice sensitivity) on ``split`` for every
+    combination of mask threshold, classifier threshold and small-component removal.
+
+    The U-Net runs once per slice; only the thresholds vary. Meant for val only.
+    """
+    rows = []
+    chosen = manifest[manifest["split"] == split].sort_values(["patient_id", "slice"])
+    classifier_thresholds = sorted({*classifier_thresholds,
+                                    predictor.classifier_config.threshold})
+    for patient, group in tqdm(chosen.groupby("patient_id"), desc=f"sweep {split}",
+                               unit="patient"):
+        images = [read_image(Path(data_root) / p) for p in group["image"]]
+        truth = np.stack([read_mask(Path(data_root) / p) for p in group["mask"]]).astype(bool)
+        probabilities = predictor.tumour_probabilities(images)
+        maps = predictor.mask_probabilities(images)
+        has_tumour = truth.reshape(len(truth), -1).any(axis=1)
+        for mask_threshold in mask_thresholds:
+            for pixels in min_pixels:
+                masks = np.stack([remove_small_components(m > mask_threshold, pixels)
+                                  for m in maps]).astype(bool)
+                for threshold in classifier_thresholds:
+                    gate = probabilities >= threshold
+                    rows.append({
+                        "patient_id": patient, "mask_threshold": mask_threshold,
+                        "min_component_pixels": pixels, "classifier_threshold": threshold,
+                        "dice_pipeline": dice_score(truth, masks & gate[:, None, None]),
+                        "slice_sensitivity": float(gate[has_tumour].mean())
+                        if has_tumour.any() else float("nan"),
+                    })
+    table = pd.DataFrame(rows)
+    keys = ["mask_threshold", "min_component_pixels", "classifier_threshold"]
+    return table.groupby(keys).agg(dice_pipeline_mean=("dice_pipeline", "mean"),
+                                   slice_sensitivity=("slice_sensitivity", "mean")).reset_index()

@@ -14,6 +14,25 @@ def _tree_snapshot(root):
                   for p in root.rglob("*"))
 
 
+def _links(html):
+    from html.parser import HTMLParser
+
+    found = []
+
+    class Collector(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "img":
+                found.append(("img", attrs["src"]))
+            elif tag == "a" and "href" in attrs:
+                found.append(("a", attrs["href"]))
+
+    parser = Collector()
+    parser.feed(html)
+    parser.close()
+    return found
+
+
 def _run(tiny_models, *args):
     classifier, unet = tiny_models
     return main([*map(str, args), "--classifier", str(classifier), "--unet", str(unet),
@@ -48,7 +67,11 @@ def test_full_output_contract(tiny_models, synthetic_root, tmp_path):
             patients.set_index("patient_id").loc[patient, "tumor_pixels"])
         assert cv2.imread(str(out / patient / "overview.png")) is not None
     html = (out / "report.html").read_text()
-    assert html.count("<img ") == 8 and "patients.csv" in html
+    links = _links(html)
+    assert len([src for tag, src in links if tag == "img"]) == 8
+    for _, target in links:  # every image and link in the page resolves to a written file
+        if not target.startswith("#"):
+            assert (out / target).is_file(), target
     assert pd.read_csv(out / "errors.csv").empty
     assert not list(out.rglob(".*tmp*"))  # no temporary leftovers
 
