@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=DataConfig.batch_size)
     parser.add_argument("--distribution", default="default",
                         choices=["default", "mirrored", "multi_worker"])
+    parser.add_argument("--patience", type=int, default=UNetConfig.patience,
+                        help="early-stopping patience (epochs without a better val Dice)")
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--ship-to", default=str(SHIPPED_UNET))
     parser.add_argument("--seed", type=int, default=UNetConfig.seed)
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     unet_config = UNetConfig(image_size=args.image_size, depth=args.depth,
                              base_filters=args.base_filters, batch_norm=not args.no_batch_norm,
                              loss=args.loss, learning_rate=args.learning_rate, epochs=args.epochs,
+                             patience=args.patience,
                              distribution=args.distribution, seed=args.seed)
     verbose = "auto" if sys.stdout.isatty() else 2
     try:
