@@ -46,7 +46,7 @@ class DataConfig:
 class ClassifierConfig:
     """Slice classifier: stacked Conv2D/MaxPool/Dropout blocks, a dense layer, a sigmoid."""
 
-    image_size: int = 128
+    image_size: int = 96
     filters: tuple[int, ...] = (16, 32, 64, 128, 128)
     block_dropouts: tuple[float, ...] = (0.15, 0.15, 0.15, 0.15, 0.15)
     dense_dropout: float = 0.15

@@ -30,7 +30,7 @@ def score_patient(predictor: TwoStagePredictor, rows: pd.DataFrame, data_root: P
     Returns ``(patient_row, slice_rows)``.
     """
     images = [read_image(data_root / p) for p in rows["image"]]
-    truths = [read_mask(data_root / p) for p in rows["mask"]]
+    truths = [read_mask(data_root / p).astype(bool) for p in rows["mask"]]
     probabilities = predictor.tumour_probabilities(images)
     unet_maps = predictor.mask_probabilities(images)
     gate = probabilities >= predictor.classifier_config.threshold
@@ -51,6 +51,10 @@ def score_patient(predictor: TwoStagePredictor, rows: pd.DataFrame, data_root: P
             "pipeline_pixels": int(pipeline_masks[k].sum()),
             "iou_unet": iou_score(truths[k], unet_masks[k]),
             "iou_pipeline": iou_score(truths[k], pipeline_masks[k]),
+            "union_unet": int((truths[k] | unet_masks[k]).sum()),
+            "union_pipeline": int((truths[k] | pipeline_masks[k]).sum()),
+            "intersection_unet": int((truths[k] & unet_masks[k]).sum()),
+            "intersection_pipeline": int((truths[k] & pipeline_masks[k]).sum()),
             "dice_pipeline": dice_score(truths[k], pipeline_masks[k]),
         })
     patient = {
@@ -78,7 +82,8 @@ def evaluate_split(predictor: TwoStagePredictor, manifest: pd.DataFrame, split: 
 
 
 def summarise(patients: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
-    """One row per split: mean/median per-patient Dice and mean IoU on tumour slices."""
+    """One row per split: mean/median per-patient Dice; IoU on tumour slices both as the mean
+    of per-slice IoUs and pooled (all tumour-slice pixels of the split together)."""
     out = []
     for split, group in patients.groupby("split", sort=False):
         tumour = slices[(slices["split"] == split) & (slices["has_tumor"] == 1)]
@@ -87,9 +92,12 @@ def summarise(patients: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
             "dice_unet_mean": group["dice_unet"].mean(),
             "dice_unet_median": group["dice_unet"].median(),
             "iou_unet_tumour_slices": tumour["iou_unet"].mean(),
+            "iou_unet_pooled": tumour["intersection_unet"].sum() / tumour["union_unet"].sum(),
             "dice_pipeline_mean": group["dice_pipeline"].mean(),
             "dice_pipeline_median": group["dice_pipeline"].median(),
             "iou_pipeline_tumour_slices": tumour["iou_pipeline"].mean(),
+            "iou_pipeline_pooled": (tumour["intersection_pipeline"].sum()
+                                    / tumour["union_pipeline"].sum()),
         })
     return pd.DataFrame(out)
 

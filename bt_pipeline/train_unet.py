@@ -15,12 +15,13 @@ from pathlib import Path
 
 import keras
 
+from bt_pipeline.cli import add_common_arguments, keras_verbosity, parse
 from bt_pipeline.config import SHIPPED_UNET, DataConfig, UNetConfig, save_json
 from bt_pipeline.data.loader import load_split, unet_dataset
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.models.losses import compile_unet
 from bt_pipeline.models.unet import build_unet
-from bt_pipeline.training import limit_threads, make_strategy, ship_model, training_callbacks
+from bt_pipeline.training import make_strategy, ship_model, training_callbacks
 
 
 def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
@@ -59,8 +60,7 @@ def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=DataConfig.data_root)
-    parser.add_argument("--manifest", default=DataConfig.manifest)
+    add_common_arguments(parser)
     parser.add_argument("--run-dir", default="runs/unet")
     parser.add_argument("--epochs", type=int, default=UNetConfig.epochs)
     parser.add_argument("--image-size", type=int, default=UNetConfig.image_size)
@@ -76,11 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="early-stopping patience (epochs without a better val Dice)")
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--ship-to", default=str(SHIPPED_UNET))
-    parser.add_argument("--seed", type=int, default=UNetConfig.seed)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="TensorFlow threads (default: all cores)")
-    args = parser.parse_args(argv)
-    limit_threads(args.threads)
+    args = parse(parser, argv)
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
                              image_size=args.image_size, batch_size=args.batch_size,
                              seed=args.seed)
@@ -89,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                              loss=args.loss, learning_rate=args.learning_rate, epochs=args.epochs,
                              patience=args.patience,
                              distribution=args.distribution, seed=args.seed)
-    verbose = "auto" if sys.stdout.isatty() else 2
+    verbose = keras_verbosity()
     try:
         train_unet(data_config, unet_config, Path(args.run_dir), Path(args.ship_to),
                    args.max_minutes, verbose)

@@ -28,7 +28,7 @@ from bt_pipeline.data.loader import SplitArrays, classifier_dataset, load_split
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.models.classifier import build_classifier, compile_classifier
 from bt_pipeline.reporting import markdown_table
-from bt_pipeline.training import limit_threads, ship_model, training_callbacks
+from bt_pipeline.training import ship_model, training_callbacks
 
 DENSE_ACTIVATIONS = ["relu", "sigmoid", "tanh", "elu"]
 # elu and swish keep a gradient for negative inputs, which helps small nets that ReLU can kill.
@@ -209,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
+    from bt_pipeline.cli import add_common_arguments, keras_verbosity, parse
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=DataConfig.data_root)
-    parser.add_argument("--manifest", default=DataConfig.manifest)
+    add_common_arguments(parser)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=20, help="epochs per execution")
     parser.add_argument("--executions", type=int, default=2, help="executions per trial")
@@ -220,16 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default="tuning")
     parser.add_argument("--work-dir", default="tuning/work")
     parser.add_argument("--ship-to", default=str(SHIPPED_CLASSIFIER))
-    parser.add_argument("--seed", type=int, default=DataConfig.seed)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="TensorFlow threads (default: all cores)")
-    args = parser.parse_args(argv)
-    limit_threads(args.threads)
+    args = parse(parser, argv)
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
                              image_size=args.image_size, seed=args.seed)
     base = ClassifierConfig(image_size=args.image_size, epochs=args.retrain_epochs,
                             seed=args.seed)
-    verbose = "auto" if sys.stdout.isatty() else 2
+    verbose = keras_verbosity()
     try:
         table = run_tuning(data_config, base, Path(args.out_dir), Path(args.work_dir),
                            args.trials, args.epochs, args.executions, Path(args.ship_to), verbose)

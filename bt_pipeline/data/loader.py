@@ -116,11 +116,12 @@ def unet_dataset(arrays: SplitArrays, config: DataConfig, training: bool) -> tf.
                  .take(n_negative))
     indices = tf.data.Dataset.from_tensor_slices(positive).concatenate(negatives)
     images, masks = tf.constant(arrays.images), tf.constant(arrays.masks)
+    # Gather whole batches of indices at once: one gather per batch, not per slice.
     dataset = (indices.shuffle(len(positive) + n_negative, seed=config.seed + 1,
                                reshuffle_each_iteration=True)
+               .batch(config.batch_size)
                .map(lambda i: (tf.gather(images, i), tf.gather(masks, i)),
-                    num_parallel_calls=tf.data.AUTOTUNE)
-               .batch(config.batch_size))
+                    num_parallel_calls=tf.data.AUTOTUNE))
     if config.augment:
         dataset = _augment_batches(dataset, config, with_mask=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
