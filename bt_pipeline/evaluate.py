@@ -38,22 +38,25 @@ def classifier_table(slices: pd.DataFrame, threshold: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def breakdown(patients: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
-    """Pipeline Dice per institution and IoU per level of the brain (lower/middle/upper third
-    of the patient's slices), per split."""
-    slices = slices.copy()
-    position = (slices["slice"] - 1) / slices["n_slices"].clip(lower=1)
-    slices["level"] = pd.cut(position, [-0.01, 1 / 3, 2 / 3, 1.01],
+def by_institution(patients: pd.DataFrame) -> pd.DataFrame:
+    """Pipeline and U-Net Dice per institution (CS, DU, EZ, FG, HT), per split."""
+    return (patients.groupby(["split", "institution"], sort=False)
+            .agg(patients=("patient_id", "size"), dice_unet_mean=("dice_unet", "mean"),
+                 dice_pipeline_mean=("dice_pipeline", "mean"))
+            .reset_index())
+
+
+def by_slice_level(slices: pd.DataFrame) -> pd.DataFrame:
+    """Classifier sensitivity and IoU on tumour slices by level of the brain: the lower,
+    middle and upper third of each patient's slices, per split."""
+    tumour = slices[slices["has_tumor"] == 1].copy()
+    position = (tumour["slice"] - 1) / tumour["n_slices"].clip(lower=1)
+    tumour["level"] = pd.cut(position, [-0.01, 1 / 3, 2 / 3, 1.01],
                              labels=["lower third", "middle third", "upper third"])
-    by_inst = (patients.groupby(["split", "institution"])
-               .agg(patients=("patient_id", "size"), dice_pipeline_mean=("dice_pipeline", "mean"))
-               .reset_index().rename(columns={"institution": "group"}))
-    tumour = slices[slices["has_tumor"] == 1]
-    by_level = (tumour.groupby(["split", "level"], observed=True)
-                .agg(tumour_slices=("slice", "size"), iou_pipeline_mean=("iou_pipeline", "mean"),
-                     sensitivity=("tumor_predicted", "mean"))
-                .reset_index().rename(columns={"level": "group"}))
-    return pd.concat([by_inst.assign(by="institution"), by_level.assign(by="slice level")])
+    return (tumour.groupby(["split", "level"], observed=True, sort=False)
+            .agg(tumour_slices=("slice", "size"), sensitivity=("tumor_predicted", "mean"),
+                 iou_unet_mean=("iou_unet", "mean"), iou_pipeline_mean=("iou_pipeline", "mean"))
+            .reset_index())
 
 
 def _roc_figure(slices: pd.DataFrame, table: pd.DataFrame, out: Path) -> str:
@@ -108,7 +111,7 @@ def _extremes_figure(predictor: TwoStagePredictor, slices: pd.DataFrame,
     tumour = slices[slices["has_tumor"] == 1].sort_values("iou_pipeline")
     picks = pd.concat([tumour.tail(n).iloc[::-1], tumour.head(n)])
     paths = manifest.set_index(["patient_id", "slice"])
-    figure, axes = plt.subplots(2, n, figsize=(3 * n, 6.4))
+    figure, axes = plt.subplots(2, n, figsize=(3 * n, 7.2))
     for axis, row in zip(axes.ravel(), picks.itertuples(index=False), strict=False):
         entry = paths.loc[(row.patient_id, row.slice)]
         image = read_image(data_root / entry["image"])
@@ -172,7 +175,8 @@ def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits
     tables = {
         "classifier": classifier_table(slices, predictor.classifier_config.threshold),
         "segmentation": summarise(patients, slices),
-        "breakdown": breakdown(patients, slices),
+        "by_institution": by_institution(patients),
+        "by_slice_level": by_slice_level(slices),
     }
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "patients.csv", patients.to_csv(index=False, lineterminator="\n"))

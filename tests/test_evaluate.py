@@ -23,7 +23,9 @@ def test_evaluation_report_on_synthetic_patients(tiny_models, synthetic_root, sy
     assert len(patients) == patients["patient_id"].nunique() == 4
     summary = (out / "summary.md").read_text()
     assert "| split |" in summary and "dice_unet_mean" in summary
-    assert {"institution", "slice level"} <= set(tables["breakdown"]["by"])
+    assert set(tables["by_institution"]["institution"]) <= {"CS", "DU", "FG", "HT"}
+    assert set(tables["by_slice_level"]["level"]) <= {"lower third", "middle third",
+                                                      "upper third"}
 
 
 def test_postprocessing_is_adopted_only_when_it_helps_on_val():
