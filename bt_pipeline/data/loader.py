@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -127,12 +126,9 @@ def unet_dataset(arrays: SplitArrays, config: DataConfig, training: bool) -> tf.
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def steps_per_epoch(n_items: int, batch_size: int) -> int:
-    return max(1, math.ceil(n_items / batch_size))
-
-
 def _augment_batches(dataset: tf.data.Dataset, config: DataConfig, with_mask: bool):
-    seeds = tf.data.Dataset.random(seed=config.seed).batch(2)
+    # New (seeded) augmentation draws every epoch, the same sequence run after run.
+    seeds = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True).batch(2)
     zipped = tf.data.Dataset.zip((dataset, seeds))
 
     def apply(batch, seed):
