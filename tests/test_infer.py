@@ -144,3 +144,21 @@ def test_wrong_calls_exit_2(tiny_models, synthetic_root, tmp_path, capsys):
     assert main([str(synthetic_root), "--classifier", str(tmp_path / "missing.keras")]) == 2
     assert "missing.keras" in capsys.readouterr().err
     assert main(["--no-such-flag"]) == 2
+
+
+def test_inference_feeds_the_models_what_training_fed_them(tiny_models, synthetic_root,
+                                                          synthetic_manifest):
+    from bt_pipeline.config import DataConfig
+    from bt_pipeline.data.loader import load_split
+    from bt_pipeline.data.manifest import read_manifest
+    from bt_pipeline.data.preprocess import read_image
+    from bt_pipeline.predict import TwoStagePredictor
+
+    predictor = TwoStagePredictor.load(*tiny_models)
+    size = predictor.classifier_config.image_size
+    data = DataConfig(data_root=str(synthetic_root), image_size=size, cache_dir="")
+    arrays = load_split(read_manifest(synthetic_manifest), "val", data)
+    images = [read_image(synthetic_root / path) for path in arrays.rows["image"]]
+    at_inference = predictor.tumour_probabilities(images)
+    at_training = predictor.classifier(arrays.images, training=False).numpy().ravel()
+    np.testing.assert_array_equal(at_inference, at_training)
