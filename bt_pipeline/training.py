@@ -1,6 +1,7 @@
 """What every training run shares: seeding, callbacks, distribution strategy, shipping a model.
 
-A run directory holds ``best.keras`` (best on val), ``log.csv`` (one row per epoch),
+A run directory holds ``best.keras`` (best on val; never replaced by a worse epoch, even after a
+restart), ``log.csv`` (one row per epoch),
 ``tensorboard/``, ``backup/`` (BackupAndRestore: a killed run resumes from its last completed
 epoch) and ``config.json``.
 """
@@ -36,14 +37,51 @@ class TimeLimit(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore whose files are replaced atomically, so a SIGKILL in the middle of a
+    save leaves the previous epoch's complete backup instead of a truncated HDF5 file."""
+
+    def _save_model(self):
+        write_with(self._weights_path, lambda tmp: self.model.save_weights(str(tmp)),
+                   suffix=".weights.h5")
+        write_text_atomic(Path(self._training_metadata_path), json.dumps(
+            {"epoch": self._current_epoch, "batch": self._last_batch_seen}))
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Save the model whenever ``monitor`` improves, atomically. On a resumed run the best
+    value so far is read back from the run's CSV log, so a worse epoch after a restart never
+    replaces the better model saved before it."""
+
+    def __init__(self, path: Path, monitor: str, mode: str, log_csv: Path):
+        super().__init__()
+        self.path, self.monitor, self.log_csv = path, monitor, log_csv
+        self.better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+        self.best: float | None = None
+
+    def on_train_begin(self, logs=None):
+        if self.path.is_file() and self.log_csv.is_file():
+            with open(self.log_csv) as handle:
+                values = [float(row[self.monitor]) for row in csv.DictReader(handle)
+                          if row.get(self.monitor)]
+            if values:
+                self.best = max(values) if self.better(1, 0) else min(values)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or (self.best is not None and not self.better(value, self.best)):
+            return
+        self.best = float(value)
+        write_with(self.path, lambda tmp: self.model.save(tmp), suffix=".keras")
+
+
 def training_callbacks(run_dir: Path, monitor: str, mode: str, patience: int,
                        max_minutes: float | None = None) -> list[keras.callbacks.Callback]:
     """Best-on-val checkpoint, early stopping, LR schedule, CSV log, TensorBoard, resume."""
     run_dir.mkdir(parents=True, exist_ok=True)
     return [
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
-        keras.callbacks.ModelCheckpoint(str(run_dir / "best.keras"), monitor=monitor, mode=mode,
-                                        save_best_only=True),
+        AtomicBackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
+        BestCheckpoint(run_dir / "best.keras", monitor, mode, run_dir / "log.csv"),
         keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience),
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5,
                                           patience=max(1, patience // 3), min_lr=1e-5),

@@ -44,3 +44,55 @@ def test_train_unet_resumes_after_sigkill(synthetic_root, synthetic_manifest, tm
     assert epochs == sorted(set(epochs)) and epochs[-1] == 11  # no epoch twice, finished
     assert epochs[:len(done_before)] == done_before  # continued, did not start over
     assert (tmp_path / "unet.keras").is_file() and (tmp_path / "unet.json").is_file()
+
+
+def _tiny_model():
+    import keras
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+def test_backup_survives_a_kill_in_the_middle_of_a_save(tmp_path):
+    import json
+
+    import pytest
+
+    from bt_pipeline.training import AtomicBackupAndRestore
+
+    callback = AtomicBackupAndRestore(str(tmp_path / "backup"))
+    model = _tiny_model()
+    callback.set_model(model)
+    callback.on_epoch_end(0)
+    weights = tmp_path / "backup" / "latest.weights.h5"
+    good = weights.read_bytes()
+
+    def dies_half_way(path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(good[: len(good) // 2])
+        raise KeyboardInterrupt  # stands for SIGKILL
+
+    object.__setattr__(model, "save_weights", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        callback.on_epoch_end(1)
+    assert weights.read_bytes() == good
+    metadata = json.loads((tmp_path / "backup" / "training_metadata.json").read_text())
+    assert metadata["epoch"] == 1
+    assert not [p for p in (tmp_path / "backup").iterdir() if ".tmp" in p.name]
+
+
+def test_best_checkpoint_is_not_replaced_by_a_worse_epoch_after_a_restart(tmp_path):
+    from bt_pipeline.training import BestCheckpoint
+
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,val_dice_metric\n0,0.5\n1,0.8\n")
+    best = tmp_path / "best.keras"
+    best.write_bytes(b"model of epoch 1")
+    callback = BestCheckpoint(best, "val_dice_metric", "max", log)
+    callback.set_model(_tiny_model())
+    callback.on_train_begin()
+    callback.on_epoch_end(2, {"val_dice_metric": 0.7})
+    assert best.read_bytes() == b"model of epoch 1"
+    callback.on_epoch_end(3, {"val_dice_metric": 0.9})
+    assert best.read_bytes() != b"model of epoch 1" and best.stat().st_size > 100
