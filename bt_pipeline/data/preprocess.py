@@ -18,6 +18,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+# A broken file is reported once, by SliceReadError; OpenCV's own codec chatter on stderr
+# (libtiff "TIFFReadDirectory: ..." lines) would only bury that message.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
 #: Smallest and largest accepted slice side, in pixels.
 MIN_SIDE = 32
 MAX_SIDE = 2048
