@@ -55,8 +55,8 @@ class ClassifierConfig:
     dense_activation: str = "relu"
     batch_norm: bool = True
     learning_rate: float = 1e-3
-    epochs: int = 30
-    patience: int = 6
+    epochs: int = 40
+    patience: int = 10
     threshold: float = 0.5  # decision threshold on the tumour probability, chosen on val
     min_val_sensitivity: float = 0.97  # the threshold rule's sensitivity floor (see tune.py)
     seed: int = 1337
