@@ -61,39 +61,35 @@ def _patients(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(commands, name: str, help_text: str, run, manifest: bool = True):
+    """A subcommand with --data-dir (and --manifest) already declared."""
+    from bt_pipeline.config import DataConfig
+
+    command = commands.add_parser(name, help=help_text)
+    command.add_argument("--data-dir", default=DataConfig.data_root)
+    if manifest:
+        command.add_argument("--manifest", default=DataConfig.manifest)
+    command.set_defaults(run=run)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from bt_pipeline.config import DataConfig
+
     parser = argparse.ArgumentParser(prog="python -m bt_pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    manifest = commands.add_parser("manifest", help="(re)write the slice manifest")
-    manifest.add_argument("--data-dir", default="data/kaggle_3m")
-    manifest.add_argument("--out", default="data_manifest.csv")
-    manifest.add_argument("--seed", type=int, default=1337)
-    manifest.set_defaults(run=_manifest)
-
-    eda = commands.add_parser("eda", help="plots of the dataset")
-    eda.add_argument("--data-dir", default="data/kaggle_3m")
-    eda.add_argument("--manifest", default="data_manifest.csv")
-    eda.add_argument("--out", default="reports/eda")
-    eda.set_defaults(run=_eda)
-
-    bench = commands.add_parser("bench-loader", help="tf.data loader throughput (slices/s)")
-    bench.add_argument("--data-dir", default="data/kaggle_3m")
-    bench.add_argument("--manifest", default="data_manifest.csv")
-    bench.add_argument("--epochs", type=int, default=3)
-    bench.set_defaults(run=_bench_loader)
-
-    infer = commands.add_parser("bench-infer", help="end-to-end inference speed")
-    infer.add_argument("--data-dir", default="data/kaggle_3m")
-    infer.add_argument("--manifest", default="data_manifest.csv")
-    infer.add_argument("--splits", nargs="+", default=["val", "test"])
-    infer.set_defaults(run=_bench_infer)
-
-    patients = commands.add_parser("patients", help="patient folders of one split")
-    patients.add_argument("--split", choices=["train", "val", "test"], default="test")
-    patients.add_argument("--data-dir", default="data/kaggle_3m")
-    patients.add_argument("--manifest", default="data_manifest.csv")
-    patients.set_defaults(run=_patients)
+    manifest = _command(commands, "manifest", "(re)write the slice manifest", _manifest,
+                        manifest=False)
+    manifest.add_argument("--out", default=DataConfig.manifest)
+    manifest.add_argument("--seed", type=int, default=DataConfig.seed)
+    _command(commands, "eda", "plots of the dataset", _eda).add_argument(
+        "--out", default="reports/eda")
+    _command(commands, "bench-loader", "tf.data loader throughput (slices/s)",
+             _bench_loader).add_argument("--epochs", type=int, default=3)
+    _command(commands, "bench-infer", "end-to-end inference speed", _bench_infer).add_argument(
+        "--splits", nargs="+", default=["val", "test"])
+    _command(commands, "patients", "patient folders of one split", _patients).add_argument(
+        "--split", choices=["train", "val", "test"], default="test")
     return parser
 
 
