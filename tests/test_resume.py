@@ -96,3 +96,38 @@ def test_best_checkpoint_is_not_replaced_by_a_worse_epoch_after_a_restart(tmp_pa
     assert best.read_bytes() == b"model of epoch 1"
     callback.on_epoch_end(3, {"val_dice_metric": 0.9})
     assert best.read_bytes() != b"model of epoch 1" and best.stat().st_size > 100
+
+
+def test_tuning_resumes_after_sigkill_without_recording_a_trial_twice(
+        synthetic_root, synthetic_manifest, tmp_path):
+    import json
+
+    import pandas as pd
+
+    work = tmp_path / "work"
+    command = [sys.executable, "-m", "bt_pipeline.tune", "--data-dir", str(synthetic_root),
+               "--manifest", str(synthetic_manifest), "--trials", "4", "--epochs", "3",
+               "--executions", "1", "--retrain-epochs", "1", "--image-size", "32",
+               "--out-dir", str(tmp_path / "tuning"), "--work-dir", str(work),
+               "--ship-to", str(tmp_path / "clf.keras"), "--threads", "1"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+    def completed():
+        states = [json.loads(p.read_text()).get("status")
+                  for p in work.glob("classifier/trial_*/trial.json")]
+        return states.count("COMPLETED")
+
+    first = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while completed() < 1 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    assert 1 <= completed() < 4, "killed too late to test a resume"
+    second = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    trials = pd.read_csv(tmp_path / "tuning" / "trials.csv", dtype={"trial_id": str})
+    assert len(trials) == 4 and trials["trial_id"].is_unique
+    assert (trials["status"] == "COMPLETED").all()
