@@ -118,3 +118,57 @@ def test_distributed_search_chief_and_two_workers(synthetic_root, synthetic_mani
     trials = pd.read_csv(tmp_path / "tuning" / "trials.csv")
     assert len(trials) == 4 and (trials["status"] == "COMPLETED").all()
     assert (tmp_path / "clf.keras").is_file()
+
+
+def _pid_of_worker(tuner_id: str, port: str) -> int | None:
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (b"bt_pipeline.tune" in cmdline
+                and f"KERASTUNER_TUNER_ID={tuner_id}".encode() in environ
+                and f"KERASTUNER_ORACLE_PORT={port}".encode() in environ):
+            return int(proc.name)
+    return None
+
+
+def test_lost_worker_is_restarted_and_its_trial_rerun(synthetic_root, synthetic_manifest,
+                                                      tmp_path):
+    import signal
+
+    port = str(_free_port())
+    logs = tmp_path / "logs"
+    env = {**os.environ, "WORKERS": "2", "ORACLE_PORT": port, "PY": sys.executable,
+           "LOG_DIR": str(logs), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    args = ["--data-dir", str(synthetic_root), "--manifest", str(synthetic_manifest),
+            "--trials", "4", "--epochs", "3", "--executions", "1", "--retrain-epochs", "1",
+            "--image-size", "32", "--out-dir", str(tmp_path / "tuning"),
+            "--work-dir", str(tmp_path / "work"), "--ship-to", str(tmp_path / "clf.keras")]
+    script = subprocess.Popen(["bash", "tuning/run_distributed.sh", *args], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        victim = None
+        while victim is None and time.monotonic() < deadline:
+            log = logs / "tuner0.log"
+            if log.is_file() and "runs on tuner0" in log.read_text():
+                victim = _pid_of_worker("tuner0", port)
+            time.sleep(0.1)
+        assert victim is not None, "worker tuner0 never started a trial"
+        os.kill(victim, signal.SIGKILL)  # mid-trial
+        output, _ = script.communicate(timeout=420)
+    finally:
+        if script.poll() is None:
+            os.killpg(script.pid, signal.SIGKILL)
+    assert script.returncode == 0, output[-3000:]
+    assert "restart 1/3 resumes its trial" in (logs / "tuner0.log").read_text()
+    trials = pd.read_csv(tmp_path / "tuning" / "trials.csv", dtype={"trial_id": str})
+    assert len(trials) == 4 and trials["trial_id"].is_unique
+    assert (trials["status"] == "COMPLETED").all()
