@@ -87,3 +87,47 @@ def test_unwritable_output_is_a_clear_error_and_leaves_nothing(tiny_models, synt
     assert "cannot write outputs" in err and "not_a_folder" in err
     assert blocker.read_text().startswith("a file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder"]
+
+
+@pytest.mark.parametrize("case", ["too_wide", "too_big_file"])
+def test_oversized_inputs_are_refused_clearly(tmp_path, case):
+    path = tmp_path / "TCGA_CS_0001_20000101_1.tif"
+    if case == "too_wide":
+        cv2.imwrite(str(path), np.zeros((40, 2100, 3), np.uint8))
+        reason = "outside"
+    else:
+        with open(path, "wb") as handle:  # sparse: costs no disk
+            handle.truncate(65 * 1024 * 1024)
+        reason = "too large"
+    with pytest.raises(SliceReadError, match=reason) as info:
+        read_image(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_disk_full_mid_run_is_a_clear_error_with_no_half_written_file(
+        tiny_models, synthetic_root, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from bt_pipeline import report
+    from bt_pipeline.infer import main
+
+    real_imwrite, calls = report._imwrite, {"n": 0}
+
+    def fills_the_disk(path, array):
+        calls["n"] += 1
+        if calls["n"] > 12:  # part way through the second patient
+            with open(path, "wb") as handle:
+                handle.write(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_imwrite(path, array)
+
+    monkeypatch.setattr(report, "_imwrite", fills_the_disk)
+    out = tmp_path / "out"
+    code = main([str(synthetic_root), "--out", str(out), "--quiet",
+                 "--classifier", str(tiny_models[0]), "--unet", str(tiny_models[1])])
+    assert code == 2
+    assert "No space left on device" in capsys.readouterr().err
+    written = list(out.rglob("*"))
+    assert not [p for p in written if ".tmp" in p.name]  # no temporary leftovers
+    for png in (p for p in written if p.suffix == ".png"):
+        assert cv2.imread(str(png), cv2.IMREAD_UNCHANGED) is not None  # every file whole
