@@ -33,11 +33,6 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def write_with(path: str | os.PathLike, writer: Callable[[Path], object], suffix: str = "") -> None:
     """Call ``writer(tmp_path)`` and move the result onto ``path``."""
     with atomic_path(path, suffix) as tmp:

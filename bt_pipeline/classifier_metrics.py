@@ -41,5 +41,9 @@ def choose_threshold(labels: np.ndarray, probabilities: np.ndarray,
     if positives.size == 0:
         return 0.5
     allowed_misses = int(np.floor((1.0 - min_sensitivity) * positives.size))
-    # Keeping every positive at index >= allowed_misses: the threshold is that probability.
-    return float(positives[allowed_misses])
+    # Every positive from index allowed_misses up must stay above the threshold. Placing it
+    # half-way down to the next lower probability of any slice (not exactly on that positive)
+    # keeps the decision from flipping on float noise, e.g. a different batch composition.
+    boundary = positives[allowed_misses]
+    below = probabilities[probabilities < boundary]
+    return float((boundary + below.max()) / 2) if below.size else float(boundary)

@@ -121,15 +121,3 @@ def ship_model(model: keras.Model, path: Path, config: Any, facts: dict[str, Any
     write_with(path, lambda tmp: clone.save(tmp), suffix=".keras")
     save_json(config, path.with_suffix(".json"), extra=facts)
 
-
-def history_rows(run_dir: Path) -> list[dict[str, str]]:
-    """Rows of the run's ``log.csv`` (empty if none)."""
-    log = run_dir / "log.csv"
-    if not log.is_file():
-        return []
-    with open(log) as handle:
-        return list(csv.DictReader(handle))
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

@@ -164,6 +164,16 @@ def retrain_and_ship(config: ClassifierConfig, data_config: DataConfig,
               callbacks=training_callbacks(run_dir, "val_auc", "max", config.patience))
     model = keras.saving.load_model(run_dir / "best.keras")
     wall = time.monotonic() - started
+    table = threshold_score_and_ship(model, config, data_config, splits, ship_to,
+                                     {"retrain_wall_seconds": round(wall, 1)})
+    return model, table
+
+
+def threshold_score_and_ship(model: keras.Model, config: ClassifierConfig,
+                             data_config: DataConfig, splits: dict[str, SplitArrays],
+                             ship_to: Path | None, facts: dict) -> pd.DataFrame:
+    """Choose the decision threshold on val, score every split with it, ship the model with
+    its config (threshold and metrics included). Returns the per-split metrics."""
     probabilities = {name: predict_probabilities(model, arrays, data_config)
                      for name, arrays in splits.items()}
     threshold = choose_threshold(splits["val"].labels, probabilities["val"],
@@ -174,11 +184,10 @@ def retrain_and_ship(config: ClassifierConfig, data_config: DataConfig,
                           for name, arrays in splits.items()])
     if ship_to is not None:
         ship_model(model, ship_to, config, {
-            "data": dataclasses.asdict(data_config), "retrain_wall_seconds": round(wall, 1),
+            **facts, "data": dataclasses.asdict(data_config),
             "parameters": int(model.count_params()),
             "metrics": table.set_index("split").to_dict(orient="index")})
-    return model, table
-
+    return table
 
 def run_tuning(data_config: DataConfig, base: ClassifierConfig, out_dir: Path, work_dir: Path,
                trials: int, epochs: int, executions: int, ship_to: Path | None,

@@ -1,0 +1,24 @@
+"""Slow: the shipped models on the real val patients reproduce the README's figures."""
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_shipped_models_reproduce_the_documented_val_figures(real_root):
+    from bt_pipeline.classifier_metrics import classification_metrics
+    from bt_pipeline.config import DataConfig
+    from bt_pipeline.data.manifest import read_manifest
+    from bt_pipeline.predict import TwoStagePredictor
+    from bt_pipeline.segmentation_eval import evaluate_split, summarise
+
+    predictor = TwoStagePredictor.load()
+    manifest = read_manifest(DataConfig.manifest)
+    patients, slices = evaluate_split(predictor, manifest, "val", real_root)
+    summary = summarise(patients, slices).iloc[0]
+    assert summary["dice_unet_mean"] == pytest.approx(0.787, abs=0.002)
+    assert summary["dice_pipeline_mean"] == pytest.approx(0.781, abs=0.002)
+    metrics = classification_metrics(slices["has_tumor"], slices["tumor_probability"],
+                                     predictor.classifier_config.threshold)
+    assert metrics["sensitivity"] >= 0.97  # the threshold rule, on the split that chose it
+    assert metrics["auc"] == pytest.approx(0.956, abs=0.002)
