@@ -10,7 +10,8 @@ import pandas as pd
 
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.data.preprocess import read_image, read_mask
-from bt_pipeline.plotting import draw_outline, plt, save_figure
+from bt_pipeline.plotting import plt, save_figure
+from bt_pipeline.report import draw_outline
 
 
 def _class_counts(table: pd.DataFrame, out: Path) -> str:

@@ -22,8 +22,9 @@ from bt_pipeline.classifier_metrics import classification_metrics
 from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.data.preprocess import read_image, read_mask
-from bt_pipeline.plotting import draw_outline, plt, save_figure
+from bt_pipeline.plotting import plt, save_figure
 from bt_pipeline.predict import TwoStagePredictor
+from bt_pipeline.report import draw_outline
 from bt_pipeline.reporting import markdown_table
 from bt_pipeline.segmentation_eval import evaluate_split, summarise, sweep_thresholds
 

@@ -1,15 +1,13 @@
-"""Matplotlib helpers shared by the reports: headless backend, atomic PNG output, outlines."""
+"""Matplotlib helpers shared by the reports: headless backend, atomic PNG output."""
 
 from __future__ import annotations
 
 import os
 
-import cv2
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
 from bt_pipeline.atomic import write_with  # noqa: E402
 
@@ -21,12 +19,3 @@ def save_figure(figure, path: str | os.PathLike, dpi: int = 110) -> str:
     plt.close(figure)
     return str(path)
 
-
-def draw_outline(image_rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int],
-                 thickness: int = 1) -> np.ndarray:
-    """Copy of a uint8 RGB image with the outline of the binary ``mask`` drawn in ``colour``."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_NONE)
-    out = np.ascontiguousarray(image_rgb.copy())
-    cv2.drawContours(out, contours, -1, colour, thickness)
-    return out

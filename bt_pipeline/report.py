@@ -18,14 +18,23 @@ TRUTH_BGR = (0, 255, 0)  # green
 TILE = 192
 
 
+def draw_outline(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int],
+                 thickness: int = 1) -> np.ndarray:
+    """Copy of a uint8 colour image with the outline of the binary ``mask`` drawn in
+    ``colour`` (given in the image's own channel order)."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_NONE)
+    out = np.ascontiguousarray(image.copy())
+    cv2.drawContours(out, contours, -1, colour, thickness)
+    return out
+
+
 def _tile(image_rgb: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None,
           label: str) -> np.ndarray:
     tile = np.ascontiguousarray(image_rgb[..., ::-1])
     for mask, colour in ((truth, TRUTH_BGR), (predicted, PREDICTED_BGR)):
         if mask is not None and mask.any():
-            contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
-                                           cv2.CHAIN_APPROX_NONE)
-            cv2.drawContours(tile, contours, -1, colour, 1)
+            tile = draw_outline(tile, mask, colour)
     tile = cv2.resize(tile, (TILE, TILE), interpolation=cv2.INTER_AREA)
     cv2.putText(tile, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
     return tile
