@@ -26,7 +26,7 @@ from bt_pipeline.plotting import plt, save_figure
 from bt_pipeline.predict import TwoStagePredictor
 from bt_pipeline.report import draw_outline
 from bt_pipeline.reporting import markdown_table
-from bt_pipeline.segmentation_eval import evaluate_split, summarise, sweep_thresholds
+from bt_pipeline.segmentation_eval import predict_split, score_split, summarise, sweep_thresholds
 
 #: Post-processing is adopted only if it lifts mean val Dice by at least this much.
 MIN_POSTPROCESS_GAIN = 0.005
@@ -170,7 +170,8 @@ def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits
                    out: Path) -> dict[str, pd.DataFrame]:
     manifest = read_manifest(data_config.manifest)
     root = Path(data_config.data_root)
-    results = [evaluate_split(predictor, manifest, split, root) for split in splits]
+    predictions = {split: predict_split(predictor, manifest, split, root) for split in splits}
+    results = [score_split(predictor, predictions[split], split) for split in splits]
     patients = pd.concat([p for p, _ in results], ignore_index=True)
     slices = pd.concat([s for _, s in results], ignore_index=True)
     tables = {
@@ -183,7 +184,7 @@ def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits
     write_text_atomic(out / "patients.csv", patients.to_csv(index=False, lineterminator="\n"))
     write_text_atomic(out / "slices.csv", slices.to_csv(index=False, lineterminator="\n"))
     if "val" in splits:
-        sweep = sweep_thresholds(predictor, manifest, "val", root)
+        sweep = sweep_thresholds(predictor, predictions["val"])
         write_text_atomic(out / "threshold_sweep.csv",
                           sweep.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
         pixels, gain = choose_postprocessing(sweep, predictor.classifier_config.threshold)

@@ -85,24 +85,27 @@ class TwoStagePredictor:
         return [to_grid(prob, image.shape[0], image.shape[1]) for prob, image in zip(maps, images,
                                                                                       strict=True)]
 
-    def predict(self, images: list[np.ndarray], gate: bool = True):
+    def masks(self, maps: list[np.ndarray], mask_threshold: float | None = None,
+              min_pixels: int | None = None) -> list[np.ndarray]:
+        """The one rule that turns probability maps into uint8 {0, 1} masks: threshold, then
+        drop small components. Defaults to this predictor's own settings."""
+        threshold = self.mask_threshold if mask_threshold is None else mask_threshold
+        pixels = self.unet_config.min_component_pixels if min_pixels is None else min_pixels
+        return [remove_small_components(m > threshold, pixels) for m in maps]
+
+    def predict(self, images: list[np.ndarray]):
         """Both stages on one volume's uint8 RGB slices.
 
         Returns ``(probabilities, masks)``: P(tumour) per slice and a uint8 {0, 1} mask per
-        slice at its own size, empty where the classifier says no tumour (``gate=False``
-        runs the U-Net on every slice).
+        slice at its own size, empty where the classifier says no tumour.
         """
         probabilities = self.tumour_probabilities(images)
-        positive = (probabilities >= self.classifier_config.threshold) if gate else \
-            np.ones(len(images), bool)
         masks = [np.zeros(image.shape[:2], np.uint8) for image in images]
-        chosen = np.flatnonzero(positive)
-        for index, prob in zip(chosen, self.mask_probabilities([images[i] for i in chosen]),
-                               strict=True):
-            masks[index] = remove_small_components(prob > self.mask_threshold,
-                                                   self.unet_config.min_component_pixels)
+        chosen = np.flatnonzero(probabilities >= self.classifier_config.threshold)
+        found = self.masks(self.mask_probabilities([images[i] for i in chosen]))
+        for index, mask in zip(chosen, found, strict=True):
+            masks[index] = mask
         return probabilities, masks
-
 
 def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     """uint8 {0, 1} copy of a binary mask without 8-connected components under ``min_pixels``."""

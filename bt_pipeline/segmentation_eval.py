@@ -13,6 +13,7 @@ truth with an empty prediction scores 1.0 (see ``models/losses.py``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +22,41 @@ from tqdm.auto import tqdm
 
 from bt_pipeline.data.preprocess import read_image, read_mask
 from bt_pipeline.models.losses import dice_score, iou_score
-from bt_pipeline.predict import TwoStagePredictor, remove_small_components
+from bt_pipeline.predict import TwoStagePredictor
 
 
-def score_patient(predictor: TwoStagePredictor, rows: pd.DataFrame, data_root: Path):
-    """Score one patient's slices (manifest rows in slice order).
+@dataclass
+class PatientPrediction:
+    """One patient's truth and raw model outputs, computed once and scored many ways."""
 
-    Returns ``(patient_row, slice_rows)``.
-    """
-    images = [read_image(data_root / p) for p in rows["image"]]
-    truths = [read_mask(data_root / p).astype(bool) for p in rows["mask"]]
-    probabilities = predictor.tumour_probabilities(images)
-    unet_maps = predictor.mask_probabilities(images)
+    rows: pd.DataFrame  # manifest rows in slice order
+    truths: list[np.ndarray]  # bool masks at each slice's own size
+    probabilities: np.ndarray  # classifier P(tumour) per slice
+    maps: list[np.ndarray]  # U-Net probability maps at each slice's own size
+
+
+def predict_split(predictor: TwoStagePredictor, manifest: pd.DataFrame, split: str,
+                  data_root: str | Path) -> list[PatientPrediction]:
+    """Run both models once over every slice of every patient of ``split``."""
+    root = Path(data_root)
+    rows = manifest[manifest["split"] == split].sort_values(["patient_id", "slice"])
+    predictions = []
+    for _, group in tqdm(rows.groupby("patient_id", sort=True), desc=f"predicting {split}",
+                         unit="patient"):
+        images = [read_image(root / p) for p in group["image"]]
+        predictions.append(PatientPrediction(
+            rows=group.reset_index(drop=True),
+            truths=[read_mask(root / p).astype(bool) for p in group["mask"]],
+            probabilities=predictor.tumour_probabilities(images),
+            maps=predictor.mask_probabilities(images)))
+    return predictions
+
+
+def score_patient(predictor: TwoStagePredictor, prediction: PatientPrediction):
+    """Score one patient with the predictor's thresholds. Returns ``(patient_row, slice_rows)``."""
+    rows, truths, probabilities = prediction.rows, prediction.truths, prediction.probabilities
     gate = probabilities >= predictor.classifier_config.threshold
-    min_pixels = predictor.unet_config.min_component_pixels
-    unet_masks = [remove_small_components(m > predictor.mask_threshold, min_pixels).astype(bool)
-                  for m in unet_maps]
+    unet_masks = [m.astype(bool) for m in predictor.masks(prediction.maps)]
     pipeline_masks = [m & g for m, g in zip(unet_masks, gate, strict=True)]
     has_tumour = np.array([t.any() for t in truths])
     tumour_idx = np.flatnonzero(has_tumour)
@@ -68,17 +88,21 @@ def score_patient(predictor: TwoStagePredictor, rows: pd.DataFrame, data_root: P
     return patient, slice_rows
 
 
-def evaluate_split(predictor: TwoStagePredictor, manifest: pd.DataFrame, split: str,
-                   data_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-patient and per-slice tables for every patient of ``split``."""
-    rows = manifest[manifest["split"] == split].sort_values(["patient_id", "slice"])
+def score_split(predictor: TwoStagePredictor, predictions: list[PatientPrediction],
+                split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-patient and per-slice tables for the predictions of one split."""
     patients, slices = [], []
-    for _, group in tqdm(rows.groupby("patient_id", sort=True), desc=f"scoring {split}",
-                         unit="patient"):
-        patient, slice_rows = score_patient(predictor, group, Path(data_root))
+    for prediction in predictions:
+        patient, slice_rows = score_patient(predictor, prediction)
         patients.append({"split": split, **patient})
         slices.extend({"split": split, **r} for r in slice_rows)
     return pd.DataFrame(patients), pd.DataFrame(slices)
+
+
+def evaluate_split(predictor: TwoStagePredictor, manifest: pd.DataFrame, split: str,
+                   data_root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-patient and per-slice tables for every patient of ``split``."""
+    return score_split(predictor, predict_split(predictor, manifest, split, data_root), split)
 
 
 def summarise(patients: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
@@ -102,34 +126,31 @@ def summarise(patients: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def sweep_thresholds(predictor: TwoStagePredictor, manifest: pd.DataFrame, split: str,
-                     data_root: str | Path, mask_thresholds=(0.3, 0.4, 0.5, 0.6, 0.7),
+def sweep_thresholds(predictor: TwoStagePredictor, predictions: list[PatientPrediction],
+                     mask_thresholds=(0.3, 0.4, 0.5, 0.6, 0.7),
                      classifier_thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
                      min_pixels=(0, 25, 50, 100, 200)) -> pd.DataFrame:
-    """Mean per-patient pipeline Dice (and slice sensitivity) on ``split`` for every
+    """Mean per-patient pipeline Dice (and slice sensitivity) over ``predictions`` for every
     combination of mask threshold, classifier threshold and small-component removal.
 
-    The U-Net runs once per slice; only the thresholds vary. Meant for val only.
+    Reuses the models' outputs; only the thresholds vary. Meant for val only.
     """
     rows = []
-    chosen = manifest[manifest["split"] == split].sort_values(["patient_id", "slice"])
     classifier_thresholds = sorted({*classifier_thresholds,
                                     predictor.classifier_config.threshold})
-    for patient, group in tqdm(chosen.groupby("patient_id"), desc=f"sweep {split}",
-                               unit="patient"):
-        images = [read_image(Path(data_root) / p) for p in group["image"]]
-        truth = np.stack([read_mask(Path(data_root) / p) for p in group["mask"]]).astype(bool)
-        probabilities = predictor.tumour_probabilities(images)
-        maps = predictor.mask_probabilities(images)
+    for prediction in predictions:
+        truth = np.stack(prediction.truths)
+        probabilities = prediction.probabilities
         has_tumour = truth.reshape(len(truth), -1).any(axis=1)
         for mask_threshold in mask_thresholds:
             for pixels in min_pixels:
-                masks = np.stack([remove_small_components(m > mask_threshold, pixels)
-                                  for m in maps]).astype(bool)
+                masks = np.stack(predictor.masks(prediction.maps, mask_threshold,
+                                                 pixels)).astype(bool)
                 for threshold in classifier_thresholds:
                     gate = probabilities >= threshold
                     rows.append({
-                        "patient_id": patient, "mask_threshold": mask_threshold,
+                        "patient_id": prediction.rows["patient_id"].iloc[0],
+                        "mask_threshold": mask_threshold,
                         "min_component_pixels": pixels, "classifier_threshold": threshold,
                         "dice_pipeline": dice_score(truth, masks & gate[:, None, None]),
                         "slice_sensitivity": float(gate[has_tumour].mean())
