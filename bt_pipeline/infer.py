@@ -16,6 +16,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -52,7 +53,16 @@ class InferenceResult:
         return 1 if any(p.skipped for p in self.problems) else 0
 
 
-def _read_slice(entry):
+class LoadedSlice(NamedTuple):
+    number: int
+    image_path: Path
+    image: np.ndarray  # uint8 RGB
+    mask_path: Path | None
+    truth: np.ndarray | None  # uint8 {0, 1}, None without (readable) ground truth
+    problem: str | None  # why the ground truth could not be read
+
+
+def _read_slice(entry) -> LoadedSlice:
     number, image_path, mask_path = entry
     image = read_image(image_path)  # raises SliceReadError naming the file
     truth, problem = None, None
@@ -61,7 +71,7 @@ def _read_slice(entry):
             truth = read_mask(mask_path)
         except SliceReadError as exc:
             problem = str(exc)
-    return number, image_path, image, mask_path, truth, problem
+    return LoadedSlice(number, image_path, image, mask_path, truth, problem)
 
 
 def _load_patient(scan: PatientScan, pool: ThreadPoolExecutor, problems: list[InputProblem]):
@@ -73,32 +83,33 @@ def _load_patient(scan: PatientScan, pool: ThreadPoolExecutor, problems: list[In
             slices.append(future.result())
         except SliceReadError as exc:
             problems.append(InputProblem(str(entry[1]), scan.patient_id, exc.reason))
-    for *_, mask_path, _, problem in slices:
-        if problem:
-            problems.append(InputProblem(str(mask_path), scan.patient_id,
-                                         problem.split(": ", 1)[-1] + " (no ground truth used)"))
+    for s in slices:
+        if s.problem:
+            problems.append(InputProblem(str(s.mask_path), scan.patient_id,
+                                         s.problem.split(": ", 1)[-1] + " (no ground truth used)"))
     if slices:
-        shape = Counter(s[2].shape for s in slices).most_common(1)[0][0]
-        for s in [s for s in slices if s[2].shape != shape]:
-            problems.append(InputProblem(str(s[1]), scan.patient_id,
-                                         f"size {s[2].shape[1]}x{s[2].shape[0]} differs from the "
-                                         f"patient's other slices ({shape[1]}x{shape[0]})"))
-        slices = [s for s in slices if s[2].shape == shape]
+        shape = Counter(s.image.shape for s in slices).most_common(1)[0][0]
+        for s in [s for s in slices if s.image.shape != shape]:
+            problems.append(InputProblem(str(s.image_path), scan.patient_id,
+                                         f"size {s.image.shape[1]}x{s.image.shape[0]} differs "
+                                         f"from the patient's other slices "
+                                         f"({shape[1]}x{shape[0]})"))
+        slices = [s for s in slices if s.image.shape == shape]
     return slices
 
 
 def _write_patient(out: Path, scan: PatientScan, slices, probabilities, masks, threshold,
                    pool: ThreadPoolExecutor):
     folder = out / scan.patient_id
-    list(pool.map(lambda item: write_mask_png(folder / f"{item[0][1].stem}_mask.png", item[1]),
-                  zip(slices, masks, strict=True)))
-    truths = [s[4] for s in slices]
+    list(pool.map(lambda pair: write_mask_png(
+        folder / f"{pair[0].image_path.stem}_mask.png", pair[1]), zip(slices, masks, strict=True)))
+    truths = [s.truth for s in slices]
     has_truth = all(t is not None for t in truths)
     write_mask_volume(folder / "mask.nii.gz", masks)
-    write_overview(folder / "overview.png", [s[2] for s in slices], masks,
-                   truths if has_truth else None, [s[0] for s in slices])
-    slice_rows = [{"patient_id": scan.patient_id, "slice": s[0],
-                   "image": s[1].relative_to(scan.folder.parent).as_posix(),
+    write_overview(folder / "overview.png", [s.image for s in slices], masks,
+                   truths if has_truth else None, [s.number for s in slices])
+    slice_rows = [{"patient_id": scan.patient_id, "slice": s.number,
+                   "image": s.image_path.relative_to(scan.folder.parent).as_posix(),
                    "tumor_probability": round(float(p), 6), "tumor_predicted": int(p >= threshold),
                    "mask_pixels": int(m.sum())}
                   for s, p, m in zip(slices, probabilities, masks, strict=True)]
@@ -145,7 +156,7 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
                 print(problem.line(), file=sys.stderr)
             if not slices:
                 continue
-            probabilities, masks = predictor.predict([s[2] for s in slices])
+            probabilities, masks = predictor.predict([s.image for s in slices])
             patient, rows = _write_patient(out, scan, slices, probabilities, masks, threshold,
                                            pool)
             patient_rows.append(patient)
