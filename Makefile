@@ -18,7 +18,7 @@ ORACLE_PORT ?= 8000
 UNET_EPOCHS ?= 60
 
 .PHONY: install data manifest eda test test-slow lint tune tune-distributed train-unet \
-        demo evaluate bench-loader bench-infer clean
+        demo evaluate bench bench-loader bench-infer clean
 
 install: $(VENV)/.installed
 
@@ -68,6 +68,11 @@ tune-distributed: install
 
 train-unet: install
 	$(PY) -m bt_pipeline.train_unet --data-dir $(KAGGLE_ROOT) --epochs $(UNET_EPOCHS)
+
+# Every speed figure of README "Speed" in one run (< 5 min on 2 cores): name=value lines and
+# reports/bench.json.
+bench: install
+	$(PY) -m bt_pipeline bench --data-dir $(KAGGLE_ROOT)
 
 bench-loader: install
 	$(PY) -m bt_pipeline bench-loader --data-dir $(KAGGLE_ROOT)

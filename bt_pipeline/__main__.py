@@ -50,6 +50,21 @@ def _bench_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from bt_pipeline.atomic import write_text_atomic
+    from bt_pipeline.bench import run_bench
+
+    results = run_bench(args.manifest, args.data_dir, args.seconds)
+    for name, value in results.items():
+        print(f"{name}={value:.4g}", flush=True)
+    write_text_atomic(Path(args.out), json.dumps(results, indent=2) + "\n")
+    print(f"written: {args.out}")
+    return 0
+
+
 def _patients(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -88,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
              _bench_loader).add_argument("--epochs", type=int, default=3)
     _command(commands, "bench-infer", "end-to-end inference speed", _bench_infer).add_argument(
         "--splits", nargs="+", default=["val", "test"])
+    bench = _command(commands, "bench", "speed of every stage against the machine's peak",
+                     _bench)
+    bench.add_argument("--out", default="reports/bench.json")
+    bench.add_argument("--seconds", type=float, default=4.0,
+                       help="timed seconds per model measurement")
     _command(commands, "patients", "patient folders of one split", _patients).add_argument(
         "--split", choices=["train", "val", "test"], default="test")
     return parser

@@ -7,6 +7,9 @@ import os
 import tempfile
 import time
 
+import numpy as np
+import pandas as pd
+
 from bt_pipeline.config import DataConfig
 from bt_pipeline.data.loader import classifier_dataset, load_split, unet_dataset
 from bt_pipeline.data.manifest import read_manifest
@@ -73,3 +76,144 @@ def infer_throughput(scan_dirs: list[str], out_dir: str | os.PathLike,
     return {"infer_patients": float(timing["patients"]), "infer_slices": float(timing["slices"]),
             "infer_seconds": total, "infer_slices_per_s": timing["slices"] / total,
             "infer_first_patient_s": timing["first_patient_unix"] - started}
+
+
+def _best_rate(run, work: float, seconds: float, repeats: int = 3) -> float:
+    """``work`` units per second of ``run()``: best of ``repeats`` timed windows of about
+    ``seconds`` each, after one untimed warm-up call (tracing, allocation)."""
+    run()
+    best = 0.0
+    for _ in range(repeats):
+        calls, started = 0, time.perf_counter()
+        while True:
+            run()
+            calls += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds / repeats:
+                break
+        best = max(best, calls * work / elapsed)
+    return best
+
+
+def matmul_peak_gflops(size: int = 2048, seconds: float = 6.0) -> float:
+    """The machine's float32 matrix-multiply rate (GFLOP/s) through TensorFlow's own kernels,
+    the ceiling for the convolutions and dense layers of the models."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    a = tf.constant(rng.standard_normal((size, size), np.float32))
+    b = tf.constant(rng.standard_normal((size, size), np.float32))
+    matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)))
+    return _best_rate(lambda: matmul().numpy(), 2.0 * size ** 3, seconds) / 1e9
+
+
+def as_bfloat16(model):
+    """A copy of ``model`` computing in bfloat16 (weights kept in float32, output in float32)."""
+    import keras
+
+    config = model.get_config()
+    last = config["layers"][-1]["name"]
+    for layer in config["layers"]:
+        if layer["class_name"] != "InputLayer" and layer["name"] != last:
+            layer["config"]["dtype"] = "mixed_bfloat16"
+    clone = model.__class__.from_config(config)
+    clone.set_weights(model.get_weights())
+    return keras.Model(clone.inputs, clone.outputs)
+
+
+def inference_variants(model) -> dict[str, object]:
+    """Ways of running ``model`` forward that the bench compares; each maps a batch to an array.
+
+    ``eager``: ``model(x)`` as a plain call; ``graph``: inside ``tf.function``; ``xla``: the
+    same compiled by XLA; ``bf16``: graph mode with bfloat16 compute."""
+    import tensorflow as tf
+
+    graph = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    xla = tf.function(lambda x: model(x, training=False), jit_compile=True)
+    bf16_model = as_bfloat16(model)
+    bf16 = tf.function(lambda x: bf16_model(x, training=False), reduce_retracing=True)
+    return {"eager": lambda x: model(x, training=False).numpy(),
+            "graph": lambda x: graph(x).numpy(), "xla": lambda x: xla(x).numpy(),
+            "bf16": lambda x: bf16(x).numpy()}
+
+
+def inference_rate(run, batch: np.ndarray, seconds: float) -> float:
+    """Slices/s of ``run`` on ``batch``."""
+    return _best_rate(lambda: run(batch), float(len(batch)), seconds)
+
+
+def training_rate(model, loss, batch: np.ndarray, targets: np.ndarray, seconds: float,
+                  jit_compile: bool = False) -> float:
+    """Images/s of full training steps (forward, backward, Adam update) on one batch."""
+    import keras
+
+    clone = keras.Model.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    clone.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss, jit_compile=jit_compile)
+    return _best_rate(lambda: clone.train_on_batch(batch, targets), float(len(batch)), seconds)
+
+
+def bf16_agreement(predictor, images: list[np.ndarray]) -> dict[str, float]:
+    """What bfloat16 costs in accuracy on real slices: the largest change of the tumour
+    probability, the share of classifier decisions that flip, and the Dice between the
+    float32 and bfloat16 masks (1.0 = identical)."""
+    import dataclasses as dc
+
+    from bt_pipeline.models.losses import dice_score
+
+    bf16 = dc.replace(predictor, classifier=as_bfloat16(predictor.classifier),
+                      unet=as_bfloat16(predictor.unet))
+    threshold = predictor.classifier_config.threshold
+    p32, p16 = predictor.tumour_probabilities(images), bf16.tumour_probabilities(images)
+    m32 = predictor.masks(predictor.mask_probabilities(images))
+    m16 = bf16.masks(bf16.mask_probabilities(images))
+    return {"bf16_max_probability_change": float(np.abs(p32 - p16).max()),
+            "bf16_decisions_flipped_share": float(np.mean((p32 >= threshold)
+                                                          != (p16 >= threshold))),
+            "bf16_mask_dice_vs_float32": float(np.mean([dice_score(a, b)
+                                                        for a, b in zip(m32, m16, strict=True)]))}
+
+
+def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
+              seconds: float = 4.0, batch_size: int = 32) -> dict[str, float]:
+    """Everything ``make bench`` reports, as ``name -> value``; see README "Speed"."""
+    from bt_pipeline.data.preprocess import read_image
+    from bt_pipeline.models.flops import TRAINING_STEP_FORWARD_PASSES, forward_flops
+    from bt_pipeline.models.losses import LOSSES
+    from bt_pipeline.predict import TwoStagePredictor
+
+    results: dict[str, float] = {"matmul_peak_gflops": matmul_peak_gflops()}
+    peak = results["matmul_peak_gflops"] * 1e9
+    predictor = TwoStagePredictor.load()
+    rng = np.random.default_rng(0)
+    models = {"classifier": (predictor.classifier, "binary_crossentropy", 1),
+              "unet": (predictor.unet, LOSSES[predictor.unet_config.loss], None)}
+    for name, (model, loss, target_channels) in models.items():
+        flops = forward_flops(model)
+        size = int(model.inputs[0].shape[1])
+        batch = rng.random((batch_size, size, size, 3), np.float32)
+        results[f"{name}_forward_mflops"] = flops / 1e6
+        for variant, run in inference_variants(model).items():
+            rate = inference_rate(run, batch, seconds)
+            results[f"{name}_infer_{variant}_slices_per_s"] = rate
+            results[f"{name}_infer_{variant}_efficiency"] = rate * flops / peak
+        shape = (batch_size, 1) if target_channels else (batch_size, size, size, 1)
+        targets = (rng.random(shape) > 0.5).astype(np.float32)
+        for variant, jit in (("graph", False), ("xla", True)):
+            rate = training_rate(model, loss, batch, targets, seconds, jit_compile=jit)
+            results[f"{name}_train_{variant}_images_per_s"] = rate
+            results[f"{name}_train_{variant}_efficiency"] = (
+                rate * TRAINING_STEP_FORWARD_PASSES * flops / peak)
+    manifest = read_manifest(manifest_path)
+    val = manifest[manifest["split"] == "val"]
+    tumour = val["has_tumor"] == 1
+    sample = pd.concat([val[tumour].head(48), val[~tumour].head(16)])
+    images = [read_image(os.path.join(str(data_root), path)) for path in sample["image"]]
+    results.update(bf16_agreement(predictor, images))
+    results.update({f"loader_{k}": v for k, v in loader_throughput(manifest_path, data_root,
+                                                                   epochs=1).items()})
+    chosen = manifest[manifest["split"].isin(["val", "test"])]["patient_id"].unique()
+    with tempfile.TemporaryDirectory() as out:
+        results.update(infer_throughput([os.path.join(str(data_root), p) for p in sorted(chosen)],
+                                        out))
+    return results

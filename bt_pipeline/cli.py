@@ -1,12 +1,12 @@
-"""Argument helpers shared by the training entry points."""
+"""Argument helpers shared by the entry points (no TensorFlow import at parse time)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from bt_pipeline.config import DataConfig
-from bt_pipeline.training import limit_threads
+from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse, then apply --threads before any TensorFlow work."""
+    from bt_pipeline.training import limit_threads
+
     args = parser.parse_args(argv)
     limit_threads(args.threads)
     return args
@@ -28,3 +30,13 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 def keras_verbosity() -> int | str:
     """A progress bar in a terminal, one line per epoch in a log file."""
     return "auto" if sys.stdout.isatty() else 2
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which models run, and how: --classifier, --unet, --extra-unet, --tta-flips."""
+    parser.add_argument("--classifier", type=Path, default=SHIPPED_CLASSIFIER)
+    parser.add_argument("--unet", type=Path, default=SHIPPED_UNET)
+    parser.add_argument("--extra-unet", type=Path, nargs="*", default=[], metavar="KERAS",
+                        help="more U-Nets of the same input size: masks from their mean")
+    parser.add_argument("--tta-flips", action="store_true",
+                        help="also segment each slice mirrored left-right and average")

@@ -39,6 +39,8 @@ class DataConfig:
     max_rotation_deg: float = 10.0
     max_scale: float = 0.08
     intensity_jitter: float = 0.1
+    # Total Variation denoising weight of the input slices (0 = off); see preprocess_image.
+    tv_weight: float = 0.0
     cache_dir: str = ".cache/bt_pipeline"
 
 
@@ -54,6 +56,7 @@ class ClassifierConfig:
     conv_activation: str = "relu"
     dense_activation: str = "relu"
     batch_norm: bool = True
+    convs_per_block: int = 1
     learning_rate: float = 1e-3
     epochs: int = 40
     patience: int = 10

@@ -19,7 +19,8 @@ from sklearn.metrics import roc_curve
 
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.classifier_metrics import classification_metrics
-from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig
+from bt_pipeline.cli import add_model_arguments
+from bt_pipeline.config import DataConfig
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.data.preprocess import read_image, read_mask
 from bt_pipeline.plotting import plt, save_figure
@@ -199,7 +200,9 @@ def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits
     lines = ["# bt_pipeline evaluation", "",
              f"Splits: {', '.join(splits)} (patient-level, from `{data_config.manifest}`). "
              f"Classifier threshold {predictor.classifier_config.threshold:.4f} (chosen on val); "
-             f"mask threshold {predictor.mask_threshold}. Scored at each slice's original grid.",
+             f"mask threshold {predictor.mask_threshold}; U-Nets {1 + len(predictor.extra_unets)}; "
+             f"flip TTA {'on' if predictor.tta_flips else 'off'}. "
+             "Scored at each slice's original grid.",
              ""]
     for name, table in tables.items():
         lines += [f"## {name}", "", markdown_table(table.round(4)), ""]
@@ -213,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=DataConfig.data_root)
     parser.add_argument("--manifest", default=DataConfig.manifest)
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
-    parser.add_argument("--classifier", default=str(SHIPPED_CLASSIFIER))
-    parser.add_argument("--unet", default=str(SHIPPED_UNET))
+    add_model_arguments(parser)
     parser.add_argument("--out", default="reports/evaluation")
     args = parser.parse_args(argv)
-    predictor = TwoStagePredictor.load(args.classifier, args.unet)
+    predictor = TwoStagePredictor.load(args.classifier, args.unet,
+                                       extra_unet_paths=args.extra_unet, tta_flips=args.tta_flips)
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest)
     tables = run_evaluation(predictor, data_config, args.splits, Path(args.out))
     for name, table in tables.items():

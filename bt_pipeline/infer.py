@@ -23,7 +23,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET
+from bt_pipeline.cli import add_model_arguments
 from bt_pipeline.data.preprocess import SliceReadError, read_image, read_mask
 from bt_pipeline.models.losses import dice_score, iou_score
 from bt_pipeline.report import write_html_report, write_mask_png, write_mask_volume, write_overview
@@ -191,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("scan_dirs", nargs="+", type=Path, metavar="SCAN_DIR",
                         help="a patient folder, or a folder of patient folders")
     parser.add_argument("--out", type=Path, default=Path("predictions"))
-    parser.add_argument("--classifier", type=Path, default=SHIPPED_CLASSIFIER)
-    parser.add_argument("--unet", type=Path, default=SHIPPED_UNET)
+    add_model_arguments(parser)
     parser.add_argument("--threshold", type=float, default=0.5, help="mask threshold")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--timing", type=Path, default=None,
@@ -211,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     from bt_pipeline.predict import ModelLoadError, TwoStagePredictor
 
     try:
-        predictor = TwoStagePredictor.load(args.classifier, args.unet, args.threshold)
+        predictor = TwoStagePredictor.load(args.classifier, args.unet, args.threshold,
+                                           args.extra_unet, args.tta_flips)
         result = run_inference(args.scan_dirs, args.out, predictor, progress=not args.quiet)
     except (ModelLoadError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)

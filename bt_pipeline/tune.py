@@ -59,7 +59,8 @@ class ClassifierHyperModel(keras_tuner.HyperModel):
         kwargs = classifier_kwargs_from_hp(hp, len(self.config.filters))
         learning_rate = kwargs.pop("learning_rate")
         model = build_classifier(image_size=self.config.image_size, filters=self.config.filters,
-                                 batch_norm=self.config.batch_norm, **kwargs)
+                                 batch_norm=self.config.batch_norm,
+                                 convs_per_block=self.config.convs_per_block, **kwargs)
         return compile_classifier(model, learning_rate)
 
 
@@ -153,7 +154,7 @@ def retrain_and_ship(config: ClassifierConfig, data_config: DataConfig,
     model = compile_classifier(
         build_classifier(config.image_size, config.filters, config.block_dropouts,
                          config.dense_dropout, config.dense_units, config.conv_activation,
-                         config.dense_activation, config.batch_norm),
+                         config.dense_activation, config.batch_norm, config.convs_per_block),
         config.learning_rate)
     started = time.monotonic()
     train = classifier_dataset(splits["train"], data_config, training=True)
@@ -191,17 +192,40 @@ def threshold_score_and_ship(model: keras.Model, config: ClassifierConfig,
 
 def run_tuning(data_config: DataConfig, base: ClassifierConfig, out_dir: Path, work_dir: Path,
                trials: int, epochs: int, executions: int, ship_to: Path | None,
-               verbose="auto") -> pd.DataFrame | None:
-    """The whole of ``make tune``. Returns the per-split metrics table (None on a worker)."""
+               verbose="auto", hparams_file: Path | None = None) -> pd.DataFrame | None:
+    """The whole of ``make tune``. Returns the per-split metrics table (None on a worker).
+
+    With ``hparams_file`` (a ``best_hparams.json`` of an earlier search) the search is skipped
+    and only the retrain runs, e.g. to retrain the winner at another input size."""
     manifest = read_manifest(data_config.manifest)
     wanted = ("train", "val", "test")
     splits = {name: load_split(manifest, name, data_config) for name in wanted}
+    if hparams_file is not None:
+        best_hparams = json.loads(hparams_file.read_text())["hyperparameters"]
+    else:
+        best_hparams = search(data_config, base, splits, out_dir, work_dir, trials, epochs,
+                              executions, verbose)
+        if best_hparams is None:
+            return None  # a worker: the chief writes the reports and retrains
+    config = config_from_hparams(base, best_hparams)
+    _, table = retrain_and_ship(config, data_config, splits, work_dir / "retrain", ship_to,
+                                verbose)
+    write_text_atomic(out_dir / "classifier_metrics.csv",
+                      table.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
+    return table
+
+
+def search(data_config: DataConfig, base: ClassifierConfig, splits: dict[str, SplitArrays],
+           out_dir: Path, work_dir: Path, trials: int, epochs: int, executions: int,
+           verbose) -> dict | None:
+    """Run (or resume) the RandomSearch, write its reports; the best hyperparameters, or None
+    on a worker process."""
     tuner = make_tuner(base, work_dir, trials, executions, data_config.seed)
     tuner.search(classifier_dataset(splits["train"], data_config, training=True),
                  classifier_dataset(splits["val"], data_config, training=False),
                  epochs=epochs, verbose=verbose)
     if os.environ.get("KERASTUNER_TUNER_ID", "chief").startswith("tuner"):
-        return None  # a worker: the chief writes the reports and retrains
+        return None
     best_hparams = tuner.get_best_hyperparameters(1)[0].values
     table = trials_table(tuner)
     # Summed over trials, so a resumed search still reports what the whole search cost.
@@ -209,12 +233,7 @@ def run_tuning(data_config: DataConfig, base: ClassifierConfig, out_dir: Path, w
                 "image_size": data_config.image_size, "seed": data_config.seed,
                 "trial_seconds_total": round(float(table["seconds"].sum()), 1)}
     write_search_reports(table, best_hparams, out_dir, settings)
-    config = config_from_hparams(base, best_hparams)
-    _, table = retrain_and_ship(config, data_config, splits, work_dir / "retrain", ship_to,
-                                verbose)
-    write_text_atomic(out_dir / "classifier_metrics.csv",
-                      table.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
-    return table
+    return best_hparams
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executions", type=int, default=2, help="executions per trial")
     parser.add_argument("--retrain-epochs", type=int, default=ClassifierConfig.epochs)
     parser.add_argument("--image-size", type=int, default=ClassifierConfig.image_size)
+    parser.add_argument("--convs-per-block", type=int, default=ClassifierConfig.convs_per_block)
+    parser.add_argument("--patience", type=int, default=ClassifierConfig.patience,
+                        help="early-stopping patience of the retrain (epochs)")
+    parser.add_argument("--retrain-from", metavar="BEST_HPARAMS_JSON",
+                        help="skip the search: retrain the hyperparameters of this file")
     parser.add_argument("--out-dir", default="tuning")
     parser.add_argument("--work-dir", default="tuning/work")
     parser.add_argument("--ship-to", default=str(SHIPPED_CLASSIFIER))
@@ -237,11 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
                              image_size=args.image_size, seed=args.seed)
     base = ClassifierConfig(image_size=args.image_size, epochs=args.retrain_epochs,
+                            patience=args.patience, convs_per_block=args.convs_per_block,
                             seed=args.seed)
+    hparams_file = Path(args.retrain_from) if args.retrain_from else None
     verbose = keras_verbosity()
     try:
         table = run_tuning(data_config, base, Path(args.out_dir), Path(args.work_dir),
-                           args.trials, args.epochs, args.executions, Path(args.ship_to), verbose)
+                           args.trials, args.epochs, args.executions, Path(args.ship_to), verbose,
+                           hparams_file)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ stateless seeds (image and mask go through the same geometric transform), and pr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -74,8 +75,9 @@ def load_split(manifest: pd.DataFrame, split: str, config: DataConfig) -> SplitA
     if rows.empty:
         raise ValueError(f"split {split!r} has no slices in the manifest")
     root = Path(config.data_root)
-    images = _cached(load_slice, [root / p for p in rows["image"]], config.image_size,
-                     config.cache_dir, "images")
+    kind = f"images-tv{config.tv_weight:g}" if config.tv_weight > 0 else "images"
+    images = _cached(functools.partial(load_slice, tv_weight=config.tv_weight),
+                     [root / p for p in rows["image"]], config.image_size, config.cache_dir, kind)
     masks = _cached(load_mask, [root / p for p in rows["mask"]], config.image_size,
                     config.cache_dir, "masks")
     labels = rows["has_tumor"].to_numpy(dtype=np.float32)

@@ -90,13 +90,22 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return (array > 127).astype(np.uint8)
 
 
-def preprocess_image(image_rgb: np.ndarray, image_size: int) -> np.ndarray:
-    """uint8 RGB slice -> float32 (image_size, image_size, 3) in [0, 1]."""
+def preprocess_image(image_rgb: np.ndarray, image_size: int, tv_weight: float = 0.0) -> np.ndarray:
+    """uint8 RGB slice -> float32 (image_size, image_size, 3) in [0, 1].
+
+    ``tv_weight`` > 0 applies Total Variation denoising (Chambolle, scikit-image) to the resized
+    slice, each channel on its own; 0 (the default) leaves it as it is.
+    """
     if image_rgb.shape[:2] != (image_size, image_size):
         shrink = image_rgb.shape[0] > image_size
         interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
         image_rgb = cv2.resize(image_rgb, (image_size, image_size), interpolation=interpolation)
-    return image_rgb.astype(np.float32) * np.float32(1.0 / 255.0)
+    image = image_rgb.astype(np.float32) * np.float32(1.0 / 255.0)
+    if tv_weight > 0:
+        from skimage.restoration import denoise_tv_chambolle
+
+        image = denoise_tv_chambolle(image, weight=tv_weight, channel_axis=-1).astype(np.float32)
+    return image
 
 
 def preprocess_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
@@ -106,9 +115,9 @@ def preprocess_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
     return mask.astype(np.float32)[:, :, None]
 
 
-def load_slice(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """Slice file -> model input: decode, RGB order, scale to [0, 1], resize."""
-    return preprocess_image(read_image(path), image_size)
+def load_slice(path: str | os.PathLike, image_size: int, tv_weight: float = 0.0) -> np.ndarray:
+    """Slice file -> model input: decode, RGB order, scale to [0, 1], resize (, denoise)."""
+    return preprocess_image(read_image(path), image_size, tv_weight)
 
 
 def load_mask(path: str | os.PathLike, image_size: int) -> np.ndarray:

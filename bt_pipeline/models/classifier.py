@@ -21,11 +21,13 @@ def build_classifier(
     conv_activation: str = "relu",
     dense_activation: str = "relu",
     batch_norm: bool = True,
+    convs_per_block: int = 1,
 ) -> keras.Model:
     """Build the (uncompiled) classifier; output is P(tumour) with shape (batch, 1).
 
     ``batch_norm`` adds BatchNormalization between each convolution and its activation; it
-    lets the net converge in the few epochs a CPU tuning budget allows.
+    lets the net converge in the few epochs a CPU tuning budget allows. ``convs_per_block``
+    stacks that many convolutions before each pooling (1 = the reference design).
     """
     if len(block_dropouts) != len(filters):
         raise ValueError(f"need one dropout per block: {len(filters)} blocks, "
@@ -35,11 +37,14 @@ def build_classifier(
     inputs = keras.Input((image_size, image_size, 3), name="slice")
     x = inputs
     for block, (width, rate) in enumerate(zip(filters, block_dropouts, strict=True), start=1):
-        x = keras.layers.Conv2D(width, 3, padding="same", use_bias=not batch_norm,
-                                name=f"block{block}_conv")(x)
-        if batch_norm:
-            x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{block}_bn")(x)
-        x = keras.layers.Activation(conv_activation, name=f"block{block}_act")(x)
+        for conv in range(1, convs_per_block + 1):
+            suffix = "" if conv == 1 else str(conv)  # the reference design's names unchanged
+            x = keras.layers.Conv2D(width, 3, padding="same", use_bias=not batch_norm,
+                                    name=f"block{block}_conv{suffix}")(x)
+            if batch_norm:
+                x = keras.layers.BatchNormalization(momentum=0.9,
+                                                    name=f"block{block}_bn{suffix}")(x)
+            x = keras.layers.Activation(conv_activation, name=f"block{block}_act{suffix}")(x)
         x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
         x = keras.layers.Dropout(rate, name=f"block{block}_dropout")(x)
     x = keras.layers.Flatten(name="flatten")(x)

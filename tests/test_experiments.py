@@ -1,0 +1,43 @@
+"""`make experiments` code paths on synthetic patients: every run trains, the tables are well
+formed, the figures are written, and a second call keeps finished runs instead of retraining."""
+
+import pandas as pd
+
+from bt_pipeline.config import DataConfig
+from bt_pipeline.experiments import BATCH_SIZES, LR_BN_RATES, Scale, run_experiments
+
+
+def test_experiments_write_tables_figures_and_resume(synthetic_root, synthetic_manifest,
+                                                     tiny_models, tmp_path, capsys):
+    data = DataConfig(data_root=str(synthetic_root), manifest=str(synthetic_manifest),
+                      cache_dir=str(tmp_path / "cache"), batch_size=8)
+    scale = Scale(image_size=32, depth=2, base_filters=4)
+    out = tmp_path / "experiments"
+    kwargs = dict(epochs_lr_bn=1, epochs_batch=1, epochs_options=1, ensemble_size=2,
+                  tv_weight=0.1, verbose=0, classifier_path=tiny_models[0])
+    tables = run_experiments(data, scale, out, **kwargs)
+
+    lr_bn = tables["lr_bn"]
+    assert len(lr_bn) == len(LR_BN_RATES) * 2
+    assert set(lr_bn["learning_rate"]) == set(LR_BN_RATES)
+    assert set(lr_bn["batch_norm"]) == {True, False}
+    assert set(tables["batch_lr"]["batch_size"]) == set(BATCH_SIZES)
+    options = tables["options"]
+    assert list(options["option"]) == ["baseline", "TV denoising (weight 0.1)", "ensemble of 2",
+                                       "flip TTA", "ensemble of 2 + flip TTA"]
+    assert options["val_dice_unet_mean"].between(0, 1).all()
+    assert options["delta_dice_unet_vs_baseline"].iloc[0] == 0
+    curves = pd.read_csv(out / "curves.csv")
+    assert len(curves) == 6 + 6 + 3  # one row per epoch of every run
+    for name in ("summary.md", "lr_bn.csv", "batch_lr.csv", "options.csv", "settings.json",
+                 "lr_bn_curves.png", "batch_lr_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    summary = (out / "summary.md").read_text()
+    assert "| learning_rate |" in summary and "![lr_bn_curves](lr_bn_curves.png)" in summary
+
+    capsys.readouterr()
+    again = run_experiments(data, scale, out, **kwargs)
+    assert capsys.readouterr().out.count("done earlier, kept") == 15
+    pd.testing.assert_frame_equal(again["lr_bn"], lr_bn)
+    pd.testing.assert_frame_equal(again["options"].drop(columns="val_predict_seconds"),
+                                  options.drop(columns="val_predict_seconds"))
