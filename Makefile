@@ -16,9 +16,15 @@ EXECUTIONS ?= 2
 WORKERS ?= 2
 ORACLE_PORT ?= 8000
 UNET_EPOCHS ?= 60
+# make experiments: epochs per table (the reference study used 100 and 30) and the scale.
+EXP_EPOCHS_LR_BN ?= 12
+EXP_EPOCHS_BATCH ?= 8
+EXP_EPOCHS_OPTIONS ?= 15
+EXP_IMAGE_SIZE ?= 64
+EXP_BASE_FILTERS ?= 8
 
 .PHONY: install data manifest eda test test-slow lint tune tune-distributed train-unet \
-        demo evaluate bench bench-loader bench-infer clean
+        demo evaluate experiments bench bench-loader bench-infer clean
 
 install: $(VENV)/.installed
 
@@ -68,6 +74,14 @@ tune-distributed: install
 
 train-unet: install
 	$(PY) -m bt_pipeline.train_unet --data-dir $(KAGGLE_ROOT) --epochs $(UNET_EPOCHS)
+
+# The reference study's tables (learning rate x batch norm, batch size x learning rate) and
+# the next-step options (TV denoising, ensemble, flip TTA) -> reports/experiments/.
+experiments: install
+	$(PY) -m bt_pipeline.experiments --data-dir $(KAGGLE_ROOT) \
+		--epochs-lr-bn $(EXP_EPOCHS_LR_BN) --epochs-batch $(EXP_EPOCHS_BATCH) \
+		--epochs-options $(EXP_EPOCHS_OPTIONS) --image-size $(EXP_IMAGE_SIZE) \
+		--base-filters $(EXP_BASE_FILTERS)
 
 # Every speed figure of README "Speed" in one run (< 5 min on 2 cores): name=value lines and
 # reports/bench.json.

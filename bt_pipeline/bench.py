@@ -1,18 +1,29 @@
-"""Throughput measurements that anyone can re-run (``make bench-loader``)."""
+"""Speed measurements that anyone can re-run: ``make bench`` (everything, against the
+machine's own matrix-multiply peak), ``make bench-loader``, ``make bench-infer``."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
+import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 from bt_pipeline.config import DataConfig
 from bt_pipeline.data.loader import classifier_dataset, load_split, unet_dataset
 from bt_pipeline.data.manifest import read_manifest
+from bt_pipeline.data.preprocess import read_image
+from bt_pipeline.models.flops import TRAINING_STEP_FORWARD_PASSES, forward_flops
+from bt_pipeline.models.losses import LOSSES, dice_score
+from bt_pipeline.predict import TwoStagePredictor, to_bfloat16
 
 
 def _drain(dataset) -> tuple[int, float]:
@@ -61,11 +72,6 @@ def infer_throughput(scan_dirs: list[str], out_dir: str | os.PathLike,
     """End-to-end ``python -m bt_pipeline.infer`` in a fresh process: slices/s over the whole
     run (start-up, reading, both stages, writing) and seconds from process start to the first
     patient's outputs on disk."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     timing_file = Path(out_dir) / "timing.json"
     started = time.time()
     subprocess.run([sys.executable, "-m", "bt_pipeline.infer", *scan_dirs, "--out", str(out_dir),
@@ -98,8 +104,6 @@ def _best_rate(run, work: float, seconds: float, repeats: int = 3) -> float:
 def matmul_peak_gflops(size: int = 2048, seconds: float = 6.0) -> float:
     """The machine's float32 matrix-multiply rate (GFLOP/s) through TensorFlow's own kernels,
     the ceiling for the convolutions and dense layers of the models."""
-    import tensorflow as tf
-
     rng = np.random.default_rng(0)
     a = tf.constant(rng.standard_normal((size, size), np.float32))
     b = tf.constant(rng.standard_normal((size, size), np.float32))
@@ -107,30 +111,14 @@ def matmul_peak_gflops(size: int = 2048, seconds: float = 6.0) -> float:
     return _best_rate(lambda: matmul().numpy(), 2.0 * size ** 3, seconds) / 1e9
 
 
-def as_bfloat16(model):
-    """A copy of ``model`` computing in bfloat16 (weights kept in float32, output in float32)."""
-    import keras
-
-    config = model.get_config()
-    last = config["layers"][-1]["name"]
-    for layer in config["layers"]:
-        if layer["class_name"] != "InputLayer" and layer["name"] != last:
-            layer["config"]["dtype"] = "mixed_bfloat16"
-    clone = model.__class__.from_config(config)
-    clone.set_weights(model.get_weights())
-    return keras.Model(clone.inputs, clone.outputs)
-
-
 def inference_variants(model) -> dict[str, object]:
     """Ways of running ``model`` forward that the bench compares; each maps a batch to an array.
 
     ``eager``: ``model(x)`` as a plain call; ``graph``: inside ``tf.function``; ``xla``: the
     same compiled by XLA; ``bf16``: graph mode with bfloat16 compute."""
-    import tensorflow as tf
-
     graph = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     xla = tf.function(lambda x: model(x, training=False), jit_compile=True)
-    bf16_model = as_bfloat16(model)
+    bf16_model = to_bfloat16(model)
     bf16 = tf.function(lambda x: bf16_model(x, training=False), reduce_retracing=True)
     return {"eager": lambda x: model(x, training=False).numpy(),
             "graph": lambda x: graph(x).numpy(), "xla": lambda x: xla(x).numpy(),
@@ -145,8 +133,6 @@ def inference_rate(run, batch: np.ndarray, seconds: float) -> float:
 def training_rate(model, loss, batch: np.ndarray, targets: np.ndarray, seconds: float,
                   jit_compile: bool = False) -> float:
     """Images/s of full training steps (forward, backward, Adam update) on one batch."""
-    import keras
-
     clone = keras.Model.from_config(model.get_config())
     clone.set_weights(model.get_weights())
     clone.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss, jit_compile=jit_compile)
@@ -157,12 +143,9 @@ def bf16_agreement(predictor, images: list[np.ndarray]) -> dict[str, float]:
     """What bfloat16 costs in accuracy on real slices: the largest change of the tumour
     probability, the share of classifier decisions that flip, and the Dice between the
     float32 and bfloat16 masks (1.0 = identical)."""
-    import dataclasses as dc
 
-    from bt_pipeline.models.losses import dice_score
 
-    bf16 = dc.replace(predictor, classifier=as_bfloat16(predictor.classifier),
-                      unet=as_bfloat16(predictor.unet))
+    bf16 = dataclasses.replace(predictor, bfloat16=True)
     threshold = predictor.classifier_config.threshold
     p32, p16 = predictor.tumour_probabilities(images), bf16.tumour_probabilities(images)
     m32 = predictor.masks(predictor.mask_probabilities(images))
@@ -177,11 +160,6 @@ def bf16_agreement(predictor, images: list[np.ndarray]) -> dict[str, float]:
 def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
               seconds: float = 4.0, batch_size: int = 32) -> dict[str, float]:
     """Everything ``make bench`` reports, as ``name -> value``; see README "Speed"."""
-    from bt_pipeline.data.preprocess import read_image
-    from bt_pipeline.models.flops import TRAINING_STEP_FORWARD_PASSES, forward_flops
-    from bt_pipeline.models.losses import LOSSES
-    from bt_pipeline.predict import TwoStagePredictor
-
     results: dict[str, float] = {"matmul_peak_gflops": matmul_peak_gflops()}
     peak = results["matmul_peak_gflops"] * 1e9
     predictor = TwoStagePredictor.load()

@@ -40,3 +40,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="more U-Nets of the same input size: masks from their mean")
     parser.add_argument("--tta-flips", action="store_true",
                         help="also segment each slice mirrored left-right and average")
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "auto"],
+                        default="float32",
+                        help="compute precision; auto = bfloat16 where the CPU has it natively")
+
+
+def wants_bfloat16(precision: str) -> bool:
+    """Resolve --precision (auto looks at the CPU's flags)."""
+    if precision == "auto":
+        from bt_pipeline.predict import cpu_has_bfloat16
+
+        return cpu_has_bfloat16()
+    return precision == "bfloat16"

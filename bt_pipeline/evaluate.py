@@ -19,7 +19,7 @@ from sklearn.metrics import roc_curve
 
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.classifier_metrics import classification_metrics
-from bt_pipeline.cli import add_model_arguments
+from bt_pipeline.cli import add_model_arguments, wants_bfloat16
 from bt_pipeline.config import DataConfig
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.data.preprocess import read_image, read_mask
@@ -201,7 +201,8 @@ def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits
              f"Splits: {', '.join(splits)} (patient-level, from `{data_config.manifest}`). "
              f"Classifier threshold {predictor.classifier_config.threshold:.4f} (chosen on val); "
              f"mask threshold {predictor.mask_threshold}; U-Nets {1 + len(predictor.extra_unets)}; "
-             f"flip TTA {'on' if predictor.tta_flips else 'off'}. "
+             f"flip TTA {'on' if predictor.tta_flips else 'off'}; "
+             f"{'bfloat16' if predictor.bfloat16 else 'float32'} compute. "
              "Scored at each slice's original grid.",
              ""]
     for name, table in tables.items():
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports/evaluation")
     args = parser.parse_args(argv)
     predictor = TwoStagePredictor.load(args.classifier, args.unet,
-                                       extra_unet_paths=args.extra_unet, tta_flips=args.tta_flips)
+                                       extra_unet_paths=args.extra_unet, tta_flips=args.tta_flips,
+                                       bfloat16=wants_bfloat16(args.precision))
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest)
     tables = run_evaluation(predictor, data_config, args.splits, Path(args.out))
     for name, table in tables.items():

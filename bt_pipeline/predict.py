@@ -50,6 +50,29 @@ def graph_forward(model: keras.Model):
                        input_signature=[tf.TensorSpec((None, *size), tf.float32)])
 
 
+def cpu_has_bfloat16() -> bool:
+    """True where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it, slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def to_bfloat16(model: keras.Model) -> keras.Model:
+    """A copy of ``model`` that computes in bfloat16 (weights stay float32, the output layer
+    and the returned probabilities float32)."""
+    config = model.get_config()
+    last = config["layers"][-1]["name"]
+    for layer in config["layers"]:
+        if layer["class_name"] != "InputLayer" and layer["name"] != last:
+            layer["config"]["dtype"] = "mixed_bfloat16"
+    clone = model.__class__.from_config(config)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
 def _config_beside(path: Path, cls):
     config_path = path.with_suffix(".json")
     if not config_path.is_file():
@@ -78,17 +101,20 @@ class TwoStagePredictor:
     #: Total Variation denoising of each stage's input, as its model was trained with.
     classifier_tv_weight: float = 0.0
     unet_tv_weight: float = 0.0
+    #: Compute in bfloat16 (weights and outputs stay float32); see cpu_has_bfloat16.
+    bfloat16: bool = False
     _classify: object = field(init=False, repr=False, compare=False)
     _segments: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        self._classify = graph_forward(self.classifier)
-        self._segments = tuple(graph_forward(m) for m in (self.unet, *self.extra_unets))
+        cast = to_bfloat16 if self.bfloat16 else (lambda model: model)
+        self._classify = graph_forward(cast(self.classifier))
+        self._segments = tuple(graph_forward(cast(m)) for m in (self.unet, *self.extra_unets))
 
     @classmethod
     def load(cls, classifier_path=SHIPPED_CLASSIFIER, unet_path=SHIPPED_UNET,
              mask_threshold: float = 0.5, extra_unet_paths=(),
-             tta_flips: bool = False) -> TwoStagePredictor:
+             tta_flips: bool = False, bfloat16: bool = False) -> TwoStagePredictor:
         classifier_path, unet_path = Path(classifier_path), Path(unet_path)
         unet_config = _config_beside(unet_path, UNetConfig)
         extra = []
@@ -100,6 +126,7 @@ class TwoStagePredictor:
         return cls(load_model_file(classifier_path), load_model_file(unet_path),
                    _config_beside(classifier_path, ClassifierConfig), unet_config,
                    mask_threshold, extra_unets=tuple(extra), tta_flips=tta_flips,
+                   bfloat16=bfloat16,
                    classifier_tv_weight=_tv_weight_beside(classifier_path),
                    unet_tv_weight=_tv_weight_beside(unet_path))
 

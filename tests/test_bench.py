@@ -4,9 +4,10 @@ import keras
 import numpy as np
 import pytest
 
-from bt_pipeline.bench import as_bfloat16, inference_rate, inference_variants, training_rate
+from bt_pipeline.bench import inference_rate, inference_variants, training_rate
 from bt_pipeline.models.flops import forward_flops
 from bt_pipeline.models.unet import build_unet
+from bt_pipeline.predict import to_bfloat16
 
 
 def test_forward_flops_match_hand_counts():
@@ -44,7 +45,7 @@ def test_every_inference_variant_computes_the_same_masks(tiny_unet):
 
 
 def test_bfloat16_copy_computes_in_bfloat16_and_answers_in_float32(tiny_unet):
-    copy = as_bfloat16(tiny_unet)
+    copy = to_bfloat16(tiny_unet)
     assert copy.layers[1].compute_dtype == "bfloat16"
     assert copy.outputs[0].dtype == "float32"
     assert tiny_unet.layers[1].compute_dtype == "float32"  # the original is untouched

@@ -164,3 +164,31 @@ def test_inference_feeds_the_models_what_training_fed_them(tiny_models, syntheti
     np.testing.assert_array_equal(at_inference, at_training)
     eager = predictor.classifier(arrays.images, training=False).numpy().ravel()
     np.testing.assert_allclose(at_inference, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_ensemble_flips_and_bfloat16_options(tiny_models, synthetic_root, tmp_path):
+    """The measured options of the U-Net stage: masks stay well formed and close to plain."""
+    import dataclasses
+
+    from bt_pipeline.data.preprocess import read_image
+    from bt_pipeline.predict import TwoStagePredictor
+
+    classifier, unet = tiny_models
+    patient = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+    images = [read_image(p) for p in sorted(patient.glob("*.tif")) if "_mask" not in p.name]
+    plain = TwoStagePredictor.load(classifier, unet)
+    reference = plain.mask_probabilities(images)
+    # an ensemble of the same model twice is that model; flips average it with its mirror
+    twice = TwoStagePredictor.load(classifier, unet, extra_unet_paths=[unet])
+    for a, b in zip(twice.mask_probabilities(images), reference, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    flipped = dataclasses.replace(plain, tta_flips=True).mask_probabilities(images)
+    mirrored = plain.mask_probabilities([np.ascontiguousarray(i[:, ::-1]) for i in images])
+    for f, r, m in zip(flipped, reference, mirrored, strict=True):
+        np.testing.assert_allclose(f, (r + m[:, ::-1]) / 2, atol=1e-5)
+    low = dataclasses.replace(plain, bfloat16=True).mask_probabilities(images)
+    assert max(np.abs(a - b).max() for a, b in zip(low, reference, strict=True)) < 0.05
+    out = tmp_path / "out"
+    assert _run(tiny_models, patient, "--out", out, "--extra-unet", unet, "--tta-flips",
+                "--precision", "bfloat16") == 0
+    assert len(list((out / patient.name).glob("*_mask.png"))) == len(images)
