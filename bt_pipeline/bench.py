@@ -115,14 +115,19 @@ def inference_variants(model) -> dict[str, object]:
     """Ways of running ``model`` forward that the bench compares; each maps a batch to an array.
 
     ``eager``: ``model(x)`` as a plain call; ``graph``: inside ``tf.function``; ``xla``: the
-    same compiled by XLA; ``bf16``: graph mode with bfloat16 compute."""
+    same compiled by XLA; ``bf16``: graph mode with bfloat16 compute; ``onnxruntime``: ONNX
+    Runtime, where the optional ``onnx`` extra is installed."""
     graph = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     xla = tf.function(lambda x: model(x, training=False), jit_compile=True)
     bf16_model = to_bfloat16(model)
     bf16 = tf.function(lambda x: bf16_model(x, training=False), reduce_retracing=True)
-    return {"eager": lambda x: model(x, training=False).numpy(),
-            "graph": lambda x: graph(x).numpy(), "xla": lambda x: xla(x).numpy(),
-            "bf16": lambda x: bf16(x).numpy()}
+    variants = {"eager": lambda x: model(x, training=False).numpy(),
+                "graph": lambda x: graph(x).numpy(), "xla": lambda x: xla(x).numpy(),
+                "bf16": lambda x: bf16(x).numpy()}
+    onnx = onnx_runtime_variant(model)
+    if onnx is not None:
+        variants["onnxruntime"] = onnx
+    return variants
 
 
 def inference_rate(run, batch: np.ndarray, seconds: float) -> float:
@@ -195,3 +200,23 @@ def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
         results.update(infer_throughput([os.path.join(str(data_root), p) for p in sorted(chosen)],
                                         out))
     return results
+
+
+def onnx_runtime_variant(model):
+    """``model`` converted to ONNX (tf2onnx) and run by ONNX Runtime on the CPU, as one more
+    inference variant; None when the optional ``onnx`` extra is not installed."""
+    try:
+        import onnxruntime
+        import tf2onnx
+    except ImportError:
+        return None
+    size = tuple(int(d) for d in model.inputs[0].shape[1:])
+    forward = tf.function(lambda batch: model(batch, training=False))
+    signature = [tf.TensorSpec((None, *size), tf.float32, name="slices")]
+    proto, _ = tf2onnx.convert.from_function(forward, input_signature=signature, opset=17)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]

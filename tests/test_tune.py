@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import socket
@@ -79,6 +80,18 @@ def test_tiny_random_search_writes_reports_and_ships(synthetic_root, synthetic_m
     run_tuning(data, base, tmp_path / "tuning", tmp_path / "work", trials=2, epochs=1,
                executions=1, ship_to=None, verbose=0)
     assert len(pd.read_csv(tmp_path / "tuning" / "trials.csv")) == 2
+    # Retrain only: the winner again with two convolutions per block, no search.
+    wider = dataclasses.replace(base, convs_per_block=2)
+    run_tuning(data, wider, tmp_path / "retrain", tmp_path / "work2", trials=2, epochs=1,
+               executions=1, ship_to=tmp_path / "clf2.keras", verbose=0,
+               hparams_file=tmp_path / "tuning" / "best_hparams.json")
+    assert not (tmp_path / "work2" / "classifier").exists()  # no tuner was made
+    assert not (tmp_path / "retrain" / "trials.csv").exists()
+    retrained = json.loads((tmp_path / "clf2.json").read_text())
+    assert retrained["convs_per_block"] == 2
+    assert retrained["learning_rate"] == best["hyperparameters"]["learning_rate"]
+    names = [layer.name for layer in keras.saving.load_model(tmp_path / "clf2.keras").layers]
+    assert "block1_conv2" in names
 
 
 def _free_port() -> int:
