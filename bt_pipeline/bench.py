@@ -145,21 +145,24 @@ def training_rate(model, loss, batch: np.ndarray, targets: np.ndarray, seconds: 
 
 
 def bf16_agreement(predictor, images: list[np.ndarray]) -> dict[str, float]:
-    """What bfloat16 costs in accuracy on real slices: the largest change of the tumour
-    probability, the share of classifier decisions that flip, and the Dice between the
-    float32 and bfloat16 masks (1.0 = identical)."""
-
-
-    bf16 = dataclasses.replace(predictor, bfloat16=True)
+    """What bfloat16 costs in accuracy on real slices. Classifier: the largest change of the
+    tumour probability and the share of decisions that flip at its threshold. U-Net (what
+    ``--precision bfloat16`` changes): the largest change of a pixel's probability and the
+    mean Dice between the float32 and bfloat16 masks (1.0 = identical)."""
     threshold = predictor.classifier_config.threshold
-    p32, p16 = predictor.tumour_probabilities(images), bf16.tumour_probabilities(images)
-    m32 = predictor.masks(predictor.mask_probabilities(images))
-    m16 = bf16.masks(bf16.mask_probabilities(images))
-    return {"bf16_max_probability_change": float(np.abs(p32 - p16).max()),
-            "bf16_decisions_flipped_share": float(np.mean((p32 >= threshold)
-                                                          != (p16 >= threshold))),
-            "bf16_mask_dice_vs_float32": float(np.mean([dice_score(a, b)
-                                                        for a, b in zip(m32, m16, strict=True)]))}
+    classifier16 = dataclasses.replace(predictor, classifier=to_bfloat16(predictor.classifier))
+    p32, p16 = predictor.tumour_probabilities(images), classifier16.tumour_probabilities(images)
+    unet16 = dataclasses.replace(predictor, bfloat16=True)
+    maps32, maps16 = predictor.mask_probabilities(images), unet16.mask_probabilities(images)
+    dice = [dice_score(a, b) for a, b in zip(predictor.masks(maps32), unet16.masks(maps16),
+                                             strict=True)]
+    return {"bf16_classifier_max_probability_change": float(np.abs(p32 - p16).max()),
+            "bf16_classifier_decisions_flipped_share": float(np.mean((p32 >= threshold)
+                                                                     != (p16 >= threshold))),
+            "bf16_unet_max_probability_change": float(max(np.abs(a - b).max()
+                                                          for a, b in zip(maps32, maps16,
+                                                                          strict=True))),
+            "bf16_unet_mask_dice_vs_float32": float(np.mean(dice))}
 
 
 def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
@@ -196,9 +199,12 @@ def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
     results.update({f"loader_{k}": v for k, v in loader_throughput(manifest_path, data_root,
                                                                    epochs=1).items()})
     chosen = manifest[manifest["split"].isin(["val", "test"])]["patient_id"].unique()
+    folders = [os.path.join(str(data_root), p) for p in sorted(chosen)]
     with tempfile.TemporaryDirectory() as out:
-        results.update(infer_throughput([os.path.join(str(data_root), p) for p in sorted(chosen)],
-                                        out))
+        results.update(infer_throughput(folders, out))
+    with tempfile.TemporaryDirectory() as out:
+        bf16 = infer_throughput(folders, out, ("--precision", "bfloat16"))
+    results.update({f"bf16_{k}": v for k, v in bf16.items() if k.endswith("_s")})
     return results
 
 

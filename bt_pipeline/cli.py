@@ -36,13 +36,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Which models run, and how: --classifier, --unet, --extra-unet, --tta-flips."""
     parser.add_argument("--classifier", type=Path, default=SHIPPED_CLASSIFIER)
     parser.add_argument("--unet", type=Path, default=SHIPPED_UNET)
-    parser.add_argument("--extra-unet", type=Path, nargs="*", default=[], metavar="KERAS",
-                        help="more U-Nets of the same input size: masks from their mean")
-    parser.add_argument("--tta-flips", action="store_true",
-                        help="also segment each slice mirrored left-right and average")
+    parser.add_argument("--extra-unet", type=Path, nargs="*", default=None, metavar="KERAS",
+                        help="more U-Nets of the same input size, masks from their mean "
+                             "(default: the U-Net config's ensemble; none: --extra-unet alone)")
+    parser.add_argument("--tta-flips", action=argparse.BooleanOptionalAction, default=None,
+                        help="also segment each slice mirrored left-right and average "
+                             "(default: as the U-Net config says)")
     parser.add_argument("--precision", choices=["float32", "bfloat16", "auto"],
                         default="float32",
-                        help="compute precision; auto = bfloat16 where the CPU has it natively")
+                        help="U-Net compute precision; auto = bfloat16 where the CPU has it "
+                             "natively (faster, Dice within 0.002 on val)")
 
 
 def wants_bfloat16(precision: str) -> bool:

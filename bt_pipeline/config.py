@@ -81,6 +81,11 @@ class UNetConfig:
     # Post-processing: connected components (per slice) smaller than this are dropped;
     # 0 = off. Chosen on val by `python -m bt_pipeline.evaluate --sweep` only if it helps.
     min_component_pixels: int = 0
+    # Inference options, each adopted only after it helped on val (README "Results"): average
+    # with the left-right mirrored slice; more U-Nets (files beside this model, same input
+    # size) whose probabilities are averaged with this one's.
+    tta_flips: bool = False
+    ensemble: tuple[str, ...] = ()
     distribution: str = "default"  # "default", "mirrored" or "multi_worker"
     seed: int = 1337
 

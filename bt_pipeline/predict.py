@@ -101,22 +101,30 @@ class TwoStagePredictor:
     #: Total Variation denoising of each stage's input, as its model was trained with.
     classifier_tv_weight: float = 0.0
     unet_tv_weight: float = 0.0
-    #: Compute in bfloat16 (weights and outputs stay float32); see cpu_has_bfloat16.
+    #: Run the U-Net(s) in bfloat16 (weights and outputs stay float32; see cpu_has_bfloat16).
+    #: The classifier stays float32: it is cheap, and its val-chosen threshold sits where a
+    #: bfloat16 rounding flipped a slice (``make bench``, README "Speed").
     bfloat16: bool = False
     _classify: object = field(init=False, repr=False, compare=False)
     _segments: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         cast = to_bfloat16 if self.bfloat16 else (lambda model: model)
-        self._classify = graph_forward(cast(self.classifier))
+        self._classify = graph_forward(self.classifier)
         self._segments = tuple(graph_forward(cast(m)) for m in (self.unet, *self.extra_unets))
 
     @classmethod
     def load(cls, classifier_path=SHIPPED_CLASSIFIER, unet_path=SHIPPED_UNET,
-             mask_threshold: float = 0.5, extra_unet_paths=(),
-             tta_flips: bool = False, bfloat16: bool = False) -> TwoStagePredictor:
+             mask_threshold: float = 0.5, extra_unet_paths=None,
+             tta_flips: bool | None = None, bfloat16: bool = False) -> TwoStagePredictor:
+        """Load both models and their configs. ``extra_unet_paths`` and ``tta_flips`` default
+        to what the U-Net's config says (its ``ensemble`` and ``tta_flips``)."""
         classifier_path, unet_path = Path(classifier_path), Path(unet_path)
         unet_config = _config_beside(unet_path, UNetConfig)
+        if extra_unet_paths is None:
+            extra_unet_paths = [unet_path.parent / name for name in unet_config.ensemble]
+        if tta_flips is None:
+            tta_flips = unet_config.tta_flips
         extra = []
         for path in map(Path, extra_unet_paths):
             if _config_beside(path, UNetConfig).image_size != unet_config.image_size:

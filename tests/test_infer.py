@@ -192,3 +192,25 @@ def test_ensemble_flips_and_bfloat16_options(tiny_models, synthetic_root, tmp_pa
     assert _run(tiny_models, patient, "--out", out, "--extra-unet", unet, "--tta-flips",
                 "--precision", "bfloat16") == 0
     assert len(list((out / patient.name).glob("*_mask.png"))) == len(images)
+
+
+def test_options_default_to_what_the_unet_config_says(tiny_models, tmp_path):
+    import dataclasses
+
+    from bt_pipeline.config import UNetConfig, load_json, save_json
+    from bt_pipeline.predict import TwoStagePredictor
+
+    classifier, unet = tiny_models
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    for name in ("unet", "member"):
+        shutil.copy(unet, folder / f"{name}.keras")
+    config = load_json(unet.with_suffix(".json"), UNetConfig)
+    save_json(config, folder / "member.json")
+    save_json(dataclasses.replace(config, tta_flips=True, ensemble=("member.keras",)),
+              folder / "unet.json")
+    chosen = TwoStagePredictor.load(classifier, folder / "unet.keras")
+    assert chosen.tta_flips and len(chosen.extra_unets) == 1
+    overridden = TwoStagePredictor.load(classifier, folder / "unet.keras", extra_unet_paths=[],
+                                        tta_flips=False)
+    assert not overridden.tta_flips and overridden.extra_unets == ()
