@@ -165,6 +165,9 @@ def bf16_agreement(predictor, images: list[np.ndarray]) -> dict[str, float]:
             "bf16_unet_mask_dice_vs_float32": float(np.mean(dice))}
 
 
+OTHER_BATCH_SIZES = (1, 8, 64)
+
+
 def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
               seconds: float = 4.0, batch_size: int = 32) -> dict[str, float]:
     """Everything ``make bench`` reports, as ``name -> value``; see README "Speed"."""
@@ -179,10 +182,15 @@ def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
         size = int(model.inputs[0].shape[1])
         batch = rng.random((batch_size, size, size, 3), np.float32)
         results[f"{name}_forward_mflops"] = flops / 1e6
-        for variant, run in inference_variants(model).items():
+        variants = inference_variants(model)
+        for variant, run in variants.items():
             rate = inference_rate(run, batch, seconds)
             results[f"{name}_infer_{variant}_slices_per_s"] = rate
             results[f"{name}_infer_{variant}_efficiency"] = rate * flops / peak
+        for other in OTHER_BATCH_SIZES:  # graph mode at other batch sizes than the default
+            results[f"{name}_infer_graph_batch{other}_slices_per_s"] = inference_rate(
+                variants["graph"], batch[:other] if other <= len(batch)
+                else np.concatenate([batch] * (other // len(batch))), seconds)
         shape = (batch_size, 1) if target_channels else (batch_size, size, size, 1)
         targets = (rng.random(shape) > 0.5).astype(np.float32)
         for variant, jit in (("graph", False), ("xla", True)):

@@ -154,8 +154,9 @@ def curves_figure(curves: pd.DataFrame, group: str, panel: str, line: str,
             ax.plot(run["epoch"], run["loss"], color=f"C{colour}", label=f"{line}={label} train")
             ax.plot(run["epoch"], run["val_loss"], color=f"C{colour}", linestyle="--",
                     label=f"{line}={label} val")
-        ax.set(title=f"{panel} = {value:g}", xlabel="epoch", ylabel="BCE + Dice loss")
-        ax.set_ylim(bottom=0)
+        # log scale: a diverging run (loss 1e6 at lr 0.1) must not flatten the others
+        ax.set(title=f"{panel} = {value:g}", xlabel="epoch", ylabel="BCE + Dice loss (log)",
+               yscale="log")
         ax.legend(fontsize=7)
     return save_figure(figure, out / f"{group}_curves.png")
 
