@@ -127,9 +127,10 @@ class TwoStagePredictor:
             tta_flips = unet_config.tta_flips
         extra = []
         for path in map(Path, extra_unet_paths):
-            if _config_beside(path, UNetConfig).image_size != unet_config.image_size:
-                raise ModelLoadError(f"{path}: ensemble member's input size differs from "
-                                     f"{unet_path.name}'s")
+            if (_config_beside(path, UNetConfig).image_size != unet_config.image_size
+                    or _tv_weight_beside(path) != _tv_weight_beside(unet_path)):
+                raise ModelLoadError(f"{path}: ensemble member's input size or denoising "
+                                     f"differs from {unet_path.name}'s")
             extra.append(load_model_file(path))
         return cls(load_model_file(classifier_path), load_model_file(unet_path),
                    _config_beside(classifier_path, ClassifierConfig), unet_config,

@@ -41,3 +41,21 @@ def test_experiments_write_tables_figures_and_resume(synthetic_root, synthetic_m
     pd.testing.assert_frame_equal(again["lr_bn"], lr_bn)
     pd.testing.assert_frame_equal(again["options"].drop(columns="val_predict_seconds"),
                                   options.drop(columns="val_predict_seconds"))
+
+
+def test_a_run_is_reproducible(synthetic_root, synthetic_manifest, tmp_path):
+    """Same seed, same curves: what `make experiments` reports can be regenerated."""
+    from bt_pipeline.data.loader import load_split
+    from bt_pipeline.data.manifest import read_manifest
+    from bt_pipeline.experiments import Run, train_run
+
+    data = DataConfig(data_root=str(synthetic_root), manifest=str(synthetic_manifest),
+                      cache_dir="", batch_size=8, image_size=32)
+    manifest = read_manifest(synthetic_manifest)
+    splits = {s: load_split(manifest, s, data) for s in ("train", "val")}
+    scale = Scale(image_size=32, depth=2, base_filters=4)
+    run = Run("lr_bn", 0.01, epochs=2)
+    _, first = train_run(run, scale, splits, data, verbose=0)
+    _, second = train_run(run, scale, splits, data, verbose=0)
+    columns = ["loss", "val_loss", "dice_metric", "val_dice_metric"]
+    pd.testing.assert_frame_equal(first[columns], second[columns])
