@@ -86,6 +86,7 @@ experiments: install
 # Every speed figure of README "Speed" in one run (< 5 min on 2 cores): name=value lines and
 # reports/bench.json.
 bench: install
+	@$(PY) -m pip install --quiet -e ".[onnx]" || echo "no ONNX Runtime: its bench rows are left out"
 	$(PY) -m bt_pipeline bench --data-dir $(KAGGLE_ROOT)
 
 bench-loader: install

@@ -208,11 +208,17 @@ def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
                                                                    epochs=1).items()})
     chosen = manifest[manifest["split"].isin(["val", "test"])]["patient_id"].unique()
     folders = [os.path.join(str(data_root), p) for p in sorted(chosen)]
-    with tempfile.TemporaryDirectory() as out:
-        results.update(infer_throughput(folders, out))
-    with tempfile.TemporaryDirectory() as out:
-        bf16 = infer_throughput(folders, out, ("--precision", "bfloat16"))
-    results.update({f"bf16_{k}": v for k, v in bf16.items() if k.endswith("_s")})
+    # Two runs each, alternating, best kept: a single run of ~15 s swings by 20 % with what
+    # ran just before it (page cache, CPU clocks), enough to invert a float32/bf16 ranking.
+    runs = {"": [], "bf16_": []}
+    for _ in range(2):
+        for prefix, extra in (("", ()), ("bf16_", ("--precision", "bfloat16"))):
+            with tempfile.TemporaryDirectory() as out:
+                runs[prefix].append(infer_throughput(folders, out, extra))
+    for prefix, measured in runs.items():
+        best = max(measured, key=lambda r: r["infer_slices_per_s"])
+        results.update({f"{prefix}{k}": v for k, v in best.items()
+                        if not prefix or k.endswith("_s")})
     return results
 
 

@@ -45,7 +45,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["float32", "bfloat16", "auto"],
                         default="float32",
                         help="U-Net compute precision; auto = bfloat16 where the CPU has it "
-                             "natively (faster, Dice within 0.002 on val)")
+                             "natively: ~1.45x the U-Net's own speed, val and test Dice equal "
+                             "to float32 within 0.0003 (README 'Speed')")
 
 
 def wants_bfloat16(precision: str) -> bool:
