@@ -175,9 +175,9 @@ def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
     peak = results["matmul_peak_gflops"] * 1e9
     predictor = TwoStagePredictor.load()
     rng = np.random.default_rng(0)
-    models = {"classifier": (predictor.classifier, "binary_crossentropy", 1),
-              "unet": (predictor.unet, LOSSES[predictor.unet_config.loss], None)}
-    for name, (model, loss, target_channels) in models.items():
+    models = {"classifier": (predictor.classifier, "binary_crossentropy", False),
+              "unet": (predictor.unet, LOSSES[predictor.unet_config.loss], True)}
+    for name, (model, loss, per_pixel_targets) in models.items():
         flops = forward_flops(model)
         size = int(model.inputs[0].shape[1])
         batch = rng.random((batch_size, size, size, 3), np.float32)
@@ -191,7 +191,7 @@ def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
             results[f"{name}_infer_graph_batch{other}_slices_per_s"] = inference_rate(
                 variants["graph"], batch[:other] if other <= len(batch)
                 else np.concatenate([batch] * (other // len(batch))), seconds)
-        shape = (batch_size, 1) if target_channels else (batch_size, size, size, 1)
+        shape = (batch_size, size, size, 1) if per_pixel_targets else (batch_size, 1)
         targets = (rng.random(shape) > 0.5).astype(np.float32)
         for variant, jit in (("graph", False), ("xla", True)):
             rate = training_rate(model, loss, batch, targets, seconds, jit_compile=jit)

@@ -80,6 +80,8 @@ class Scale:
 def planned_runs(epochs_lr_bn: int, epochs_batch: int, epochs_options: int,
                  ensemble_size: int, tv_weight: float, seed: int) -> list[Run]:
     """Every run the three tables need, in the order they are trained."""
+    if tv_weight <= 0 or ensemble_size < 2:
+        raise ValueError("the options table needs --tv-weight > 0 and --ensemble-size >= 2")
     runs = [Run("lr_bn", rate, bn, 32, epochs_lr_bn, seed=seed)
             for rate in LR_BN_RATES for bn in (True, False)]
     runs += [Run("batch_lr", rate, True, size, epochs_batch, seed=seed)

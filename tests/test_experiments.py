@@ -59,3 +59,17 @@ def test_a_run_is_reproducible(synthetic_root, synthetic_manifest, tmp_path):
     _, second = train_run(run, scale, splits, data, verbose=0)
     columns = ["loss", "val_loss", "dice_metric", "val_dice_metric"]
     pd.testing.assert_frame_equal(first[columns], second[columns])
+
+
+def test_planned_runs_cover_the_reference_grids():
+    import pytest
+
+    from bt_pipeline.experiments import planned_runs
+
+    runs = planned_runs(100, 30, 30, ensemble_size=3, tv_weight=0.1, seed=1)
+    assert len(runs) == 6 + 6 + 3 + 1 and len({r.name for r in runs}) == len(runs)
+    assert {(r.learning_rate, r.batch_norm) for r in runs if r.table == "lr_bn"} == {
+        (rate, bn) for rate in (0.1, 0.01, 0.0001) for bn in (True, False)}
+    assert all(r.epochs == 100 for r in runs if r.table == "lr_bn")
+    with pytest.raises(ValueError, match="tv-weight"):
+        planned_runs(1, 1, 1, ensemble_size=3, tv_weight=0.0, seed=1)
