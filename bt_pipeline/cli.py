@@ -49,10 +49,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "to float32 within 0.0003 (README 'Speed')")
 
 
-def wants_bfloat16(precision: str) -> bool:
-    """Resolve --precision (auto looks at the CPU's flags)."""
-    if precision == "auto":
-        from bt_pipeline.predict import cpu_has_bfloat16
+def load_predictor(args: argparse.Namespace, mask_threshold: float = 0.5):
+    """The TwoStagePredictor that :func:`add_model_arguments`' options describe (auto
+    precision looks at the CPU's flags)."""
+    from bt_pipeline.predict import TwoStagePredictor, cpu_has_bfloat16
 
-        return cpu_has_bfloat16()
-    return precision == "bfloat16"
+    bfloat16 = cpu_has_bfloat16() if args.precision == "auto" else args.precision == "bfloat16"
+    return TwoStagePredictor.load(args.classifier, args.unet, mask_threshold, args.extra_unet,
+                                  args.tta_flips, bfloat16)

@@ -19,7 +19,7 @@ from sklearn.metrics import roc_curve
 
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.classifier_metrics import classification_metrics
-from bt_pipeline.cli import add_model_arguments, wants_bfloat16
+from bt_pipeline.cli import add_model_arguments, load_predictor
 from bt_pipeline.config import DataConfig
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.data.preprocess import read_image, read_mask
@@ -220,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(parser)
     parser.add_argument("--out", default="reports/evaluation")
     args = parser.parse_args(argv)
-    predictor = TwoStagePredictor.load(args.classifier, args.unet,
-                                       extra_unet_paths=args.extra_unet, tta_flips=args.tta_flips,
-                                       bfloat16=wants_bfloat16(args.precision))
+    predictor = load_predictor(args)
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest)
     tables = run_evaluation(predictor, data_config, args.splits, Path(args.out))
     for name, table in tables.items():

@@ -23,7 +23,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.cli import add_model_arguments, wants_bfloat16
+from bt_pipeline.cli import add_model_arguments, load_predictor
 from bt_pipeline.data.preprocess import SliceReadError, read_image, read_mask
 from bt_pipeline.models.losses import dice_score, iou_score
 from bt_pipeline.report import write_html_report, write_mask_png, write_mask_volume, write_overview
@@ -207,12 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 < args.threshold < 1.0:
         print("error: --threshold must be between 0 and 1", file=sys.stderr)
         return 2
-    from bt_pipeline.predict import ModelLoadError, TwoStagePredictor
+    from bt_pipeline.predict import ModelLoadError
 
     try:
-        predictor = TwoStagePredictor.load(args.classifier, args.unet, args.threshold,
-                                           args.extra_unet, args.tta_flips,
-                                           wants_bfloat16(args.precision))
+        predictor = load_predictor(args, args.threshold)
         result = run_inference(args.scan_dirs, args.out, predictor, progress=not args.quiet)
     except (ModelLoadError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)

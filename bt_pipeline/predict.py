@@ -74,16 +74,13 @@ def to_bfloat16(model: keras.Model) -> keras.Model:
 
 
 def _config_beside(path: Path, cls):
+    """The config saved beside a model, and the input denoising the model was trained with
+    (the JSON's ``extra.data.tv_weight``; 0 when absent)."""
     config_path = path.with_suffix(".json")
     if not config_path.is_file():
         raise ModelLoadError(f"{config_path}: config missing beside model {path.name}")
-    return load_json(config_path, cls)
-
-
-def _tv_weight_beside(path: Path) -> float:
-    """The input denoising a model was trained with (its JSON's ``extra.data.tv_weight``)."""
-    extra = json.loads(path.with_suffix(".json").read_text()).get("extra", {})
-    return float(extra.get("data", {}).get("tv_weight", 0.0))
+    extra = json.loads(config_path.read_text()).get("extra", {})
+    return load_json(config_path, cls), float(extra.get("data", {}).get("tv_weight", 0.0))
 
 
 @dataclass
@@ -120,24 +117,23 @@ class TwoStagePredictor:
         """Load both models and their configs. ``extra_unet_paths`` and ``tta_flips`` default
         to what the U-Net's config says (its ``ensemble`` and ``tta_flips``)."""
         classifier_path, unet_path = Path(classifier_path), Path(unet_path)
-        unet_config = _config_beside(unet_path, UNetConfig)
+        classifier_config, classifier_tv = _config_beside(classifier_path, ClassifierConfig)
+        unet_config, unet_tv = _config_beside(unet_path, UNetConfig)
         if extra_unet_paths is None:
             extra_unet_paths = [unet_path.parent / name for name in unet_config.ensemble]
         if tta_flips is None:
             tta_flips = unet_config.tta_flips
         extra = []
         for path in map(Path, extra_unet_paths):
-            if (_config_beside(path, UNetConfig).image_size != unet_config.image_size
-                    or _tv_weight_beside(path) != _tv_weight_beside(unet_path)):
+            member_config, member_tv = _config_beside(path, UNetConfig)
+            if member_config.image_size != unet_config.image_size or member_tv != unet_tv:
                 raise ModelLoadError(f"{path}: ensemble member's input size or denoising "
                                      f"differs from {unet_path.name}'s")
             extra.append(load_model_file(path))
         return cls(load_model_file(classifier_path), load_model_file(unet_path),
-                   _config_beside(classifier_path, ClassifierConfig), unet_config,
-                   mask_threshold, extra_unets=tuple(extra), tta_flips=tta_flips,
-                   bfloat16=bfloat16,
-                   classifier_tv_weight=_tv_weight_beside(classifier_path),
-                   unet_tv_weight=_tv_weight_beside(unet_path))
+                   classifier_config, unet_config, mask_threshold, extra_unets=tuple(extra),
+                   tta_flips=tta_flips, bfloat16=bfloat16, classifier_tv_weight=classifier_tv,
+                   unet_tv_weight=unet_tv)
 
     def _run(self, forward, batch: np.ndarray) -> np.ndarray:
         outputs = [forward(batch[i:i + self.batch_size]).numpy()
