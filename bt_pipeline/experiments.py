@@ -231,6 +231,8 @@ def run_experiments(data: DataConfig, scale: Scale, out: Path, epochs_lr_bn: int
             curves = curves[curves["run"] != run.name]
         curves = pd.concat([curves, run_curves], ignore_index=True)
         write_text_atomic(curves_file, curves.to_csv(index=False, lineterminator="\n"))
+    # curves.csv keeps runs of earlier settings too; the report covers this call's runs only
+    curves = curves[curves["run"].isin({run.name for run in runs})]
     tables = {"lr_bn": curves_table(curves, "lr_bn"),
               "batch_lr": curves_table(curves, "batch_lr"),
               "options": score_options(models, runs, scale, manifest, data.data_root,
@@ -255,7 +257,8 @@ def write_summary(tables: dict[str, pd.DataFrame], figures: list[str], settings:
     lines = ["# bt_pipeline experiments", "",
              f"Settings: `{json.dumps(settings, sort_keys=True)}`", ""]
     for name, table in tables.items():
-        table.to_csv(out / f"{name}.csv", index=False, lineterminator="\n", float_format="%.5g")
+        write_text_atomic(out / f"{name}.csv", table.to_csv(index=False, lineterminator="\n",
+                                                             float_format="%.5g"))
         lines += [f"## {titles[name]}", "", markdown_table(table.round(4)), ""]
     lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     write_text_atomic(out / "settings.json", json.dumps(settings, indent=2) + "\n")

@@ -41,6 +41,11 @@ def test_experiments_write_tables_figures_and_resume(synthetic_root, synthetic_m
     pd.testing.assert_frame_equal(again["lr_bn"], lr_bn)
     pd.testing.assert_frame_equal(again["options"].drop(columns="val_predict_seconds"),
                                   options.drop(columns="val_predict_seconds"))
+    # Other epochs: new runs; the report covers them only, curves.csv keeps both
+    longer = run_experiments(data, scale, out, **{**kwargs, "epochs_batch": 2})
+    assert len(longer["batch_lr"]) == len(BATCH_SIZES) * 2
+    assert (longer["batch_lr"]["epochs_run"] == 2).all()
+    assert len(pd.read_csv(out / "curves.csv")) == 15 + 6 * 2
 
 
 def test_a_run_is_reproducible(synthetic_root, synthetic_manifest, tmp_path):
