@@ -23,7 +23,7 @@ from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.data.preprocess import read_image
 from bt_pipeline.models.flops import TRAINING_STEP_FORWARD_PASSES, forward_flops
 from bt_pipeline.models.losses import LOSSES, dice_score
-from bt_pipeline.predict import TwoStagePredictor, to_bfloat16
+from bt_pipeline.predict import TwoStagePredictor, graph_forward, to_bfloat16
 
 
 def _drain(dataset) -> tuple[int, float]:
@@ -114,13 +114,13 @@ def matmul_peak_gflops(size: int = 2048, seconds: float = 6.0) -> float:
 def inference_variants(model) -> dict[str, object]:
     """Ways of running ``model`` forward that the bench compares; each maps a batch to an array.
 
-    ``eager``: ``model(x)`` as a plain call; ``graph``: inside ``tf.function``; ``xla``: the
-    same compiled by XLA; ``bf16``: graph mode with bfloat16 compute; ``onnxruntime``: ONNX
-    Runtime, where the optional ``onnx`` extra is installed."""
-    graph = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    ``eager``: ``model(x)`` as a plain call; ``graph``: the traced graph inference runs
+    (:func:`graph_forward`); ``xla``: the same compiled by XLA; ``bf16``: that graph with
+    bfloat16 compute (``--precision bfloat16``); ``onnxruntime``: ONNX Runtime, where the
+    optional ``onnx`` extra is installed."""
+    graph = graph_forward(model)
     xla = tf.function(lambda x: model(x, training=False), jit_compile=True)
-    bf16_model = to_bfloat16(model)
-    bf16 = tf.function(lambda x: bf16_model(x, training=False), reduce_retracing=True)
+    bf16 = graph_forward(to_bfloat16(model))
     variants = {"eager": lambda x: model(x, training=False).numpy(),
                 "graph": lambda x: graph(x).numpy(), "xla": lambda x: xla(x).numpy(),
                 "bf16": lambda x: bf16(x).numpy()}
@@ -230,10 +230,9 @@ def onnx_runtime_variant(model):
         import tf2onnx
     except ImportError:
         return None
-    size = tuple(int(d) for d in model.inputs[0].shape[1:])
-    forward = tf.function(lambda batch: model(batch, training=False))
-    signature = [tf.TensorSpec((None, *size), tf.float32, name="slices")]
-    proto, _ = tf2onnx.convert.from_function(forward, input_signature=signature, opset=17)
+    forward = graph_forward(model)
+    proto, _ = tf2onnx.convert.from_function(forward, input_signature=forward.input_signature,
+                                             opset=17)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     session = onnxruntime.InferenceSession(proto.SerializeToString(), options,

@@ -4,7 +4,7 @@ Only the layers that do matrix-multiply work are counted (Conv2D, Conv2DTranspos
 each multiply-add as 2 FLOPs, biases as 1 per output: the same kind of work as the
 matrix-multiply peak that ``make bench`` measures, so achieved / peak is a fair efficiency.
 Batch norm, activations, pooling and concatenation are memory-bound element-wise work and
-are left out (they are a few percent of the total for these models). A training step is
+are left out, so efficiencies are, if anything, understated. A training step is
 taken as 3 forward passes (the backward pass computes gradients for both inputs and weights).
 """
 
