@@ -10,10 +10,12 @@ from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """--data-dir, --manifest, --seed and --threads."""
+    """--data-dir, --manifest, --seed, --context-slices and --threads."""
     parser.add_argument("--data-dir", default=DataConfig.data_root)
     parser.add_argument("--manifest", default=DataConfig.manifest)
     parser.add_argument("--seed", type=int, default=DataConfig.seed)
+    parser.add_argument("--context-slices", type=int, default=DataConfig.context_slices,
+                        help="2.5D input: neighbouring slices on each side stacked as channels")
     parser.add_argument("--threads", type=int, default=None,
                         help="TensorFlow threads (default: all cores)")
 

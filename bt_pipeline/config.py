@@ -41,7 +41,15 @@ class DataConfig:
     intensity_jitter: float = 0.1
     # Total Variation denoising weight of the input slices (0 = off); see preprocess_image.
     tv_weight: float = 0.0
+    # 2.5D input: this many neighbouring slices on each side (same patient, edge slices
+    # repeated) are stacked with the slice as extra channels; 0 = the slice alone.
+    context_slices: int = 0
     cache_dir: str = ".cache/bt_pipeline"
+
+    @property
+    def channels(self) -> int:
+        """Input channels of a model fed by this config: RGB per stacked slice."""
+        return 3 * (2 * self.context_slices + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +89,9 @@ class UNetConfig:
     # Post-processing: connected components (per slice) smaller than this are dropped;
     # 0 = off. Chosen on val by `python -m bt_pipeline.evaluate --sweep` only if it helps.
     min_component_pixels: int = 0
+    # Post-processing on a patient's volume: keep only the largest 3D (26-connected)
+    # component of the masks. Same rule: adopted only if it helps on val.
+    keep_largest_3d: bool = False
     # Inference options, each adopted only after it helped on val (README "Results"): average
     # with the left-right mirrored slice; more U-Nets (files beside this model, same input
     # size) whose probabilities are averaged with this one's.

@@ -22,12 +22,19 @@ from bt_pipeline.classifier_metrics import classification_metrics
 from bt_pipeline.cli import add_model_arguments, load_predictor
 from bt_pipeline.config import DataConfig
 from bt_pipeline.data.manifest import read_manifest
-from bt_pipeline.data.preprocess import read_image, read_mask
+from bt_pipeline.data.preprocess import read_image
 from bt_pipeline.plotting import plt, save_figure
 from bt_pipeline.predict import TwoStagePredictor
 from bt_pipeline.report import draw_outline
 from bt_pipeline.reporting import markdown_table
-from bt_pipeline.segmentation_eval import predict_split, score_split, summarise, sweep_thresholds
+from bt_pipeline.segmentation_eval import (
+    PatientPrediction,
+    pipeline_volume,
+    predict_split,
+    score_split,
+    summarise,
+    sweep_thresholds,
+)
 
 #: Post-processing is adopted only if it lifts mean val Dice by at least this much.
 MIN_POSTPROCESS_GAIN = 0.005
@@ -109,17 +116,19 @@ def _dice_figure(patients: pd.DataFrame, out: Path) -> str:
 
 
 def _extremes_figure(predictor: TwoStagePredictor, slices: pd.DataFrame,
-                     manifest: pd.DataFrame, data_root: Path, out: Path, n: int = 4) -> str:
+                     predictions: list[PatientPrediction], data_root: Path, out: Path,
+                     n: int = 4) -> str:
     tumour = slices[slices["has_tumor"] == 1].sort_values("iou_pipeline")
     picks = pd.concat([tumour.tail(n).iloc[::-1], tumour.head(n)])
-    paths = manifest.set_index(["patient_id", "slice"])
+    by_patient = {p.rows["patient_id"].iloc[0]: p for p in predictions}
     figure, axes = plt.subplots(2, n, figsize=(3 * n, 7.2))
     for axis, row in zip(axes.ravel(), picks.itertuples(index=False), strict=False):
-        entry = paths.loc[(row.patient_id, row.slice)]
-        image = read_image(data_root / entry["image"])
-        truth = read_mask(data_root / entry["mask"])
-        _, masks = predictor.predict([image])
-        shown = draw_outline(draw_outline(image, truth, (0, 255, 0)), masks[0], (255, 0, 0))
+        prediction = by_patient[row.patient_id]
+        k = int(np.flatnonzero(prediction.rows["slice"].to_numpy() == row.slice)[0])
+        image = read_image(data_root / prediction.rows["image"].iloc[k])
+        mask = pipeline_volume(predictor, prediction)[k]
+        shown = draw_outline(draw_outline(image, prediction.truths[k], (0, 255, 0)), mask,
+                             (255, 0, 0))
         axis.imshow(shown)
         axis.set_title(f"{row.patient_id[5:12]} #{row.slice} IoU {row.iou_pipeline:.2f}",
                        fontsize=8)
@@ -129,42 +138,46 @@ def _extremes_figure(predictor: TwoStagePredictor, slices: pd.DataFrame,
     return save_figure(figure, out / "best_worst_slices.png")
 
 
-def _sweep_figure(sweep: pd.DataFrame, classifier_threshold: float, out: Path) -> str:
+def _sweep_figure(sweep: pd.DataFrame, predictor: TwoStagePredictor, out: Path) -> str:
+    classifier_threshold = predictor.classifier_config.threshold
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     at_gate = sweep[np.isclose(sweep["classifier_threshold"], classifier_threshold)]
-    for pixels, group in at_gate.groupby("min_component_pixels"):
+    for (pixels, largest), group in at_gate.groupby(["min_component_pixels", "keep_largest_3d"]):
         left.plot(group["mask_threshold"], group["dice_pipeline_mean"], marker="o",
-                  label=f"drop components < {pixels} px")
+                  linestyle="-" if largest else "--",
+                  label=f"drop < {pixels} px{', largest 3D' if largest else ''}")
     left.set_xlabel("mask threshold")
     left.set_ylabel("mean per-patient Dice (val)")
     left.set_title(f"Mask threshold (classifier threshold {classifier_threshold:.3f})")
-    left.legend(fontsize=8)
-    plain = sweep[np.isclose(sweep["mask_threshold"], 0.5) & (sweep["min_component_pixels"] == 0)]
+    left.legend(fontsize=7, ncol=2)
+    in_use = predictor.unet_config
+    plain = sweep[np.isclose(sweep["mask_threshold"], 0.5)
+                  & (sweep["min_component_pixels"] == in_use.min_component_pixels)
+                  & (sweep["keep_largest_3d"] == in_use.keep_largest_3d)]
     right.plot(plain["classifier_threshold"], plain["dice_pipeline_mean"], marker="o",
                label="mean per-patient Dice")
     right.plot(plain["classifier_threshold"], plain["slice_sensitivity"], marker="s",
                label="tumour-slice sensitivity")
     right.axvline(classifier_threshold, color="#aaa", linestyle=":")
     right.set_xlabel("classifier threshold")
-    right.set_title("Classifier threshold (mask threshold 0.5)")
+    right.set_title("Classifier threshold (mask threshold 0.5, post-processing in use)")
     right.legend(fontsize=8)
     return save_figure(figure, out / "threshold_sweep.png")
 
 
 def choose_postprocessing(sweep: pd.DataFrame, classifier_threshold: float,
-                          mask_threshold: float = 0.5) -> tuple[int, float]:
-    """Smallest-component size to drop, chosen on val, and its Dice gain over none.
-
-    Returns ``(0, 0.0)`` unless some size beats no post-processing by MIN_POSTPROCESS_GAIN.
-    """
+                          mask_threshold: float = 0.5) -> tuple[int, bool, float]:
+    """Post-processing chosen on val: ``(min_component_pixels, keep_largest_3d, gain)``, the
+    gain in mean Dice over none. No post-processing unless it gains MIN_POSTPROCESS_GAIN."""
     rows = sweep[np.isclose(sweep["classifier_threshold"], classifier_threshold)
                  & np.isclose(sweep["mask_threshold"], mask_threshold)]
-    baseline = rows.loc[rows["min_component_pixels"] == 0, "dice_pipeline_mean"].iloc[0]
+    plain = (rows["min_component_pixels"] == 0) & ~rows["keep_largest_3d"].astype(bool)
+    baseline = rows.loc[plain, "dice_pipeline_mean"].iloc[0]
     best = rows.loc[rows["dice_pipeline_mean"].idxmax()]
     gain = float(best["dice_pipeline_mean"] - baseline)
     if gain < MIN_POSTPROCESS_GAIN:
-        return 0, gain
-    return int(best["min_component_pixels"]), gain
+        return 0, False, gain
+    return int(best["min_component_pixels"]), bool(best["keep_largest_3d"]), gain
 
 
 def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits: list[str],
@@ -188,15 +201,20 @@ def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits
         sweep = sweep_thresholds(predictor, predictions["val"])
         write_text_atomic(out / "threshold_sweep.csv",
                           sweep.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
-        pixels, gain = choose_postprocessing(sweep, predictor.classifier_config.threshold)
-        tables["postprocessing_choice"] = pd.DataFrame([{
-            "min_component_pixels": pixels, "val_dice_gain": gain,
-            "in_use": predictor.unet_config.min_component_pixels}])
+        pixels, largest, gain = choose_postprocessing(sweep,
+                                                      predictor.classifier_config.threshold)
+        tables["postprocessing_choice"] = pd.DataFrame([
+            {"setting": "min_component_pixels", "val_choice": pixels,
+             "in_use": predictor.unet_config.min_component_pixels},
+            {"setting": "keep_largest_3d", "val_choice": largest,
+             "in_use": predictor.unet_config.keep_largest_3d},
+            {"setting": "val_dice_gain_of_choice", "val_choice": round(gain, 4), "in_use": ""}])
     figures = [_roc_figure(slices, tables["classifier"], out),
                _confusion_figure(tables["classifier"], out), _dice_figure(patients, out),
-               _extremes_figure(predictor, slices, manifest, root, out)]
+               _extremes_figure(predictor, slices, [p for s in splits for p in predictions[s]],
+                                root, out)]
     if "val" in splits:
-        figures.append(_sweep_figure(sweep, predictor.classifier_config.threshold, out))
+        figures.append(_sweep_figure(sweep, predictor, out))
     lines = ["# bt_pipeline evaluation", "",
              f"Splits: {', '.join(splits)} (patient-level, from `{data_config.manifest}`). "
              f"Classifier threshold {predictor.classifier_config.threshold:.4f} (chosen on val); "

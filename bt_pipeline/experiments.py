@@ -116,7 +116,7 @@ def train_run(run: Run, scale: Scale, splits: dict[str, SplitArrays], data: Data
     train = unet_dataset(splits["train"], config, training=True)
     val = unet_dataset(splits["val"], dataclasses.replace(config, augment=False), training=False)
     model = compile_unet(build_unet(scale.image_size, scale.depth, scale.base_filters,
-                                    run.batch_norm), run.learning_rate)
+                                    run.batch_norm, channels=data.channels), run.learning_rate)
     started = time.monotonic()
     history = model.fit(train, validation_data=val, epochs=run.epochs, verbose=verbose,
                         callbacks=[keras.callbacks.TerminateOnNaN()])
@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ensemble-size", type=int, default=3)
     parser.add_argument("--tv-weight", type=float, default=0.1)
     args = parse(parser, argv)
-    data = DataConfig(data_root=args.data_dir, manifest=args.manifest, seed=args.seed)
+    data = DataConfig(data_root=args.data_dir, manifest=args.manifest, seed=args.seed,
+                      context_slices=args.context_slices)
     scale = Scale(args.image_size, args.depth, args.base_filters)
     try:
         tables = run_experiments(data, scale, Path(args.out), args.epochs_lr_bn,

@@ -1,7 +1,9 @@
 """The two-stage predictor: classifier gate, then U-Net masks on the slices it lets through.
 
 Models are loaded once, in Keras safe mode (no code from a model file runs) and without their
-training state; each model's config is read from the JSON saved beside it.
+training state; each model's config is read from the JSON saved beside it. The predictor works
+on one patient's volume at a time, slices in order: a 2.5D model (one whose input stacks
+neighbouring slices) needs the neighbours, and the 3D post-processing needs the volume.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import cv2
 import keras
 import numpy as np
 import tensorflow as tf
+from scipy import ndimage
 
 from bt_pipeline.config import (
     SHIPPED_CLASSIFIER,
@@ -23,7 +26,7 @@ from bt_pipeline.config import (
     UNetConfig,
     load_json,
 )
-from bt_pipeline.data.preprocess import preprocess_image
+from bt_pipeline.data.preprocess import preprocess_image, with_context
 
 
 class ModelLoadError(RuntimeError):
@@ -73,6 +76,17 @@ def to_bfloat16(model: keras.Model) -> keras.Model:
     return clone
 
 
+def context_slices_of(model: keras.Model, path: str | os.PathLike = "model") -> int:
+    """Neighbouring slices per side a model's input stacks (``DataConfig.context_slices``),
+    read from its input channels: 3 (RGB) per slice, 2k + 1 slices."""
+    channels = int(model.inputs[0].shape[-1])
+    slices, rest = divmod(channels, 3)
+    if rest or slices % 2 == 0:
+        raise ModelLoadError(f"{path}: input has {channels} channels; expected 3 per slice "
+                             "for an odd number of stacked slices")
+    return (slices - 1) // 2
+
+
 def _config_beside(path: Path, cls):
     """The config saved beside a model, and the input denoising the model was trained with
     (the JSON's ``extra.data.tv_weight``; 0 when absent)."""
@@ -109,6 +123,18 @@ class TwoStagePredictor:
         cast = to_bfloat16 if self.bfloat16 else (lambda model: model)
         self._classify = graph_forward(self.classifier)
         self._segments = tuple(graph_forward(cast(m)) for m in (self.unet, *self.extra_unets))
+        shapes = {tuple(m.inputs[0].shape[1:]) for m in (self.unet, *self.extra_unets)}
+        if len(shapes) > 1:
+            raise ModelLoadError(f"U-Nets of different input shapes {sorted(shapes)} cannot be "
+                                 "averaged")
+
+    @property
+    def classifier_context(self) -> int:
+        return context_slices_of(self.classifier)
+
+    @property
+    def unet_context(self) -> int:
+        return context_slices_of(self.unet)
 
     @classmethod
     def load(cls, classifier_path=SHIPPED_CLASSIFIER, unet_path=SHIPPED_UNET,
@@ -130,7 +156,10 @@ class TwoStagePredictor:
                 raise ModelLoadError(f"{path}: ensemble member's input size or denoising "
                                      f"differs from {unet_path.name}'s")
             extra.append(load_model_file(path))
-        return cls(load_model_file(classifier_path), load_model_file(unet_path),
+        classifier, unet = load_model_file(classifier_path), load_model_file(unet_path)
+        for model, path in ((classifier, classifier_path), (unet, unet_path)):
+            context_slices_of(model, path)  # a model of no known input layout fails here
+        return cls(classifier, unet,
                    classifier_config, unet_config, mask_threshold, extra_unets=tuple(extra),
                    tta_flips=tta_flips, bfloat16=bfloat16, classifier_tv_weight=classifier_tv,
                    unet_tv_weight=unet_tv)
@@ -140,26 +169,38 @@ class TwoStagePredictor:
                    for i in range(0, len(batch), self.batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
+    @staticmethod
+    def _model_inputs(images: list[np.ndarray], size: int, tv_weight: float, context: int,
+                      indices=None) -> np.ndarray:
+        """One volume's slices as a model's input batch: each slice preprocessed, stacked with
+        its neighbours for a 2.5D model, then the slices at ``indices`` (default all)."""
+        volume = np.stack([preprocess_image(image, size, tv_weight) for image in images])
+        volume = with_context(volume, context)
+        return volume if indices is None else volume[np.asarray(indices, dtype=int)]
+
     def tumour_probabilities(self, images: list[np.ndarray]) -> np.ndarray:
-        """P(tumour) per uint8 RGB slice."""
-        size = self.classifier_config.image_size
-        batch = np.stack([preprocess_image(image, size, self.classifier_tv_weight)
-                          for image in images])
+        """P(tumour) per uint8 RGB slice of one volume (slices in order)."""
+        if not images:
+            return np.zeros((0,), np.float32)
+        batch = self._model_inputs(images, self.classifier_config.image_size,
+                                   self.classifier_tv_weight, self.classifier_context)
         return self._run(self._classify, batch).reshape(-1)
 
-    def mask_probabilities(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """U-Net tumour probability per pixel, resized back to each slice's own grid."""
-        if not images:
+    def mask_probabilities(self, images: list[np.ndarray], indices=None) -> list[np.ndarray]:
+        """U-Net tumour probability per pixel for the slices at ``indices`` (default all) of
+        one volume (slices in order), resized back to each slice's own grid."""
+        chosen = range(len(images)) if indices is None else [int(i) for i in indices]
+        if not images or not len(chosen):
             return []
-        size = self.unet_config.image_size
-        batch = np.stack([preprocess_image(image, size, self.unet_tv_weight) for image in images])
+        batch = self._model_inputs(images, self.unet_config.image_size, self.unet_tv_weight,
+                                   self.unet_context, chosen)
         runs = [self._run(segment, batch) for segment in self._segments]
         if self.tta_flips:
             mirrored = np.ascontiguousarray(batch[:, :, ::-1])
             runs += [self._run(segment, mirrored)[:, :, ::-1] for segment in self._segments]
         maps = np.mean(runs, axis=0)[..., 0]
-        return [to_grid(prob, image.shape[0], image.shape[1]) for prob, image in zip(maps, images,
-                                                                                      strict=True)]
+        return [to_grid(prob, images[i].shape[0], images[i].shape[1])
+                for prob, i in zip(maps, chosen, strict=True)]
 
     def masks(self, maps: list[np.ndarray], mask_threshold: float | None = None,
               min_pixels: int | None = None) -> list[np.ndarray]:
@@ -169,19 +210,44 @@ class TwoStagePredictor:
         pixels = self.unet_config.min_component_pixels if min_pixels is None else min_pixels
         return [remove_small_components(m > threshold, pixels) for m in maps]
 
+    def volume_masks(self, maps: list[np.ndarray | None], mask_threshold: float | None = None,
+                     min_pixels: int | None = None,
+                     largest_3d: bool | None = None) -> list[np.ndarray]:
+        """One volume's masks (slices in order) from its probability maps, None where the
+        classifier let no slice through: :meth:`masks`, then, if ``largest_3d`` (default: the
+        U-Net config's ``keep_largest_3d``), only the largest 26-connected 3D component."""
+        given = [m for m in maps if m is not None]
+        found = iter(self.masks(given, mask_threshold, min_pixels))
+        return self.finish_volume([next(found) if m is not None else None for m in maps],
+                                  largest_3d)
+
+    def finish_volume(self, masks: list[np.ndarray | None],
+                      largest_3d: bool | None = None) -> list[np.ndarray | None]:
+        """The volume step of :meth:`volume_masks` on per-slice masks (None: not segmented).
+        A volume whose slices differ in size has no 3D neighbourhood and is left as it is."""
+        largest_3d = self.unet_config.keep_largest_3d if largest_3d is None else largest_3d
+        shapes = {m.shape for m in masks if m is not None}
+        if largest_3d and len(shapes) == 1:
+            shape = shapes.pop()
+            volume = keep_largest_component_3d(np.stack(
+                [m if m is not None else np.zeros(shape, np.uint8) for m in masks]))
+            masks = [v if m is not None else None for v, m in zip(volume, masks, strict=True)]
+        return masks
+
     def predict(self, images: list[np.ndarray]):
-        """Both stages on one volume's uint8 RGB slices.
+        """Both stages on one volume's uint8 RGB slices, in slice order.
 
         Returns ``(probabilities, masks)``: P(tumour) per slice and a uint8 {0, 1} mask per
         slice at its own size, empty where the classifier says no tumour.
         """
         probabilities = self.tumour_probabilities(images)
-        masks = [np.zeros(image.shape[:2], np.uint8) for image in images]
         chosen = np.flatnonzero(probabilities >= self.classifier_config.threshold)
-        found = self.masks(self.mask_probabilities([images[i] for i in chosen]))
-        for index, mask in zip(chosen, found, strict=True):
-            masks[index] = mask
-        return probabilities, masks
+        maps: list[np.ndarray | None] = [None] * len(images)
+        for index, prob in zip(chosen, self.mask_probabilities(images, chosen), strict=True):
+            maps[index] = prob
+        masks = self.volume_masks(maps)
+        return probabilities, [m if m is not None else np.zeros(image.shape[:2], np.uint8)
+                               for m, image in zip(masks, images, strict=True)]
 
 def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     """uint8 {0, 1} copy of a binary mask without 8-connected components under ``min_pixels``."""
@@ -192,6 +258,16 @@ def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     keep = np.zeros(count, np.uint8)
     keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_pixels
     return keep[labels]
+
+
+def keep_largest_component_3d(volume: np.ndarray) -> np.ndarray:
+    """uint8 {0, 1} copy of a binary (slices, H, W) volume keeping only its largest
+    26-connected component (ties: the first found); an empty volume stays empty."""
+    labels, count = ndimage.label(volume, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return (labels > 0).astype(np.uint8)
+    sizes = np.bincount(labels.ravel())[1:]
+    return (labels == 1 + int(np.argmax(sizes))).astype(np.uint8)
 
 
 def to_grid(probability: np.ndarray, height: int, width: int) -> np.ndarray:

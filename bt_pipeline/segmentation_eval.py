@@ -3,8 +3,12 @@
 Two views per patient, both scored on masks brought back to each slice's own size:
 
 * ``unet``: the U-Net alone on the slices that truly show tumour (the segmenter's own quality);
+  other slices count as empty;
 * ``pipeline``: the classifier gate then the U-Net, on every slice of the volume (what a user
   gets from ``bt_pipeline.infer``).
+
+Both views go through the predictor's one mask rule (:meth:`TwoStagePredictor.volume_masks`),
+post-processing included.
 
 Dice per patient is computed over the whole volume (all voxels of the slices in view pooled,
 as brain-segmentation-pytorch's ``dsc_per_volume``); IoU is reported per tumour slice. Empty
@@ -13,6 +17,7 @@ truth with an empty prediction scores 1.0 (see ``models/losses.py``).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +61,9 @@ def score_patient(predictor: TwoStagePredictor, prediction: PatientPrediction):
     """Score one patient with the predictor's thresholds. Returns ``(patient_row, slice_rows)``."""
     rows, truths, probabilities = prediction.rows, prediction.truths, prediction.probabilities
     gate = probabilities >= predictor.classifier_config.threshold
-    unet_masks = [m.astype(bool) for m in predictor.masks(prediction.maps)]
-    pipeline_masks = [m & g for m, g in zip(unet_masks, gate, strict=True)]
     has_tumour = np.array([t.any() for t in truths])
+    unet_masks = _volume(predictor, prediction.maps, has_tumour, truths)
+    pipeline_masks = pipeline_volume(predictor, prediction)
     tumour_idx = np.flatnonzero(has_tumour)
     slice_rows = []
     for k, row in enumerate(rows.itertuples(index=False)):
@@ -86,6 +91,22 @@ def score_patient(predictor: TwoStagePredictor, prediction: PatientPrediction):
         "dice_pipeline": dice_score(np.stack(truths), np.stack(pipeline_masks)),
     }
     return patient, slice_rows
+
+
+def _volume(predictor: TwoStagePredictor, maps: list[np.ndarray], chosen: np.ndarray,
+            truths: list[np.ndarray], **rule) -> list[np.ndarray]:
+    """Bool masks of one volume segmented on the ``chosen`` slices only (others empty)."""
+    masks = predictor.volume_masks([m if c else None for m, c in zip(maps, chosen, strict=True)],
+                                   **rule)
+    return [m.astype(bool) if m is not None else np.zeros(t.shape, bool)
+            for m, t in zip(masks, truths, strict=True)]
+
+
+def pipeline_volume(predictor: TwoStagePredictor,
+                    prediction: PatientPrediction) -> list[np.ndarray]:
+    """The two-stage pipeline's bool masks for one patient, as ``infer`` would write them."""
+    gate = prediction.probabilities >= predictor.classifier_config.threshold
+    return _volume(predictor, prediction.maps, gate, prediction.truths)
 
 
 def score_split(predictor: TwoStagePredictor, predictions: list[PatientPrediction],
@@ -129,9 +150,11 @@ def summarise(patients: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
 def sweep_thresholds(predictor: TwoStagePredictor, predictions: list[PatientPrediction],
                      mask_thresholds=(0.3, 0.4, 0.5, 0.6, 0.7),
                      classifier_thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-                     min_pixels=(0, 25, 50, 100, 200)) -> pd.DataFrame:
+                     min_pixels=(0, 25, 50, 100, 200),
+                     largest_3d=(False, True)) -> pd.DataFrame:
     """Mean per-patient pipeline Dice (and slice sensitivity) over ``predictions`` for every
-    combination of mask threshold, classifier threshold and small-component removal.
+    combination of mask threshold, classifier threshold, small-component removal and keeping
+    the largest 3D component.
 
     Reuses the models' outputs; only the thresholds vary. Meant for val only.
     """
@@ -144,19 +167,24 @@ def sweep_thresholds(predictor: TwoStagePredictor, predictions: list[PatientPred
         has_tumour = truth.reshape(len(truth), -1).any(axis=1)
         for mask_threshold in mask_thresholds:
             for pixels in min_pixels:
-                masks = np.stack(predictor.masks(prediction.maps, mask_threshold,
-                                                 pixels)).astype(bool)
-                for threshold in classifier_thresholds:
+                slice_masks = predictor.masks(prediction.maps, mask_threshold, pixels)
+                for largest, threshold in itertools.product(largest_3d, classifier_thresholds):
                     gate = probabilities >= threshold
+                    masks = predictor.finish_volume(
+                        [m if g else None for m, g in zip(slice_masks, gate, strict=True)],
+                        largest)
+                    masks = [m if m is not None else np.zeros(t.shape, np.uint8)
+                             for m, t in zip(masks, prediction.truths, strict=True)]
                     rows.append({
                         "patient_id": prediction.rows["patient_id"].iloc[0],
                         "mask_threshold": mask_threshold,
-                        "min_component_pixels": pixels, "classifier_threshold": threshold,
-                        "dice_pipeline": dice_score(truth, masks & gate[:, None, None]),
+                        "min_component_pixels": pixels, "keep_largest_3d": largest,
+                        "classifier_threshold": threshold,
+                        "dice_pipeline": dice_score(truth, np.stack(masks)),
                         "slice_sensitivity": float(gate[has_tumour].mean())
                         if has_tumour.any() else float("nan"),
                     })
     table = pd.DataFrame(rows)
-    keys = ["mask_threshold", "min_component_pixels", "classifier_threshold"]
+    keys = ["mask_threshold", "min_component_pixels", "keep_largest_3d", "classifier_threshold"]
     return table.groupby(keys).agg(dice_pipeline_mean=("dice_pipeline", "mean"),
                                    slice_sensitivity=("slice_sensitivity", "mean")).reset_index()

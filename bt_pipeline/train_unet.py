@@ -38,7 +38,7 @@ def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
     save_json(unet_config, run_dir / "config.json", extra={"data": dataclasses.asdict(data_config)})
     with make_strategy(unet_config.distribution).scope():
         model = build_unet(unet_config.image_size, unet_config.depth, unet_config.base_filters,
-                           unet_config.batch_norm)
+                           unet_config.batch_norm, channels=data_config.channels)
         compile_unet(model, unet_config.learning_rate, unet_config.loss)
     started = time.monotonic()
     callbacks = training_callbacks(run_dir, "val_dice_metric", "max", unet_config.patience,
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(parser, argv)
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
                              image_size=args.image_size, batch_size=args.batch_size,
-                             seed=args.seed)
+                             seed=args.seed, context_slices=args.context_slices)
     unet_config = UNetConfig(image_size=args.image_size, depth=args.depth,
                              base_filters=args.base_filters, batch_norm=not args.no_batch_norm,
                              loss=args.loss, learning_rate=args.learning_rate, epochs=args.epochs,

@@ -51,16 +51,18 @@ def classifier_kwargs_from_hp(hp: keras_tuner.HyperParameters, n_blocks: int) ->
 class ClassifierHyperModel(keras_tuner.HyperModel):
     """``build(hp)`` only turns ``hp`` into arguments of the training builder."""
 
-    def __init__(self, config: ClassifierConfig):
+    def __init__(self, config: ClassifierConfig, channels: int = 3):
         super().__init__(name="slice_classifier")
         self.config = config
+        self.channels = channels
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
         kwargs = classifier_kwargs_from_hp(hp, len(self.config.filters))
         learning_rate = kwargs.pop("learning_rate")
         model = build_classifier(image_size=self.config.image_size, filters=self.config.filters,
                                  batch_norm=self.config.batch_norm,
-                                 convs_per_block=self.config.convs_per_block, **kwargs)
+                                 convs_per_block=self.config.convs_per_block,
+                                 channels=self.channels, **kwargs)
         return compile_classifier(model, learning_rate)
 
 
@@ -90,9 +92,9 @@ class ClassifierSearch(keras_tuner.RandomSearch):
 
 
 def make_tuner(config: ClassifierConfig, work_dir: Path, max_trials: int,
-               executions: int, seed: int) -> ClassifierSearch:
+               executions: int, seed: int, channels: int = 3) -> ClassifierSearch:
     return ClassifierSearch(
-        ClassifierHyperModel(config),
+        ClassifierHyperModel(config, channels),
         objective=keras_tuner.Objective("val_accuracy", "max"),
         max_trials=max_trials, executions_per_trial=executions, seed=seed,
         directory=str(work_dir), project_name="classifier", overwrite=False,
@@ -154,7 +156,8 @@ def retrain_and_ship(config: ClassifierConfig, data_config: DataConfig,
     model = compile_classifier(
         build_classifier(config.image_size, config.filters, config.block_dropouts,
                          config.dense_dropout, config.dense_units, config.conv_activation,
-                         config.dense_activation, config.batch_norm, config.convs_per_block),
+                         config.dense_activation, config.batch_norm, config.convs_per_block,
+                         data_config.channels),
         config.learning_rate)
     started = time.monotonic()
     train = classifier_dataset(splits["train"], data_config, training=True)
@@ -220,7 +223,8 @@ def search(data_config: DataConfig, base: ClassifierConfig, splits: dict[str, Sp
            verbose) -> dict | None:
     """Run (or resume) the RandomSearch, write its reports; the best hyperparameters, or None
     on a worker process."""
-    tuner = make_tuner(base, work_dir, trials, executions, data_config.seed)
+    tuner = make_tuner(base, work_dir, trials, executions, data_config.seed,
+                       data_config.channels)
     tuner.search(classifier_dataset(splits["train"], data_config, training=True),
                  classifier_dataset(splits["val"], data_config, training=False),
                  epochs=epochs, verbose=verbose)
@@ -259,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ship-to", default=str(SHIPPED_CLASSIFIER))
     args = parse(parser, argv)
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
-                             image_size=args.image_size, seed=args.seed)
+                             image_size=args.image_size, seed=args.seed,
+                             context_slices=args.context_slices)
     base = ClassifierConfig(image_size=args.image_size, epochs=args.retrain_epochs,
                             patience=args.patience, convs_per_block=args.convs_per_block,
                             seed=args.seed)

@@ -214,3 +214,46 @@ def test_options_default_to_what_the_unet_config_says(tiny_models, tmp_path):
     overridden = TwoStagePredictor.load(classifier, folder / "unet.keras", extra_unet_paths=[],
                                         tta_flips=False)
     assert not overridden.tta_flips and overridden.extra_unets == ()
+
+
+def test_a_25d_model_gets_the_neighbours_training_gave_it(synthetic_root, synthetic_manifest,
+                                                         tmp_path):
+    """Models with a 2.5D input (context_slices=1): inference stacks each patient's
+    neighbouring slices exactly as the loader does, also for a subset of slices."""
+    import dataclasses
+
+    from bt_pipeline.config import ClassifierConfig, DataConfig, UNetConfig
+    from bt_pipeline.data.loader import load_split
+    from bt_pipeline.data.manifest import read_manifest
+    from bt_pipeline.data.preprocess import read_image
+    from bt_pipeline.models.classifier import build_classifier
+    from bt_pipeline.models.unet import build_unet
+    from bt_pipeline.predict import ModelLoadError, TwoStagePredictor, graph_forward
+    from bt_pipeline.training import ship_model
+
+    data = DataConfig(data_root=str(synthetic_root), image_size=32, cache_dir="",
+                      context_slices=1)
+    facts = {"data": dataclasses.asdict(data)}
+    ship_model(build_classifier(32, (4, 8), (0.0, 0.0), 0.0, 8, channels=9),
+               tmp_path / "classifier.keras", ClassifierConfig(image_size=32, filters=(4, 8),
+                                                               threshold=0.0), facts)
+    ship_model(build_unet(32, 2, 4, channels=9), tmp_path / "unet.keras",
+               UNetConfig(image_size=32, depth=2, base_filters=4), facts)
+    predictor = TwoStagePredictor.load(tmp_path / "classifier.keras", tmp_path / "unet.keras")
+    assert predictor.classifier_context == predictor.unet_context == 1
+    arrays = load_split(read_manifest(synthetic_manifest), "val", data)
+    for patient, rows in arrays.rows.groupby("patient_id"):
+        rows = rows.sort_values("slice")
+        images = [read_image(synthetic_root / path) for path in rows["image"]]
+        expected = graph_forward(predictor.classifier)(arrays.images[rows.index]).numpy()
+        np.testing.assert_array_equal(predictor.tumour_probabilities(images), expected.ravel())
+        maps = predictor.mask_probabilities(images)
+        subset = predictor.mask_probabilities(images, [1, 3])
+        np.testing.assert_array_equal(subset[0], maps[1])
+        np.testing.assert_array_equal(subset[1], maps[3])
+        _, masks = predictor.predict(images)  # threshold 0: every slice segmented
+        assert len(masks) == len(images) and masks[0].shape == images[0].shape[:2]
+    ship_model(build_unet(32, 2, 4, channels=6), tmp_path / "even.keras",
+               UNetConfig(image_size=32, depth=2, base_filters=4), facts)
+    with pytest.raises(ModelLoadError, match="6 channels"):
+        TwoStagePredictor.load(tmp_path / "classifier.keras", tmp_path / "even.keras")

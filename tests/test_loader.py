@@ -95,3 +95,35 @@ def test_bad_slice_fails_in_the_loader_naming_the_file(config, tmp_path):
     (root / manifest[manifest["split"] == "test"]["image"].iloc[0]).unlink()
     with pytest.raises(SliceReadError, match="file not found"):
         load_split(manifest, "test", broken)
+
+
+def test_context_slices_stack_each_patients_neighbours_as_channels(config):
+    """2.5D input: slice k-1, k, k+1 of the same patient, the edge slice repeated."""
+    manifest = read_manifest(config.manifest)
+    plain = load_split(manifest, "train", config)
+    stacked = load_split(manifest, "train", dataclasses.replace(config, context_slices=1))
+    assert dataclasses.replace(config, context_slices=1).channels == 9
+    assert stacked.images.shape == (len(plain.rows), 32, 32, 9)
+    rows = plain.rows
+    for index in (0, 4, len(rows) - 1):
+        patient, number = rows["patient_id"][index], rows["slice"][index]
+        same = rows[rows["patient_id"] == patient]
+        numbers = same["slice"].to_numpy()
+        for offset, channels in ((-1, slice(0, 3)), (0, slice(3, 6)), (1, slice(6, 9))):
+            wanted = int(np.clip(number + offset, numbers.min(), numbers.max()))
+            source = same.index[numbers == wanted][0]
+            np.testing.assert_array_equal(stacked.images[index][..., channels],
+                                          plain.images[source])
+    images, _ = next(iter(unet_dataset(stacked, dataclasses.replace(config, context_slices=1),
+                                       training=True)))
+    assert images.shape[1:] == (32, 32, 9)
+
+
+def test_with_context_of_a_short_volume():
+    from bt_pipeline.data.preprocess import with_context
+
+    volume = np.arange(2, dtype=np.float32).reshape(2, 1, 1, 1) * np.ones((2, 2, 2, 3))
+    out = with_context(volume, 2)  # five slices from a volume of two
+    assert out.shape == (2, 2, 2, 15)
+    assert list(out[0, 0, 0, ::3]) == [0, 0, 0, 1, 1] and list(out[1, 0, 0, ::3]) == [0, 0, 1, 1, 1]
+    assert with_context(volume, 0) is volume

@@ -31,13 +31,14 @@ def _rotation_scale_transforms(batch: tf.Tensor, size: tf.Tensor, seed, config: 
 
 
 def augment_batch(image: tf.Tensor, mask: tf.Tensor | None, seed: tf.Tensor, config: DataConfig):
-    """Augment a batch ``image`` (B, S, S, 3) and optional ``mask`` (B, S, S, 1).
+    """Augment a batch ``image`` (B, S, S, C) and optional ``mask`` (B, S, S, 1).
 
     Returns the augmented ``(image, mask)``; ``mask`` stays binary.
     """
     batch, size = tf.shape(image)[0], tf.shape(image)[1]
     seed_flip, seed_geometry, seed_contrast, seed_bright = tf.unstack(
         tf.random.experimental.stateless_split(seed, 4))
+    channels = image.shape[-1]
     stacked = image if mask is None else tf.concat([image, mask], axis=-1)
     flip = tf.random.stateless_uniform([batch], seed_flip) < 0.5
     stacked = tf.where(flip[:, None, None, None], tf.reverse(stacked, axis=[2]), stacked)
@@ -45,9 +46,9 @@ def augment_batch(image: tf.Tensor, mask: tf.Tensor | None, seed: tf.Tensor, con
     stacked = tf.raw_ops.ImageProjectiveTransformV3(
         images=stacked, transforms=transforms, output_shape=tf.stack([size, size]),
         fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
-    image = stacked[..., :3]
+    image = stacked[..., :channels]
     if mask is not None:
-        mask = tf.cast(stacked[..., 3:] >= 0.5, image.dtype)
+        mask = tf.cast(stacked[..., channels:] >= 0.5, image.dtype)
     jitter = config.intensity_jitter
     contrast = tf.random.stateless_uniform([batch, 1, 1, 1], seed_contrast, 1 - jitter, 1 + jitter)
     brightness = tf.random.stateless_uniform([batch, 1, 1, 1], seed_bright, -jitter / 2, jitter / 2)

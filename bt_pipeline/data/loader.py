@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from bt_pipeline.atomic import write_with
 from bt_pipeline.config import DataConfig
 from bt_pipeline.data.augment import augment_batch
-from bt_pipeline.data.preprocess import load_mask, load_slice
+from bt_pipeline.data.preprocess import load_mask, load_slice, with_context
 
 _CACHE_VERSION = 1  # bump when preprocessing changes, to invalidate disk caches
 
@@ -37,7 +37,7 @@ _CACHE_VERSION = 1  # bump when preprocessing changes, to invalidate disk caches
 class SplitArrays:
     """Preprocessed slices of one split, in manifest order."""
 
-    images: np.ndarray  # float32 (N, S, S, 3) in [0, 1]
+    images: np.ndarray  # float32 (N, S, S, DataConfig.channels) in [0, 1]
     masks: np.ndarray  # float32 (N, S, S, 1) in {0, 1}
     labels: np.ndarray  # float32 (N,) 1 = tumour on the slice
     rows: pd.DataFrame  # the manifest rows, index reset
@@ -81,7 +81,18 @@ def load_split(manifest: pd.DataFrame, split: str, config: DataConfig) -> SplitA
     masks = _cached(load_mask, [root / p for p in rows["mask"]], config.image_size,
                     config.cache_dir, "masks")
     labels = rows["has_tumor"].to_numpy(dtype=np.float32)
+    if config.context_slices > 0:
+        images = _stack_context(images, rows, config.context_slices)
     return SplitArrays(images=images, masks=masks, labels=labels, rows=rows)
+
+
+def _stack_context(images: np.ndarray, rows: pd.DataFrame, context_slices: int) -> np.ndarray:
+    """Each patient's slices, in slice order, through :func:`with_context`."""
+    out = np.empty((*images.shape[:3], images.shape[3] * (2 * context_slices + 1)), images.dtype)
+    for _, group in rows.groupby("patient_id", sort=False):
+        order = group.sort_values("slice").index.to_numpy()
+        out[order] = with_context(images[order], context_slices)
+    return out
 
 
 def classifier_dataset(arrays: SplitArrays, config: DataConfig, training: bool) -> tf.data.Dataset:

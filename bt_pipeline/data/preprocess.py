@@ -108,6 +108,22 @@ def preprocess_image(image_rgb: np.ndarray, image_size: int, tv_weight: float = 
     return image
 
 
+def with_context(volume: np.ndarray, context_slices: int) -> np.ndarray:
+    """Stack each slice of one volume with its neighbours as channels (2.5D input).
+
+    ``volume`` holds one patient's preprocessed slices in slice order, (N, S, S, C). Returns
+    (N, S, S, C * (2k + 1)) for k = ``context_slices``: channels are the slices k below to k
+    above, the slice itself in the middle; past either end the edge slice repeats.
+    """
+    if context_slices <= 0:
+        return volume
+    n = len(volume)
+    offsets = np.arange(-context_slices, context_slices + 1)
+    neighbours = np.clip(np.arange(n)[:, None] + offsets[None, :], 0, n - 1)
+    stacked = np.moveaxis(volume[neighbours], 1, 3)  # (N, S, S, 2k+1, C)
+    return np.ascontiguousarray(stacked.reshape(*volume.shape[:3], -1))
+
+
 def preprocess_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
     """{0, 1} mask -> float32 (image_size, image_size, 1), resized nearest-neighbour."""
     if mask.shape[:2] != (image_size, image_size):

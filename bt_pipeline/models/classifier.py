@@ -22,19 +22,21 @@ def build_classifier(
     dense_activation: str = "relu",
     batch_norm: bool = True,
     convs_per_block: int = 1,
+    channels: int = 3,
 ) -> keras.Model:
     """Build the (uncompiled) classifier; output is P(tumour) with shape (batch, 1).
 
     ``batch_norm`` adds BatchNormalization between each convolution and its activation; it
     lets the net converge in the few epochs a CPU tuning budget allows. ``convs_per_block``
     stacks that many convolutions before each pooling (1 = the reference design).
+    ``channels`` is 3 (RGB) per stacked slice of a 2.5D input (``DataConfig.channels``).
     """
     if len(block_dropouts) != len(filters):
         raise ValueError(f"need one dropout per block: {len(filters)} blocks, "
                          f"{len(block_dropouts)} dropouts")
     if image_size % (2 ** len(filters)):
         raise ValueError(f"image_size {image_size} must be divisible by 2**{len(filters)}")
-    inputs = keras.Input((image_size, image_size, 3), name="slice")
+    inputs = keras.Input((image_size, image_size, channels), name="slice")
     x = inputs
     for block, (width, rate) in enumerate(zip(filters, block_dropouts, strict=True), start=1):
         for conv in range(1, convs_per_block + 1):

@@ -38,6 +38,7 @@ def build_unet(
         depth: number of poolings (levels below the input resolution).
         base_filters: width of the first level; each level down doubles it.
         batch_norm: insert BatchNormalization after every convolution.
+        channels: 3 (RGB) per stacked slice of a 2.5D input (``DataConfig.channels``).
     """
     if depth < 1 or image_size % (2**depth):
         raise ValueError(f"image_size {image_size} must be divisible by 2**depth (depth={depth})")
