@@ -179,8 +179,8 @@ def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
               "unet": (predictor.unet, LOSSES[predictor.unet_config.loss], True)}
     for name, (model, loss, per_pixel_targets) in models.items():
         flops = forward_flops(model)
-        size = int(model.inputs[0].shape[1])
-        batch = rng.random((batch_size, size, size, 3), np.float32)
+        size, channels = int(model.inputs[0].shape[1]), int(model.inputs[0].shape[-1])
+        batch = rng.random((batch_size, size, size, channels), np.float32)
         results[f"{name}_forward_mflops"] = flops / 1e6
         variants = inference_variants(model)
         for variant, run in variants.items():
@@ -202,6 +202,8 @@ def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
     val = manifest[manifest["split"] == "val"]
     tumour = val["has_tumor"] == 1
     sample = pd.concat([val[tumour].head(48), val[~tumour].head(16)])
+    # Passed as one stack: for a 2.5D model the neighbours are then not anatomical, which
+    # does not matter here (both precisions see the same input).
     images = [read_image(os.path.join(str(data_root), path)) for path in sample["image"]]
     results.update(bf16_agreement(predictor, images))
     results.update({f"loader_{k}": v for k, v in loader_throughput(manifest_path, data_root,

@@ -242,7 +242,7 @@ def test_a_25d_model_gets_the_neighbours_training_gave_it(synthetic_root, synthe
     predictor = TwoStagePredictor.load(tmp_path / "classifier.keras", tmp_path / "unet.keras")
     assert predictor.classifier_context == predictor.unet_context == 1
     arrays = load_split(read_manifest(synthetic_manifest), "val", data)
-    for patient, rows in arrays.rows.groupby("patient_id"):
+    for _, rows in arrays.rows.groupby("patient_id"):
         rows = rows.sort_values("slice")
         images = [read_image(synthetic_root / path) for path in rows["image"]]
         expected = graph_forward(predictor.classifier)(arrays.images[rows.index]).numpy()
