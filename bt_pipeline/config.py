@@ -81,7 +81,7 @@ class UNetConfig:
     depth: int = 4
     base_filters: int = 16
     batch_norm: bool = True
-    loss: str = "bce_dice"  # "dice" or "bce_dice"
+    loss: str = "bce_dice"  # "dice", "bce_dice" or "bce_dice_per_image" (models/losses.py)
     learning_rate: float = 1e-3
     epochs: int = 40
     patience: int = 8

@@ -47,6 +47,19 @@ def classifier_table(slices: pd.DataFrame, threshold: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def pipeline_detection_table(slices: pd.DataFrame) -> pd.DataFrame:
+    """Per split, what the final output says slice by slice (a mask drawn or not) against the
+    truth: the classifier gate, the U-Net and the post-processing together. Not the
+    classifier's own figures (those are in ``classifier_table``)."""
+    counts = ("n", "accuracy", "sensitivity", "specificity", "tp", "fp", "tn", "fn")
+    rows = []
+    for split, group in slices.groupby("split", sort=False):
+        drawn = (group["pipeline_pixels"] > 0).astype(float)
+        metrics = classification_metrics(group["has_tumor"], drawn, 0.5)
+        rows.append({"split": split, **{name: metrics[name] for name in counts}})
+    return pd.DataFrame(rows)
+
+
 def by_institution(patients: pd.DataFrame) -> pd.DataFrame:
     """Pipeline and U-Net Dice per institution (CS, DU, EZ, FG, HT), per split."""
     return (patients.groupby(["split", "institution"], sort=False)
@@ -191,6 +204,7 @@ def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits
     tables = {
         "classifier": classifier_table(slices, predictor.classifier_config.threshold),
         "segmentation": summarise(patients, slices),
+        "pipeline_slice_detection": pipeline_detection_table(slices),
         "by_institution": by_institution(patients),
         "by_slice_level": by_slice_level(slices),
     }

@@ -19,9 +19,15 @@ from bt_pipeline.cli import add_common_arguments, keras_verbosity, parse
 from bt_pipeline.config import SHIPPED_UNET, DataConfig, UNetConfig, save_json
 from bt_pipeline.data.loader import load_split, unet_dataset
 from bt_pipeline.data.manifest import read_manifest
-from bt_pipeline.models.losses import compile_unet
+from bt_pipeline.models.losses import LOSSES, compile_unet
 from bt_pipeline.models.unet import build_unet
-from bt_pipeline.training import make_strategy, ship_model, training_callbacks
+from bt_pipeline.training import (
+    logged_values,
+    make_strategy,
+    ship_model,
+    stopped_early,
+    training_callbacks,
+)
 
 
 def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
@@ -41,18 +47,24 @@ def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
                            unet_config.batch_norm, channels=data_config.channels)
         compile_unet(model, unet_config.learning_rate, unet_config.loss)
     started = time.monotonic()
-    callbacks = training_callbacks(run_dir, "val_dice_metric", "max", unet_config.patience,
-                                   max_minutes)
-    history = model.fit(train, validation_data=val, epochs=unet_config.epochs,
-                        callbacks=callbacks, verbose=verbose)
+    log_csv, monitor = run_dir / "log.csv", "val_dice_metric"
+    epochs_run = 0
+    if stopped_early(log_csv, monitor, "max", unet_config.patience):
+        print(f"{run_dir}: early stopping already ended this run; shipping its best model")
+    else:
+        callbacks = training_callbacks(run_dir, monitor, "max", unet_config.patience,
+                                       max_minutes)
+        history = model.fit(train, validation_data=val, epochs=unet_config.epochs,
+                            callbacks=callbacks, verbose=verbose)
+        epochs_run = len(history.history.get("loss", []))
     best = keras.saving.load_model(run_dir / "best.keras")
     if ship_to is not None:
         facts = {
             "data": dataclasses.asdict(data_config),
             "parameters": int(best.count_params()),
-            "epochs_run_this_call": len(history.history.get("loss", [])),
+            "epochs_run_this_call": epochs_run,
             "wall_seconds_this_call": round(time.monotonic() - started, 1),
-            "best_val_dice": max(history.history.get("val_dice_metric", [float("nan")])),
+            "best_val_dice": max(logged_values(log_csv, monitor), default=float("nan")),
         }
         ship_model(best, ship_to, unet_config, facts)
     return best
@@ -67,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-filters", type=int, default=UNetConfig.base_filters)
     parser.add_argument("--depth", type=int, default=UNetConfig.depth)
     parser.add_argument("--no-batch-norm", action="store_true")
-    parser.add_argument("--loss", default=UNetConfig.loss, choices=["dice", "bce_dice"])
+    parser.add_argument("--loss", default=UNetConfig.loss, choices=sorted(LOSSES))
     parser.add_argument("--learning-rate", type=float, default=UNetConfig.learning_rate)
     parser.add_argument("--batch-size", type=int, default=DataConfig.batch_size)
     parser.add_argument("--distribution", default="default",

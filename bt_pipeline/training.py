@@ -48,6 +48,46 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             {"epoch": self._current_epoch, "batch": self._last_batch_seen}))
 
 
+def logged_values(log_csv: Path, monitor: str) -> list[float]:
+    """``monitor``'s value per epoch in a run's CSV log (empty when there is no log yet)."""
+    if not log_csv.is_file():
+        return []
+    with open(log_csv) as handle:
+        return [float(row[monitor]) for row in csv.DictReader(handle) if row.get(monitor)]
+
+
+def epochs_since_best(values: list[float], mode: str) -> int:
+    """Epochs logged after the best one (0 when the last epoch is the best)."""
+    best = max(values) if mode == "max" else min(values)
+    last_best = max(i for i, value in enumerate(values) if value == best)
+    return len(values) - 1 - last_best
+
+
+def stopped_early(log_csv: Path, monitor: str, mode: str, patience: int) -> bool:
+    """True when a run's log already holds ``patience`` epochs without a better ``monitor``:
+    early stopping ended it, and re-running the command has nothing left to train."""
+    values = logged_values(log_csv, monitor)
+    return bool(values) and epochs_since_best(values, mode) >= patience
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping that, on a resumed run, starts from the best value and the epochs without
+    improvement in the run's CSV log, so a restart does not grant a fresh ``patience``."""
+
+    def __init__(self, log_csv: Path, **kwargs):
+        super().__init__(**kwargs)
+        self.log_csv = log_csv
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        values = logged_values(self.log_csv, self.monitor)
+        if values:
+            mode = "max" if self.mode == "max" else "min"
+            self.best = max(values) if mode == "max" else min(values)
+            self.wait = epochs_since_best(values, mode)
+            self.best_epoch = len(values) - 1 - self.wait
+
+
 class BestCheckpoint(keras.callbacks.Callback):
     """Save the model whenever ``monitor`` improves, atomically. On a resumed run the best
     value so far is read back from the run's CSV log, so a worse epoch after a restart never
@@ -60,12 +100,9 @@ class BestCheckpoint(keras.callbacks.Callback):
         self.best: float | None = None
 
     def on_train_begin(self, logs=None):
-        if self.path.is_file() and self.log_csv.is_file():
-            with open(self.log_csv) as handle:
-                values = [float(row[self.monitor]) for row in csv.DictReader(handle)
-                          if row.get(self.monitor)]
-            if values:
-                self.best = max(values) if self.better(1, 0) else min(values)
+        values = logged_values(self.log_csv, self.monitor) if self.path.is_file() else []
+        if values:
+            self.best = max(values) if self.better(1, 0) else min(values)
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
@@ -82,7 +119,8 @@ def training_callbacks(run_dir: Path, monitor: str, mode: str, patience: int,
     return [
         AtomicBackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
         BestCheckpoint(run_dir / "best.keras", monitor, mode, run_dir / "log.csv"),
-        keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience),
+        ResumableEarlyStopping(run_dir / "log.csv", monitor=monitor, mode=mode,
+                               patience=patience),
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5,
                                           patience=max(1, patience // 3), min_lr=1e-5),
         keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=True),

@@ -28,7 +28,7 @@ from bt_pipeline.data.loader import SplitArrays, classifier_dataset, load_split
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.models.classifier import build_classifier, compile_classifier
 from bt_pipeline.reporting import markdown_table
-from bt_pipeline.training import ship_model, training_callbacks
+from bt_pipeline.training import ship_model, stopped_early, training_callbacks
 
 DENSE_ACTIVATIONS = ["relu", "sigmoid", "tanh", "elu"]
 # elu and swish keep a gradient for negative inputs, which helps small nets that ReLU can kill.
@@ -164,8 +164,11 @@ def retrain_and_ship(config: ClassifierConfig, data_config: DataConfig,
     val = classifier_dataset(splits["val"], data_config, training=False)
     # Selected on val ROC AUC: the threshold is set on val afterwards, so what the checkpoint
     # must get right is the ranking of slices, not the loss at 0.5.
-    model.fit(train, validation_data=val, epochs=config.epochs, verbose=verbose,
-              callbacks=training_callbacks(run_dir, "val_auc", "max", config.patience))
+    if stopped_early(run_dir / "log.csv", "val_auc", "max", config.patience):
+        print(f"{run_dir}: early stopping already ended this retrain; scoring its best model")
+    else:
+        model.fit(train, validation_data=val, epochs=config.epochs, verbose=verbose,
+                  callbacks=training_callbacks(run_dir, "val_auc", "max", config.patience))
     model = keras.saving.load_model(run_dir / "best.keras")
     wall = time.monotonic() - started
     table = threshold_score_and_ship(model, config, data_config, splits, ship_to,

@@ -23,6 +23,13 @@ def test_evaluation_report_on_synthetic_patients(tiny_models, synthetic_root, sy
     assert len(patients) == patients["patient_id"].nunique() == 4
     summary = (out / "summary.md").read_text()
     assert "| split |" in summary and "dice_unet_mean" in summary
+    detection = tables["pipeline_slice_detection"].set_index("split")
+    slices = pd.read_csv(out / "slices.csv")
+    for split, group in slices.groupby("split"):
+        drawn, truth = group["pipeline_pixels"] > 0, group["has_tumor"] == 1
+        assert detection.loc[split, "tp"] == int((drawn & truth).sum())
+        assert detection.loc[split, "fp"] == int((drawn & ~truth).sum())
+        assert detection.loc[split, "accuracy"] == pytest.approx(float((drawn == truth).mean()))
     assert set(tables["by_institution"]["institution"]) <= {"CS", "DU", "FG", "HT"}
     assert set(tables["by_slice_level"]["level"]) <= {"lower third", "middle third",
                                                       "upper third"}

@@ -89,6 +89,23 @@ def test_losses_are_small_when_right_and_large_when_wrong():
     assert float(bce_dice_loss(t, right)) < float(bce_dice_loss(t, wrong))
 
 
+def test_per_image_dice_loss_weighs_every_slice_once():
+    from bt_pipeline.models.losses import bce_dice_per_image_loss
+
+    big = np.zeros((1, 4, 4, 1), np.float32)
+    big[0, :3, :3] = 1  # 9 px lesion, predicted exactly
+    small = np.zeros((1, 4, 4, 1), np.float32)
+    small[0, 0, 0] = 1  # 1 px lesion, missed entirely
+    truth = np.concatenate([big, small])
+    pred = np.concatenate([big, np.zeros_like(small)])
+    bce = float(np.mean(keras.losses.binary_crossentropy(truth, pred)))
+    # By hand, smoothing 1: big 1 - (18 + 1)/(18 + 1) = 0; small 1 - (0 + 1)/(1 + 1) = 0.5;
+    # mean 0.25. Pooled over the batch it would be 1 - 19/20 = 0.05: the small miss all but
+    # vanishes.
+    assert float(bce_dice_per_image_loss(truth, pred)) == pytest.approx(bce + 0.25, abs=1e-5)
+    assert float(soft_dice_loss(truth, pred)) == pytest.approx(0.05, abs=1e-5)
+
+
 def test_unet_overfits_one_tiny_synthetic_batch():
     rng = np.random.default_rng(0)
     images = rng.normal(0.3, 0.05, (4, 32, 32, 3)).astype(np.float32)

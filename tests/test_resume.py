@@ -98,6 +98,32 @@ def test_best_checkpoint_is_not_replaced_by_a_worse_epoch_after_a_restart(tmp_pa
     assert best.read_bytes() != b"model of epoch 1" and best.stat().st_size > 100
 
 
+def test_early_stopping_patience_carries_over_a_restart(tmp_path):
+    """A run killed 3 epochs after its best, patience 4: one more worse epoch ends it, not 4;
+    and a run that early stopping already ended is recognised as finished."""
+    from bt_pipeline.training import ResumableEarlyStopping, stopped_early
+
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,val_dice_metric\n0,0.5\n1,0.8\n2,0.7\n3,0.75\n4,0.79\n")
+    model = _tiny_model()
+    callback = ResumableEarlyStopping(log, monitor="val_dice_metric", mode="max", patience=4)
+    callback.set_model(model)
+    callback.on_train_begin()
+    assert (callback.best, callback.wait) == (0.8, 3)
+    callback.on_epoch_end(5, {"val_dice_metric": 0.78})
+    assert model.stop_training
+    assert not stopped_early(log, "val_dice_metric", "max", 4)
+    with open(log, "a") as handle:
+        handle.write("5,0.78\n")
+    assert stopped_early(log, "val_dice_metric", "max", 4)
+    assert not stopped_early(tmp_path / "no_log.csv", "val_dice_metric", "max", 4)
+    fresh = ResumableEarlyStopping(tmp_path / "no_log.csv", monitor="val_dice_metric",
+                                   mode="max", patience=4)
+    fresh.set_model(_tiny_model())
+    fresh.on_train_begin()
+    assert fresh.wait == 0 and fresh.best is None
+
+
 def test_tuning_resumes_after_sigkill_without_recording_a_trial_twice(
         synthetic_root, synthetic_manifest, tmp_path):
     import json

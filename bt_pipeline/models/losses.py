@@ -32,7 +32,25 @@ def bce_dice_loss(y_true, y_pred):
     return bce + soft_dice_loss(y_true, y_pred)
 
 
-LOSSES = {"dice": soft_dice_loss, "bce_dice": bce_dice_loss}
+@keras.saving.register_keras_serializable(package="bt_pipeline")
+def bce_dice_per_image_loss(y_true, y_pred):
+    """Binary cross-entropy plus the mean over images of each image's soft Dice loss.
+
+    Pooling the batch (:func:`soft_dice_loss`) lets large lesions outweigh small ones; here
+    every slice counts once, so a small lesion weighs as much as a large one, and a tumour-free
+    slice is pushed to an empty prediction (its Dice loss is 1 - 1 / (1 + sum of p)).
+    """
+    y_true = ops.cast(y_true, y_pred.dtype)
+    axes = tuple(range(1, len(y_pred.shape)))
+    intersection = ops.sum(y_true * y_pred, axis=axes)
+    total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
+    dice_loss = 1.0 - (2.0 * intersection + SMOOTH) / (total + SMOOTH)
+    bce = ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
+    return bce + ops.mean(dice_loss)
+
+
+LOSSES = {"dice": soft_dice_loss, "bce_dice": bce_dice_loss,
+          "bce_dice_per_image": bce_dice_per_image_loss}
 
 
 def _overlap(y_true, y_pred, threshold: float):
