@@ -212,7 +212,7 @@ class TwoStagePredictor:
 
     def volume_masks(self, maps: list[np.ndarray | None], mask_threshold: float | None = None,
                      min_pixels: int | None = None,
-                     largest_3d: bool | None = None) -> list[np.ndarray]:
+                     largest_3d: bool | None = None) -> list[np.ndarray | None]:
         """One volume's masks (slices in order) from its probability maps, None where the
         classifier let no slice through: :meth:`masks`, then, if ``largest_3d`` (default: the
         U-Net config's ``keep_largest_3d``), only the largest 26-connected 3D component."""
@@ -248,6 +248,7 @@ class TwoStagePredictor:
         masks = self.volume_masks(maps)
         return probabilities, [m if m is not None else np.zeros(image.shape[:2], np.uint8)
                                for m, image in zip(masks, images, strict=True)]
+
 
 def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     """uint8 {0, 1} copy of a binary mask without 8-connected components under ``min_pixels``."""
