@@ -134,12 +134,15 @@ def _extremes_figure(predictor: TwoStagePredictor, slices: pd.DataFrame,
     tumour = slices[slices["has_tumor"] == 1].sort_values("iou_pipeline")
     picks = pd.concat([tumour.tail(n).iloc[::-1], tumour.head(n)])
     by_patient = {p.rows["patient_id"].iloc[0]: p for p in predictions}
+    volumes: dict[str, list[np.ndarray]] = {}
     figure, axes = plt.subplots(2, n, figsize=(3 * n, 7.2))
     for axis, row in zip(axes.ravel(), picks.itertuples(index=False), strict=False):
         prediction = by_patient[row.patient_id]
         k = int(np.flatnonzero(prediction.rows["slice"].to_numpy() == row.slice)[0])
         image = read_image(data_root / prediction.rows["image"].iloc[k])
-        mask = pipeline_volume(predictor, prediction)[k]
+        if row.patient_id not in volumes:
+            volumes[row.patient_id] = pipeline_volume(predictor, prediction)
+        mask = volumes[row.patient_id][k]
         shown = draw_outline(draw_outline(image, prediction.truths[k], (0, 255, 0)), mask,
                              (255, 0, 0))
         axis.imshow(shown)

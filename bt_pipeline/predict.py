@@ -174,6 +174,8 @@ class TwoStagePredictor:
                       indices=None) -> np.ndarray:
         """One volume's slices as a model's input batch: each slice preprocessed, stacked with
         its neighbours for a 2.5D model, then the slices at ``indices`` (default all)."""
+        if context == 0 and indices is not None:  # no neighbours needed: only those slices
+            images, indices = [images[int(i)] for i in indices], None
         volume = np.stack([preprocess_image(image, size, tv_weight) for image in images])
         volume = with_context(volume, context)
         return volume if indices is None else volume[np.asarray(indices, dtype=int)]

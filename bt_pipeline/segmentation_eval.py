@@ -98,6 +98,11 @@ def _volume(predictor: TwoStagePredictor, maps: list[np.ndarray], chosen: np.nda
     """Bool masks of one volume segmented on the ``chosen`` slices only (others empty)."""
     masks = predictor.volume_masks([m if c else None for m, c in zip(maps, chosen, strict=True)],
                                    **rule)
+    return _filled(masks, truths)
+
+
+def _filled(masks: list[np.ndarray | None], truths: list[np.ndarray]) -> list[np.ndarray]:
+    """Bool masks, an empty one of the truth's size where a slice was not segmented (None)."""
     return [m.astype(bool) if m is not None else np.zeros(t.shape, bool)
             for m, t in zip(masks, truths, strict=True)]
 
@@ -170,11 +175,9 @@ def sweep_thresholds(predictor: TwoStagePredictor, predictions: list[PatientPred
                 slice_masks = predictor.masks(prediction.maps, mask_threshold, pixels)
                 for largest, threshold in itertools.product(largest_3d, classifier_thresholds):
                     gate = probabilities >= threshold
-                    masks = predictor.finish_volume(
+                    masks = _filled(predictor.finish_volume(
                         [m if g else None for m, g in zip(slice_masks, gate, strict=True)],
-                        largest)
-                    masks = [m if m is not None else np.zeros(t.shape, np.uint8)
-                             for m, t in zip(masks, prediction.truths, strict=True)]
+                        largest), prediction.truths)
                     rows.append({
                         "patient_id": prediction.rows["patient_id"].iloc[0],
                         "mask_threshold": mask_threshold,
