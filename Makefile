@@ -16,6 +16,8 @@ EXECUTIONS ?= 2
 WORKERS ?= 2
 ORACLE_PORT ?= 8000
 UNET_EPOCHS ?= 60
+# The shipped U-Net's seed (README model card); the loss default is UNetConfig's.
+UNET_SEED ?= 1338
 # make experiments: epochs per table (the reference study used 100 and 30) and the scale.
 EXP_EPOCHS_LR_BN ?= 12
 EXP_EPOCHS_BATCH ?= 8
@@ -73,7 +75,8 @@ tune-distributed: install
 		--data-dir $(KAGGLE_ROOT) --trials $(TRIALS) --epochs $(EPOCHS) --executions $(EXECUTIONS)
 
 train-unet: install
-	$(PY) -m bt_pipeline.train_unet --data-dir $(KAGGLE_ROOT) --epochs $(UNET_EPOCHS)
+	$(PY) -m bt_pipeline.train_unet --data-dir $(KAGGLE_ROOT) --epochs $(UNET_EPOCHS) \
+		--seed $(UNET_SEED)
 
 # The reference study's tables (learning rate x batch norm, batch size x learning rate) and
 # the next-step options (TV denoising, ensemble, flip TTA) -> reports/experiments/.

@@ -81,7 +81,9 @@ class UNetConfig:
     depth: int = 4
     base_filters: int = 16
     batch_norm: bool = True
-    loss: str = "bce_dice"  # "dice", "bce_dice" or "bce_dice_per_image" (models/losses.py)
+    # "dice", "bce_dice" (batch-pooled Dice) or "bce_dice_per_image" (each slice's Dice
+    # averaged; beat bce_dice on val, README "Results"); see models/losses.py.
+    loss: str = "bce_dice_per_image"
     learning_rate: float = 1e-3
     epochs: int = 40
     patience: int = 8
