@@ -56,9 +56,14 @@ def logged_values(log_csv: Path, monitor: str) -> list[float]:
         return [float(row[monitor]) for row in csv.DictReader(handle) if row.get(monitor)]
 
 
+def best_of(values: list[float], mode: str) -> float:
+    """The best logged value: the largest for ``mode`` "max", else the smallest."""
+    return max(values) if mode == "max" else min(values)
+
+
 def epochs_since_best(values: list[float], mode: str) -> int:
     """Epochs logged after the best one (0 when the last epoch is the best)."""
-    best = max(values) if mode == "max" else min(values)
+    best = best_of(values, mode)
     last_best = max(i for i, value in enumerate(values) if value == best)
     return len(values) - 1 - last_best
 
@@ -83,7 +88,7 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         values = logged_values(self.log_csv, self.monitor)
         if values:
             mode = "max" if self.mode == "max" else "min"
-            self.best = max(values) if mode == "max" else min(values)
+            self.best = best_of(values, mode)
             self.wait = epochs_since_best(values, mode)
             self.best_epoch = len(values) - 1 - self.wait
 
@@ -95,14 +100,14 @@ class BestCheckpoint(keras.callbacks.Callback):
 
     def __init__(self, path: Path, monitor: str, mode: str, log_csv: Path):
         super().__init__()
-        self.path, self.monitor, self.log_csv = path, monitor, log_csv
+        self.path, self.monitor, self.mode, self.log_csv = path, monitor, mode, log_csv
         self.better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
         self.best: float | None = None
 
     def on_train_begin(self, logs=None):
         values = logged_values(self.log_csv, self.monitor) if self.path.is_file() else []
         if values:
-            self.best = max(values) if self.better(1, 0) else min(values)
+            self.best = best_of(values, self.mode)
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)

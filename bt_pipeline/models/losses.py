@@ -15,21 +15,28 @@ from keras import ops
 SMOOTH = 1.0
 
 
+def _soft_dice_loss(y_true, y_pred, axis=None):
+    """1 - soft Dice summed over ``axis`` (None: every pixel of the batch pooled)."""
+    y_true = ops.cast(y_true, y_pred.dtype)
+    intersection = ops.sum(y_true * y_pred, axis=axis)
+    total = ops.sum(y_true, axis=axis) + ops.sum(y_pred, axis=axis)
+    return 1.0 - (2.0 * intersection + SMOOTH) / (total + SMOOTH)
+
+
+def _bce(y_true, y_pred):
+    return ops.mean(keras.losses.binary_crossentropy(ops.cast(y_true, y_pred.dtype), y_pred))
+
+
 @keras.saving.register_keras_serializable(package="bt_pipeline")
 def soft_dice_loss(y_true, y_pred):
     """1 - soft Dice over the whole batch (pixels of all images pooled)."""
-    y_true = ops.cast(y_true, y_pred.dtype)
-    intersection = ops.sum(y_true * y_pred)
-    total = ops.sum(y_true) + ops.sum(y_pred)
-    return 1.0 - (2.0 * intersection + SMOOTH) / (total + SMOOTH)
+    return _soft_dice_loss(y_true, y_pred)
 
 
 @keras.saving.register_keras_serializable(package="bt_pipeline")
 def bce_dice_loss(y_true, y_pred):
     """Binary cross-entropy plus soft Dice loss."""
-    y_true = ops.cast(y_true, y_pred.dtype)
-    bce = ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
-    return bce + soft_dice_loss(y_true, y_pred)
+    return _bce(y_true, y_pred) + soft_dice_loss(y_true, y_pred)
 
 
 @keras.saving.register_keras_serializable(package="bt_pipeline")
@@ -40,13 +47,8 @@ def bce_dice_per_image_loss(y_true, y_pred):
     every slice counts once, so a small lesion weighs as much as a large one, and a tumour-free
     slice is pushed to an empty prediction (its Dice loss is 1 - 1 / (1 + sum of p)).
     """
-    y_true = ops.cast(y_true, y_pred.dtype)
-    axes = tuple(range(1, len(y_pred.shape)))
-    intersection = ops.sum(y_true * y_pred, axis=axes)
-    total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
-    dice_loss = 1.0 - (2.0 * intersection + SMOOTH) / (total + SMOOTH)
-    bce = ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
-    return bce + ops.mean(dice_loss)
+    per_image = _soft_dice_loss(y_true, y_pred, axis=tuple(range(1, len(y_pred.shape))))
+    return _bce(y_true, y_pred) + ops.mean(per_image)
 
 
 LOSSES = {"dice": soft_dice_loss, "bce_dice": bce_dice_loss,
