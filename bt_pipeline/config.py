@@ -44,6 +44,10 @@ class DataConfig:
     # 2.5D input: this many neighbouring slices on each side (same patient, edge slices
     # repeated) are stacked with the slice as extra channels; 0 = the slice alone.
     context_slices: int = 0
+    # How ground-truth masks reach image_size: "nearest" picks one source pixel per cell
+    # (binary targets); "area" gives each cell the fraction of it that is tumour (soft targets
+    # centred like the area-resized image, so boundaries survive the trip down and back up).
+    mask_resize: str = "nearest"
     cache_dir: str = ".cache/bt_pipeline"
 
     @property

@@ -19,6 +19,7 @@ from bt_pipeline.cli import add_common_arguments, keras_verbosity, parse
 from bt_pipeline.config import SHIPPED_UNET, DataConfig, UNetConfig, save_json
 from bt_pipeline.data.loader import load_split, unet_dataset
 from bt_pipeline.data.manifest import read_manifest
+from bt_pipeline.data.preprocess import MASK_RESIZE
 from bt_pipeline.models.losses import LOSSES, compile_unet
 from bt_pipeline.models.unet import build_unet
 from bt_pipeline.training import (
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=UNetConfig.depth)
     parser.add_argument("--no-batch-norm", action="store_true")
     parser.add_argument("--loss", default=UNetConfig.loss, choices=sorted(LOSSES))
+    parser.add_argument("--mask-resize", default=DataConfig.mask_resize,
+                        choices=sorted(MASK_RESIZE),
+                        help="how masks are shrunk to the input size: binary nearest-neighbour "
+                             "or soft area fractions (see DataConfig.mask_resize)")
     parser.add_argument("--learning-rate", type=float, default=UNetConfig.learning_rate)
     parser.add_argument("--batch-size", type=int, default=DataConfig.batch_size)
     parser.add_argument("--distribution", default="default",
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(parser, argv)
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
                              image_size=args.image_size, batch_size=args.batch_size,
-                             seed=args.seed, context_slices=args.context_slices)
+                             seed=args.seed, context_slices=args.context_slices,
+                             mask_resize=args.mask_resize)
     unet_config = UNetConfig(image_size=args.image_size, depth=args.depth,
                              base_filters=args.base_filters, batch_norm=not args.no_batch_norm,
                              loss=args.loss, learning_rate=args.learning_rate, epochs=args.epochs,

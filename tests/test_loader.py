@@ -52,6 +52,21 @@ def test_unet_batches_hold_tumours_and_a_share_of_negatives(config, training):
     assert batches[0][0].shape[1:] == (32, 32, 3) and batches[0][1].shape[1:] == (32, 32, 1)
 
 
+def test_area_masks_are_soft_cached_apart_and_stay_soft_through_augmentation(config):
+    manifest = read_manifest(config.manifest)
+    binary = load_split(manifest, "train", config)
+    area_config = dataclasses.replace(config, mask_resize="area")
+    soft = load_split(manifest, "train", area_config)  # same cache dir: must not reuse "masks"
+    assert set(np.unique(binary.masks)) <= {0.0, 1.0}
+    assert ((soft.masks > 0) & (soft.masks < 1)).any()
+    assert 0.0 <= soft.masks.min() and soft.masks.max() <= 1.0
+    _, masks = next(iter(unet_dataset(soft, area_config, training=True)))
+    masks = masks.numpy()
+    assert ((masks > 0) & (masks < 1)).any()
+    _, binary_masks = next(iter(unet_dataset(binary, config, training=True)))
+    assert set(np.unique(binary_masks.numpy())) <= {0.0, 1.0}
+
+
 def test_training_order_is_seeded(config):
     arrays = load_split(read_manifest(config.manifest), "train", config)
     first = [b[1].numpy() for b in classifier_dataset(arrays, config, True)]

@@ -2,7 +2,13 @@ import cv2
 import numpy as np
 import pytest
 
-from bt_pipeline.data.preprocess import SliceReadError, load_mask, load_slice, read_image
+from bt_pipeline.data.preprocess import (
+    SliceReadError,
+    load_mask,
+    load_slice,
+    preprocess_mask,
+    read_image,
+)
 
 
 def _slice_file(root, index=3):
@@ -23,6 +29,33 @@ def test_mask_resize_is_nearest_neighbour(synthetic_root):
     assert mask.shape == (40, 40, 1)
     assert set(np.unique(mask)) <= {0.0, 1.0}
     assert mask.sum() > 0
+
+
+def test_mask_resize_by_area_gives_tumour_fractions_centred_on_each_cell():
+    # A 2x2 lesion straddling the four 2x2 cells of a 4x4 mask: area resize puts a quarter of
+    # it in each cell; nearest copies each cell's top-left pixel and sees only one corner.
+    mask = np.zeros((4, 4), np.uint8)
+    mask[1:3, 1:3] = 1
+    np.testing.assert_array_equal(preprocess_mask(mask, 2, "area")[..., 0], np.full((2, 2), 0.25))
+    np.testing.assert_array_equal(preprocess_mask(mask, 2, "nearest")[..., 0], [[0, 0], [0, 1]])
+    with pytest.raises(ValueError, match="mask resize"):
+        preprocess_mask(mask, 2, "cubic")
+
+
+def test_area_masks_keep_the_boundary_through_the_round_trip():
+    # The U-Net predicts at the small size and its map is resized back bilinearly and cut
+    # at 0.5: soft area targets survive that trip far better than nearest-picked ones.
+    yy, xx = np.mgrid[:256, :256]
+    disc = ((yy - 120.3) ** 2 + (xx - 131.7) ** 2 < 17.5 ** 2).astype(np.uint8)
+
+    def round_trip_iou(resize):
+        small = preprocess_mask(disc, 128, resize)[..., 0]
+        back = cv2.resize(small, (256, 256), interpolation=cv2.INTER_LINEAR) > 0.5
+        return (back & (disc > 0)).sum() / (back | (disc > 0)).sum()
+
+    assert preprocess_mask(disc, 128, "area").sum() * 4 == disc.sum()  # area is kept exactly
+    assert round_trip_iou("area") > 0.98
+    assert round_trip_iou("area") > round_trip_iou("nearest") + 0.02
 
 
 def test_png_slices_load_like_tif(synthetic_root, tmp_path):

@@ -33,7 +33,8 @@ def _rotation_scale_transforms(batch: tf.Tensor, size: tf.Tensor, seed, config: 
 def augment_batch(image: tf.Tensor, mask: tf.Tensor | None, seed: tf.Tensor, config: DataConfig):
     """Augment a batch ``image`` (B, S, S, C) and optional ``mask`` (B, S, S, 1).
 
-    Returns the augmented ``(image, mask)``; ``mask`` stays binary.
+    Returns the augmented ``(image, mask)``. A binary mask stays binary; a soft one
+    (``config.mask_resize == "area"``) is resampled like the image and stays soft.
     """
     batch, size = tf.shape(image)[0], tf.shape(image)[1]
     seed_flip, seed_geometry, seed_contrast, seed_bright = tf.unstack(
@@ -48,7 +49,9 @@ def augment_batch(image: tf.Tensor, mask: tf.Tensor | None, seed: tf.Tensor, con
         fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
     image = stacked[..., :channels]
     if mask is not None:
-        mask = tf.cast(stacked[..., channels:] >= 0.5, image.dtype)
+        mask = stacked[..., channels:]
+        if config.mask_resize == "nearest":
+            mask = tf.cast(mask >= 0.5, image.dtype)
     jitter = config.intensity_jitter
     contrast = tf.random.stateless_uniform([batch, 1, 1, 1], seed_contrast, 1 - jitter, 1 + jitter)
     brightness = tf.random.stateless_uniform([batch, 1, 1, 1], seed_bright, -jitter / 2, jitter / 2)

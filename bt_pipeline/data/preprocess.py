@@ -124,11 +124,23 @@ def with_context(volume: np.ndarray, context_slices: int) -> np.ndarray:
     return np.ascontiguousarray(stacked.reshape(*volume.shape[:3], -1))
 
 
-def preprocess_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
-    """{0, 1} mask -> float32 (image_size, image_size, 1), resized nearest-neighbour."""
+MASK_RESIZE = {"nearest": cv2.INTER_NEAREST, "area": cv2.INTER_AREA}
+
+
+def preprocess_mask(mask: np.ndarray, image_size: int, resize: str = "nearest") -> np.ndarray:
+    """{0, 1} mask -> float32 (image_size, image_size, 1).
+
+    ``resize="nearest"`` keeps it binary: each output cell copies one source pixel (its
+    top-left one when shrinking by 2, half a source pixel off the cell centre). ``"area"``
+    gives each cell the fraction of it that is tumour, in [0, 1], centred on the cell like the
+    area-resized image.
+    """
+    if resize not in MASK_RESIZE:
+        raise ValueError(f"mask resize must be one of {sorted(MASK_RESIZE)}, got {resize!r}")
+    mask = mask.astype(np.float32)
     if mask.shape[:2] != (image_size, image_size):
-        mask = cv2.resize(mask, (image_size, image_size), interpolation=cv2.INTER_NEAREST)
-    return mask.astype(np.float32)[:, :, None]
+        mask = cv2.resize(mask, (image_size, image_size), interpolation=MASK_RESIZE[resize])
+    return mask[:, :, None]
 
 
 def load_slice(path: str | os.PathLike, image_size: int, tv_weight: float = 0.0) -> np.ndarray:
@@ -136,7 +148,7 @@ def load_slice(path: str | os.PathLike, image_size: int, tv_weight: float = 0.0)
     return preprocess_image(read_image(path), image_size, tv_weight)
 
 
-def load_mask(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """Mask file -> float32 {0, 1} (image_size, image_size, 1)."""
-    return preprocess_mask(read_mask(path), image_size)
+def load_mask(path: str | os.PathLike, image_size: int, resize: str = "nearest") -> np.ndarray:
+    """Mask file -> float32 (image_size, image_size, 1); see :func:`preprocess_mask`."""
+    return preprocess_mask(read_mask(path), image_size, resize)
 
