@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from bt_pipeline.atomic import write_text_atomic, write_with
@@ -93,6 +94,35 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             self.best_epoch = len(values) - 1 - self.wait
 
 
+class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+    """ReduceLROnPlateau that, on a resumed run, replays the run's CSV log (monitor and the
+    learning rate each epoch ran at) to restore its best value, plateau counter and cooldown.
+    The learning rate itself comes back with the optimizer state from BackupAndRestore."""
+
+    def __init__(self, log_csv: Path, **kwargs):
+        super().__init__(**kwargs)
+        self.log_csv = log_csv
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        values = logged_values(self.log_csv, self.monitor)
+        rates = logged_values(self.log_csv, "learning_rate")
+        if not values or len(values) != len(rates):
+            return
+        if self.monitor_op is None:
+            self._set_monitor_op()
+        for value, rate in zip(values, rates, strict=True):  # the same steps as on_epoch_end
+            if self.in_cooldown():
+                self.cooldown_counter -= 1
+                self.wait = 0
+            if self._is_improvement(value, self.best):
+                self.best, self.wait = value, 0
+            elif not self.in_cooldown():
+                self.wait += 1
+                if self.wait >= self.patience and rate > np.float32(self.min_lr):
+                    self.cooldown_counter, self.wait = self.cooldown, 0
+
+
 class BestCheckpoint(keras.callbacks.Callback):
     """Save the model whenever ``monitor`` improves, atomically. On a resumed run the best
     value so far is read back from the run's CSV log, so a worse epoch after a restart never
@@ -126,8 +156,8 @@ def training_callbacks(run_dir: Path, monitor: str, mode: str, patience: int,
         BestCheckpoint(run_dir / "best.keras", monitor, mode, run_dir / "log.csv"),
         ResumableEarlyStopping(run_dir / "log.csv", monitor=monitor, mode=mode,
                                patience=patience),
-        keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode=mode, factor=0.5,
-                                          patience=max(1, patience // 3), min_lr=1e-5),
+        ResumableReduceLROnPlateau(run_dir / "log.csv", monitor=monitor, mode=mode, factor=0.5,
+                                   patience=max(1, patience // 3), min_lr=1e-5),
         keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=True),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False,
                                     profile_batch=0),

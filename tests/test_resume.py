@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
@@ -122,6 +124,38 @@ def test_early_stopping_patience_carries_over_a_restart(tmp_path):
     fresh.set_model(_tiny_model())
     fresh.on_train_begin()
     assert fresh.wait == 0 and fresh.best is None
+
+
+def test_learning_rate_plateau_counter_carries_over_a_restart(tmp_path):
+    """Replaying the CSV log leaves the resumed callback in the state an unbroken run's would be
+    in, so the next worse epoch halves the learning rate; a stock callback would wait again."""
+    import keras
+
+    from bt_pipeline.training import ResumableReduceLROnPlateau
+
+    log = tmp_path / "log.csv"
+    epochs = [(0.5, 1e-3), (0.8, 1e-3), (0.7, 1e-3), (0.75, 1e-3), (0.79, 5e-4)]
+    log.write_text("epoch,learning_rate,val_dice_metric\n" + "".join(
+        f"{i},{rate},{value}\n" for i, (value, rate) in enumerate(epochs)))
+    settings = dict(monitor="val_dice_metric", mode="max", factor=0.5, patience=2, min_lr=1e-5)
+
+    unbroken_model = _tiny_model()
+    unbroken = keras.callbacks.ReduceLROnPlateau(**settings)
+    unbroken.set_model(unbroken_model)
+    unbroken.on_train_begin()
+    for epoch, (value, _) in enumerate(epochs):
+        unbroken.on_epoch_end(epoch, {"val_dice_metric": value})
+    assert float(unbroken_model.optimizer.learning_rate) == pytest.approx(5e-4)  # cut after epoch 3
+
+    model = _tiny_model()
+    model.optimizer.learning_rate = 5e-4  # as BackupAndRestore brings it back
+    resumed = ResumableReduceLROnPlateau(log, **settings)
+    resumed.set_model(model)
+    resumed.on_train_begin()
+    assert (resumed.best, resumed.wait, resumed.cooldown_counter) == (
+        unbroken.best, unbroken.wait, unbroken.cooldown_counter) == (0.8, 1, 0)
+    resumed.on_epoch_end(5, {"val_dice_metric": 0.78})
+    assert float(model.optimizer.learning_rate) == pytest.approx(2.5e-4)
 
 
 def test_tuning_resumes_after_sigkill_without_recording_a_trial_twice(
