@@ -29,6 +29,7 @@ from bt_pipeline.report import draw_outline
 from bt_pipeline.reporting import markdown_table
 from bt_pipeline.segmentation_eval import (
     PatientPrediction,
+    input_size_ceiling,
     pipeline_volume,
     predict_split,
     score_split,
@@ -79,6 +80,19 @@ def by_slice_level(slices: pd.DataFrame) -> pd.DataFrame:
             .agg(tumour_slices=("slice", "size"), sensitivity=("tumor_predicted", "mean"),
                  iou_unet_mean=("iou_unet", "mean"), iou_pipeline_mean=("iou_pipeline", "mean"))
             .reset_index())
+
+
+def input_size_table(predictor: TwoStagePredictor,
+                     predictions: dict[str, list[PatientPrediction]]) -> pd.DataFrame:
+    """Per split, the pooled tumour-slice IoU a flawless U-Net at this input size could reach,
+    for each way of shrinking the training masks (``DataConfig.mask_resize``)."""
+    size = predictor.unet_config.image_size
+    rows = []
+    for split, split_predictions in predictions.items():
+        ceiling = input_size_ceiling(split_predictions, size, predictor.mask_threshold)
+        rows.append({"split": split, "unet_input_size": size,
+                     **{f"iou_pooled_{resize}_masks": value for resize, value in ceiling.items()}})
+    return pd.DataFrame(rows)
 
 
 def _roc_figure(slices: pd.DataFrame, table: pd.DataFrame, out: Path) -> str:
@@ -210,6 +224,7 @@ def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits
         "pipeline_slice_detection": pipeline_detection_table(slices),
         "by_institution": by_institution(patients),
         "by_slice_level": by_slice_level(slices),
+        "input_size_ceiling": input_size_table(predictor, predictions),
     }
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "patients.csv", patients.to_csv(index=False, lineterminator="\n"))

@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from bt_pipeline.data.preprocess import read_image, read_mask
+from bt_pipeline.data.preprocess import MASK_RESIZE, preprocess_mask, read_image, read_mask
 from bt_pipeline.models.losses import dice_score, iou_score
-from bt_pipeline.predict import TwoStagePredictor
+from bt_pipeline.predict import TwoStagePredictor, to_grid
 
 
 @dataclass
@@ -150,6 +150,25 @@ def summarise(patients: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
                                     / tumour["union_pipeline"].sum()),
         })
     return pd.DataFrame(out)
+
+
+def input_size_ceiling(predictions: list[PatientPrediction], image_size: int,
+                       mask_threshold: float = 0.5) -> dict[str, float]:
+    """Pooled IoU over the tumour slices that a flawless U-Net working at ``image_size`` could
+    reach: each truth mask is shrunk as training shrinks it (each way in ``MASK_RESIZE``),
+    brought back with :func:`~bt_pipeline.predict.to_grid` and cut at ``mask_threshold``,
+    exactly as a predicted map is. Returns ``{resize: IoU}``."""
+    overlap = {resize: [0, 0] for resize in MASK_RESIZE}
+    for prediction in predictions:
+        for truth in prediction.truths:
+            if not truth.any():
+                continue
+            for resize, counts in overlap.items():
+                small = preprocess_mask(truth, image_size, resize)[..., 0]
+                back = to_grid(small, *truth.shape) > mask_threshold
+                counts[0] += int((back & truth).sum())
+                counts[1] += int((back | truth).sum())
+    return {resize: i / u if u else 1.0 for resize, (i, u) in overlap.items()}
 
 
 def sweep_thresholds(predictor: TwoStagePredictor, predictions: list[PatientPrediction],

@@ -17,6 +17,11 @@ def test_evaluation_report_on_synthetic_patients(tiny_models, synthetic_root, sy
                  "threshold_sweep.csv", "threshold_sweep.png"):
         assert (out / name).stat().st_size > 0, name
     assert list(tables["classifier"]["split"]) == ["val", "test"]
+    ceiling = tables["input_size_ceiling"]
+    assert list(ceiling["split"]) == ["val", "test"] and "input_size_ceiling" in (
+        out / "summary.md").read_text()
+    assert ceiling[["iou_pooled_area_masks", "iou_pooled_nearest_masks"]].stack().between(
+        0.5, 1.0).all()
     segmentation = tables["segmentation"]
     assert segmentation["dice_pipeline_mean"].between(0, 1).all()
     patients = pd.read_csv(out / "patients.csv")
@@ -104,3 +109,19 @@ def test_small_components_are_removed():
     kept = remove_small_components(mask, 10)
     assert kept.sum() == 36 and kept[2, 2] == 0
     assert remove_small_components(mask, 0).sum() == 40
+
+
+def test_input_size_ceiling_scores_the_truth_after_the_trip_to_the_unet_size_and_back():
+    import numpy as np
+
+    from bt_pipeline.segmentation_eval import PatientPrediction, input_size_ceiling
+
+    yy, xx = np.mgrid[:256, :256]
+    disc = (yy - 100.4) ** 2 + (xx - 140.6) ** 2 < 20.5 ** 2
+    patient = PatientPrediction(rows=pd.DataFrame(), truths=[np.zeros_like(disc), disc],
+                                probabilities=np.zeros(2), maps=[None, None])
+    assert input_size_ceiling([patient], 256) == {"area": 1.0, "nearest": 1.0}
+    shrunk = input_size_ceiling([patient], 128)
+    assert 0.98 < shrunk["area"] < 1.0
+    assert shrunk["nearest"] < shrunk["area"] - 0.02
+    assert input_size_ceiling([patient], 32)["area"] < shrunk["area"]
