@@ -88,6 +88,9 @@ class UNetConfig:
     # "dice", "bce_dice" (batch-pooled Dice) or "bce_dice_per_image" (each slice's Dice
     # averaged; beat bce_dice on val, README "Results"); see models/losses.py.
     loss: str = "bce_dice_per_image"
+    # A .keras U-Net of the same design whose weights training starts from (fine-tuning,
+    # e.g. with loss "lovasz_per_image"); "" = random initialisation from ``seed``.
+    init_from: str = ""
     learning_rate: float = 1e-3
     epochs: int = 40
     patience: int = 8

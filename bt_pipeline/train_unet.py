@@ -46,6 +46,8 @@ def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
     with make_strategy(unet_config.distribution).scope():
         model = build_unet(unet_config.image_size, unet_config.depth, unet_config.base_filters,
                            unet_config.batch_norm, channels=data_config.channels)
+        if unet_config.init_from:
+            _start_from(model, Path(unet_config.init_from))
         compile_unet(model, unet_config.learning_rate, unet_config.loss)
     started = time.monotonic()
     log_csv, monitor = run_dir / "log.csv", "val_dice_metric"
@@ -71,6 +73,15 @@ def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
     return best
 
 
+def _start_from(model: keras.Model, path: Path) -> None:
+    """Copy the weights of the saved U-Net at ``path`` into ``model`` (same design)."""
+    source = keras.saving.load_model(path, compile=False)
+    if [w.shape for w in source.weights] != [w.shape for w in model.weights]:
+        raise ValueError(f"{path}: its layers differ from the U-Net being trained "
+                         "(depth, base width, batch norm, input size and channels must match)")
+    model.set_weights(source.get_weights())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
@@ -85,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=sorted(MASK_RESIZE),
                         help="how masks are shrunk to the input size: binary nearest-neighbour "
                              "or soft area fractions (see DataConfig.mask_resize)")
+    parser.add_argument("--init-from", default="", metavar="KERAS",
+                        help="start from this U-Net's weights (fine-tuning) instead of random")
     parser.add_argument("--learning-rate", type=float, default=UNetConfig.learning_rate)
     parser.add_argument("--batch-size", type=int, default=DataConfig.batch_size)
     parser.add_argument("--distribution", default="default",
@@ -100,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                              mask_resize=args.mask_resize)
     unet_config = UNetConfig(image_size=args.image_size, depth=args.depth,
                              base_filters=args.base_filters, batch_norm=not args.no_batch_norm,
-                             loss=args.loss, learning_rate=args.learning_rate, epochs=args.epochs,
+                             loss=args.loss, init_from=args.init_from,
+                             learning_rate=args.learning_rate, epochs=args.epochs,
                              patience=args.patience,
                              distribution=args.distribution, seed=args.seed)
     verbose = keras_verbosity()

@@ -143,3 +143,44 @@ def test_classifier_layers():
     assert model.output_shape == (None, 1)
     with pytest.raises(ValueError, match="one dropout per block"):
         build_classifier(64, (4, 8), (0.1,), 0.1, 16)
+
+
+def test_lovasz_loss_is_twice_the_jaccard_loss_at_unit_margins_and_zero_when_sure():
+    from bt_pipeline.models.losses import iou_score, lovasz_per_image_loss
+
+    def sigmoid(x):
+        return 1.0 / (1.0 + np.exp(-x))
+
+    truth = np.array([1, 1, 0, 0], np.float32).reshape(1, 2, 2, 1)
+    logits = np.array([1, -1, 1, -1], np.float32).reshape(1, 2, 2, 1)  # IoU 1/3
+    assert float(lovasz_per_image_loss(truth, sigmoid(logits))) == pytest.approx(4 / 3, abs=1e-5)
+    rng = np.random.default_rng(0)
+    truths = (rng.random((3, 8, 8, 1)) > 0.6).astype(np.float32)
+    logits = np.where(rng.random((3, 8, 8, 1)) > 0.5, 1.0, -1.0).astype(np.float32)
+    expected = np.mean([2 * (1 - iou_score(t > 0, z > 0))
+                        for t, z in zip(truths, logits, strict=True)])
+    assert float(lovasz_per_image_loss(truths, sigmoid(logits))) == pytest.approx(expected,
+                                                                                  abs=1e-5)
+    sure = sigmoid(np.where(truths > 0, 3.0, -3.0).astype(np.float32))  # margin beyond 1
+    assert float(lovasz_per_image_loss(truths, sure)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_unet_training_can_start_from_a_saved_unet(tiny_models, synthetic_root,
+                                                   synthetic_manifest, tmp_path):
+    from bt_pipeline.config import DataConfig, UNetConfig
+    from bt_pipeline.train_unet import _start_from, train_unet
+
+    saved = keras.saving.load_model(tiny_models[1], compile=False)
+    model = build_unet(32, 2, 8)
+    _start_from(model, tiny_models[1])
+    batch = np.random.default_rng(1).random((2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(model.predict(batch, verbose=0), saved.predict(batch, verbose=0))
+    with pytest.raises(ValueError, match="layers differ"):
+        _start_from(build_unet(32, 2, 4), tiny_models[1])
+    data = DataConfig(data_root=str(synthetic_root), manifest=str(synthetic_manifest),
+                      image_size=32, batch_size=8, cache_dir="")
+    config = UNetConfig(image_size=32, depth=2, base_filters=8, epochs=1, learning_rate=1e-4,
+                        loss="lovasz_per_image", init_from=str(tiny_models[1]))
+    tuned = train_unet(data, config, tmp_path / "run", tmp_path / "unet.keras", verbose=0)
+    assert tuned.count_params() == saved.count_params()
+    assert '"init_from"' in (tmp_path / "unet.json").read_text()
