@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                         choices=sorted(MASK_RESIZE),
                         help="how masks are shrunk to the input size: binary nearest-neighbour "
                              "or soft area fractions (see DataConfig.mask_resize)")
+    parser.add_argument("--max-rotation-deg", type=float, default=DataConfig.max_rotation_deg,
+                        help="augmentation: largest rotation either way")
+    parser.add_argument("--max-scale", type=float, default=DataConfig.max_scale,
+                        help="augmentation: largest relative zoom in or out")
     parser.add_argument("--init-from", default="", metavar="KERAS",
                         help="start from this U-Net's weights (fine-tuning) instead of random")
     parser.add_argument("--learning-rate", type=float, default=UNetConfig.learning_rate)
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
                              image_size=args.image_size, batch_size=args.batch_size,
                              seed=args.seed, context_slices=args.context_slices,
-                             mask_resize=args.mask_resize)
+                             mask_resize=args.mask_resize,
+                             max_rotation_deg=args.max_rotation_deg, max_scale=args.max_scale)
     unet_config = UNetConfig(image_size=args.image_size, depth=args.depth,
                              base_filters=args.base_filters, batch_norm=not args.no_batch_norm,
                              loss=args.loss, init_from=args.init_from,
