@@ -48,7 +48,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         default="float32",
                         help="U-Net compute precision; auto = bfloat16 where the CPU has it "
                              "natively: ~1.45x the U-Net's own speed, val and test Dice equal "
-                             "to float32 within 0.0004 (README 'Speed')")
+                             "to float32 within 0.0005 (README 'Speed')")
 
 
 def load_predictor(args: argparse.Namespace, mask_threshold: float = 0.5):

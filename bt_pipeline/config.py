@@ -28,7 +28,9 @@ class DataConfig:
 
     data_root: str = "data/kaggle_3m"
     manifest: str = "data_manifest.csv"
-    image_size: int = 128  # slices are resized to image_size x image_size for both stages
+    # Slices are resized to image_size x image_size; each entry point sets it to the size of
+    # the model it feeds (classifier and U-Net configs).
+    image_size: int = 128
     seed: int = 1337
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -47,7 +49,7 @@ class DataConfig:
     # How ground-truth masks reach image_size: "nearest" picks one source pixel per cell
     # (binary targets); "area" gives each cell the fraction of it that is tumour (soft targets
     # centred like the area-resized image, so boundaries survive the trip down and back up).
-    mask_resize: str = "nearest"
+    mask_resize: str = "area"
     cache_dir: str = ".cache/bt_pipeline"
 
     @property
@@ -81,7 +83,8 @@ class ClassifierConfig:
 class UNetConfig:
     """U-Net segmenter."""
 
-    image_size: int = 128
+    # 160 beat 128 on every val figure (README "Results"); DataConfig.image_size must match.
+    image_size: int = 160
     depth: int = 4
     base_filters: int = 16
     batch_norm: bool = True

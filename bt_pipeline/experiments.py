@@ -282,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ensemble-size", type=int, default=3)
     parser.add_argument("--tv-weight", type=float, default=0.1)
     args = parse(parser, argv)
+    # Nearest-neighbour masks: the committed reports/experiments tables were measured so.
     data = DataConfig(data_root=args.data_dir, manifest=args.manifest, seed=args.seed,
-                      context_slices=args.context_slices)
+                      context_slices=args.context_slices, mask_resize="nearest")
     scale = Scale(args.image_size, args.depth, args.base_filters)
     try:
         tables = run_experiments(data, scale, Path(args.out), args.epochs_lr_bn,

@@ -14,7 +14,7 @@ from bt_pipeline.data.preprocess import SliceReadError, load_slice
 @pytest.fixture()
 def config(synthetic_root, synthetic_manifest, tmp_path):
     return DataConfig(data_root=str(synthetic_root), manifest=str(synthetic_manifest),
-                      image_size=32, batch_size=4, negative_share=0.5,
+                      image_size=32, batch_size=4, negative_share=0.5, mask_resize="nearest",
                       cache_dir=str(tmp_path / "cache"))
 
 
