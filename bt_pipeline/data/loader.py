@@ -78,10 +78,9 @@ def load_split(manifest: pd.DataFrame, split: str, config: DataConfig) -> SplitA
     kind = f"images-tv{config.tv_weight:g}" if config.tv_weight > 0 else "images"
     images = _cached(functools.partial(load_slice, tv_weight=config.tv_weight),
                      [root / p for p in rows["image"]], config.image_size, config.cache_dir, kind)
-    mask_kind = "masks" if config.mask_resize == "nearest" else f"masks-{config.mask_resize}"
     masks = _cached(functools.partial(load_mask, resize=config.mask_resize),
                     [root / p for p in rows["mask"]], config.image_size, config.cache_dir,
-                    mask_kind)
+                    f"masks-{config.mask_resize}")
     labels = rows["has_tumor"].to_numpy(dtype=np.float32)
     if config.context_slices > 0:
         images = _stack_context(images, rows, config.context_slices)

@@ -65,13 +65,13 @@ def _lovasz_hinge_per_image(y_true, y_pred):
     errors = 1.0 - logits * (2.0 * labels - 1.0)
     order = ops.argsort(-errors, axis=-1)
     errors_sorted = ops.take_along_axis(errors, order, axis=-1)
-    truth_sorted = ops.stop_gradient(ops.take_along_axis(labels, order, axis=-1))
+    truth_sorted = ops.take_along_axis(labels, order, axis=-1)  # from y_true: no gradient
     positives = ops.sum(truth_sorted, axis=-1, keepdims=True)
     intersection = positives - ops.cumsum(truth_sorted, axis=-1)
     union = positives + ops.cumsum(1.0 - truth_sorted, axis=-1)
     jaccard = 1.0 - intersection / union
     weights = ops.concatenate([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], axis=-1)
-    return ops.sum(ops.relu(errors_sorted) * ops.stop_gradient(weights), axis=-1)
+    return ops.sum(ops.relu(errors_sorted) * weights, axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="bt_pipeline")
