@@ -95,6 +95,10 @@ class UNetConfig:
     # e.g. with loss "lovasz_per_image"); "" = random initialisation from ``seed``.
     init_from: str = ""
     learning_rate: float = 1e-3
+    # Exponential moving average of the weights (Polyak averaging; Keras' optimizer ``use_ema``)
+    # with this momentum, e.g. 0.99; 0 = off. Validation, the best checkpoint and the shipped
+    # model then use the averaged weights, while each training step updates the raw ones.
+    weight_ema: float = 0.0
     epochs: int = 40
     patience: int = 8
     mask_threshold: float = 0.5

@@ -48,7 +48,8 @@ def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
                            unet_config.batch_norm, channels=data_config.channels)
         if unet_config.init_from:
             _start_from(model, Path(unet_config.init_from))
-        compile_unet(model, unet_config.learning_rate, unet_config.loss)
+        compile_unet(model, unet_config.learning_rate, unet_config.loss,
+                     unet_config.weight_ema)
     started = time.monotonic()
     log_csv, monitor = run_dir / "log.csv", "val_dice_metric"
     epochs_run = 0
@@ -56,7 +57,7 @@ def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
         print(f"{run_dir}: early stopping already ended this run; shipping its best model")
     else:
         callbacks = training_callbacks(run_dir, monitor, "max", unet_config.patience,
-                                       max_minutes)
+                                       max_minutes, weight_ema=unet_config.weight_ema > 0)
         history = model.fit(train, validation_data=val, epochs=unet_config.epochs,
                             callbacks=callbacks, verbose=verbose)
         epochs_run = len(history.history.get("loss", []))
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init-from", default="", metavar="KERAS",
                         help="start from this U-Net's weights (fine-tuning) instead of random")
     parser.add_argument("--learning-rate", type=float, default=UNetConfig.learning_rate)
+    parser.add_argument("--weight-ema", type=float, default=UNetConfig.weight_ema,
+                        metavar="MOMENTUM",
+                        help="validate, checkpoint and ship a moving average of the weights "
+                             "with this momentum (e.g. 0.99); 0 = off")
     parser.add_argument("--batch-size", type=int, default=DataConfig.batch_size)
     parser.add_argument("--distribution", default="default",
                         choices=["default", "mirrored", "multi_worker"])
@@ -119,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     unet_config = UNetConfig(image_size=args.image_size, depth=args.depth,
                              base_filters=args.base_filters, batch_norm=not args.no_batch_norm,
                              loss=args.loss, init_from=args.init_from,
-                             learning_rate=args.learning_rate, epochs=args.epochs,
+                             learning_rate=args.learning_rate, weight_ema=args.weight_ema,
+                             epochs=args.epochs,
                              patience=args.patience,
                              distribution=args.distribution, seed=args.seed)
     verbose = keras_verbosity()

@@ -148,11 +148,20 @@ class BestCheckpoint(keras.callbacks.Callback):
 
 
 def training_callbacks(run_dir: Path, monitor: str, mode: str, patience: int,
-                       max_minutes: float | None = None) -> list[keras.callbacks.Callback]:
-    """Best-on-val checkpoint, early stopping, LR schedule, CSV log, TensorBoard, resume."""
+                       max_minutes: float | None = None,
+                       weight_ema: bool = False) -> list[keras.callbacks.Callback]:
+    """Best-on-val checkpoint, early stopping, LR schedule, CSV log, TensorBoard, resume.
+
+    With ``weight_ema`` (the optimizer keeps a moving average of the weights) the averaged
+    weights are swapped in for validation and, at each epoch's end, after the backup has
+    saved the raw ones (so a resumed run goes on training the raw weights) and before the
+    best checkpoint is written (so it holds the averaged weights that val scored).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
+    swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if weight_ema else []
     return [
         AtomicBackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
+        *swap,
         BestCheckpoint(run_dir / "best.keras", monitor, mode, run_dir / "log.csv"),
         ResumableEarlyStopping(run_dir / "log.csv", monitor=monitor, mode=mode,
                                patience=patience),

@@ -119,6 +119,15 @@ def test_unet_overfits_one_tiny_synthetic_batch():
     assert dice_score(masks > 0, prediction) > 0.9
 
 
+def test_weight_averaging_is_set_on_the_optimizer_and_its_momentum_checked():
+    averaged = compile_unet(build_unet(32, 2, 4), 1e-3, weight_ema=0.95).optimizer
+    assert averaged.use_ema and averaged.ema_momentum == pytest.approx(0.95)
+    assert not compile_unet(build_unet(32, 2, 4), 1e-3).optimizer.use_ema
+    for momentum in (1.0, -0.1):
+        with pytest.raises(ValueError, match="weight_ema"):
+            compile_unet(build_unet(32, 2, 4), 1e-3, weight_ema=momentum)
+
+
 def test_keras_save_load_gives_same_predictions(tmp_path):
     unet = build_unet(32, 2, 4)
     classifier = build_classifier(32, (4, 8), (0.1, 0.1), 0.1, 16)

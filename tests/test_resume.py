@@ -191,3 +191,44 @@ def test_tuning_resumes_after_sigkill_without_recording_a_trial_twice(
     trials = pd.read_csv(tmp_path / "tuning" / "trials.csv", dtype={"trial_id": str})
     assert len(trials) == 4 and trials["trial_id"].is_unique
     assert (trials["status"] == "COMPLETED").all()
+
+
+def _ema_fit(run_dir, epochs):
+    """A tiny regression fitted with weight averaging and the project's callbacks."""
+    import keras
+    import numpy as np
+
+    from bt_pipeline.training import training_callbacks
+
+    keras.utils.set_random_seed(7)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = x @ np.array([[1.0], [-2.0], [0.5], [3.0]], "float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=0.8), loss="mse")
+    callbacks = training_callbacks(run_dir, "val_loss", "min", patience=100, weight_ema=True)
+    model.fit(x, y, validation_data=(x[:16], y[:16]), epochs=epochs, batch_size=8,
+              shuffle=False, callbacks=callbacks, verbose=0)
+    return x[:16], y[:16]
+
+
+def _logged(run_dir, column):
+    with open(run_dir / "log.csv") as handle:
+        return [float(row[column]) for row in csv.DictReader(handle)]
+
+
+def test_weight_averaging_checkpoints_what_val_scored_and_resumes_the_raw_weights(tmp_path):
+    """With weight_ema the best checkpoint holds the averaged weights val scored (not the raw
+    ones), and a run stopped after 2 epochs then resumed logs what an unbroken run logs (the
+    backup keeps the raw weights and their average apart)."""
+    import keras
+
+    x_val, y_val = _ema_fit(tmp_path / "unbroken", 4)
+    best = keras.saving.load_model(tmp_path / "unbroken" / "best.keras")
+    val_losses = _logged(tmp_path / "unbroken", "val_loss")
+    assert best.evaluate(x_val, y_val, verbose=0) == pytest.approx(min(val_losses), rel=1e-4)
+
+    _ema_fit(tmp_path / "resumed", 2)
+    _ema_fit(tmp_path / "resumed", 4)
+    assert _logged(tmp_path / "resumed", "epoch") == [0, 1, 2, 3]
+    assert _logged(tmp_path / "resumed", "val_loss") == pytest.approx(val_losses, rel=1e-4)

@@ -130,10 +130,16 @@ def iou_score(truth: np.ndarray, prediction: np.ndarray) -> float:
     return 1.0 if union == 0 else int((truth & prediction).sum()) / union
 
 
-def compile_unet(model: keras.Model, learning_rate: float, loss: str = "bce_dice") -> keras.Model:
-    """Adam with the chosen Dice-based loss, Dice and IoU at 0.5 tracked."""
+def compile_unet(model: keras.Model, learning_rate: float, loss: str = "bce_dice",
+                 weight_ema: float = 0.0) -> keras.Model:
+    """Adam with the chosen Dice-based loss, Dice and IoU at 0.5 tracked. ``weight_ema`` > 0
+    makes the optimizer keep a moving average of the weights with that momentum (pair it with
+    ``training_callbacks(..., weight_ema=True)`` so validation and checkpoints use it)."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=LOSSES[loss],
-                  metrics=[dice_metric, iou_metric])
+    if not 0.0 <= weight_ema < 1.0:
+        raise ValueError(f"weight_ema {weight_ema} must be in [0, 1): 0 = off, e.g. 0.99")
+    optimizer = keras.optimizers.Adam(learning_rate, use_ema=weight_ema > 0,
+                                      ema_momentum=weight_ema or 0.99)
+    model.compile(optimizer=optimizer, loss=LOSSES[loss], metrics=[dice_metric, iou_metric])
     return model
