@@ -140,6 +140,6 @@ def compile_unet(model: keras.Model, learning_rate: float, loss: str = "bce_dice
     if not 0.0 <= weight_ema < 1.0:
         raise ValueError(f"weight_ema {weight_ema} must be in [0, 1): 0 = off, e.g. 0.99")
     optimizer = keras.optimizers.Adam(learning_rate, use_ema=weight_ema > 0,
-                                      ema_momentum=weight_ema or 0.99)
+                                      ema_momentum=weight_ema)
     model.compile(optimizer=optimizer, loss=LOSSES[loss], metrics=[dice_metric, iou_metric])
     return model
