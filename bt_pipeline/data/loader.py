@@ -71,9 +71,24 @@ def _cached(loader, paths: list[Path], image_size: int, cache_dir: str | None, k
 
 def load_split(manifest: pd.DataFrame, split: str, config: DataConfig) -> SplitArrays:
     """Decode (or read from cache) every slice and mask of ``split``."""
-    rows = manifest[manifest["split"] == split].reset_index(drop=True)
+    rows = manifest[manifest["split"] == split]
     if rows.empty:
         raise ValueError(f"split {split!r} has no slices in the manifest")
+    return load_rows(rows, config)
+
+
+def load_patients(manifest: pd.DataFrame, patients: list[str], config: DataConfig) -> SplitArrays:
+    """Decode (or read from cache) every slice and mask of ``patients`` (manifest order)."""
+    rows = manifest[manifest["patient_id"].isin(set(patients))]
+    missing = sorted(set(patients) - set(rows["patient_id"]))
+    if missing:
+        raise ValueError(f"patient(s) not in the manifest: {missing[:5]}")
+    return load_rows(rows, config)
+
+
+def load_rows(rows: pd.DataFrame, config: DataConfig) -> SplitArrays:
+    """Decode (or read from cache) the slices and masks of these manifest rows."""
+    rows = rows.reset_index(drop=True)
     root = Path(config.data_root)
     kind = f"images-tv{config.tv_weight:g}" if config.tv_weight > 0 else "images"
     images = _cached(functools.partial(load_slice, tv_weight=config.tv_weight),

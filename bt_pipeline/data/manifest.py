@@ -1,6 +1,8 @@
 """The slice manifest: one row per slice of a Kaggle-layout root, with a patient-level split.
 
-Columns: patient_id, institution, slice, n_slices, image, mask, tumor_pixels, has_tumor, split.
+Columns: patient_id, institution, slice, n_slices, image, mask, tumor_pixels, has_tumor, split,
+fold. ``fold`` is the patient's cross-validation fold (0..N_FOLDS-1) for development patients
+(train and val) and -1 for test patients, who never enter the cross-validation.
 Paths are relative to the data root, with forward slashes, so the CSV is portable and the
 committed ``data_manifest.csv`` is reproduced byte for byte by ``make manifest``.
 """
@@ -20,9 +22,13 @@ from bt_pipeline.data.preprocess import read_mask
 
 COLUMNS = [
     "patient_id", "institution", "slice", "n_slices", "image", "mask",
-    "tumor_pixels", "has_tumor", "split",
+    "tumor_pixels", "has_tumor", "split", "fold",
 ]
 SPLITS = ("train", "val", "test")
+#: Cross-validation folds over the development (train + val) patients.
+N_FOLDS = 5
+#: ``fold`` of a patient outside the cross-validation (the test split).
+NO_FOLD = -1
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 _SLICE_NAME = re.compile(r"^(?P<patient>.+)_(?P<slice>\d+)$")
 _INSTITUTION = re.compile(r"^TCGA_(?P<institution>[A-Za-z0-9]+)_")
@@ -122,6 +128,28 @@ def split_patients(
     return assignment
 
 
+def assign_folds(institution_by_patient: dict[str, str], n_folds: int, seed: int) -> dict[str, int]:
+    """Deal patients into ``n_folds`` cross-validation folds, stratified by institution.
+
+    Within each institution the patients are shuffled with ``seed`` and dealt round-robin; the
+    deal continues across institutions where the previous one stopped, so fold sizes differ by
+    at most one and each institution is spread as evenly as its size allows. The result depends
+    only on the patient list, ``n_folds`` and ``seed``.
+    """
+    if n_folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {n_folds}")
+    rng = np.random.default_rng(seed)
+    by_institution: dict[str, list[str]] = {}
+    for patient, institution in sorted(institution_by_patient.items()):
+        by_institution.setdefault(institution, []).append(patient)
+    folds: dict[str, int] = {}
+    for institution in sorted(by_institution):
+        members = by_institution[institution]
+        for patient in (members[i] for i in rng.permutation(len(members))):
+            folds[patient] = len(folds) % n_folds
+    return folds
+
+
 def build_manifest(
     data_root: str | os.PathLike, val_fraction: float, test_fraction: float, seed: int
 ) -> pd.DataFrame:
@@ -130,6 +158,9 @@ def build_manifest(
     institutions = dict(zip(table["patient_id"], table["institution"], strict=False))
     split = split_patients(institutions, val_fraction, test_fraction, seed)
     table["split"] = table["patient_id"].map(split)
+    development = {p: i for p, i in institutions.items() if split[p] != "test"}
+    folds = assign_folds(development, N_FOLDS, seed)
+    table["fold"] = table["patient_id"].map(lambda p: folds.get(p, NO_FOLD)).astype(int)
     return table[COLUMNS]
 
 
@@ -149,7 +180,13 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     bad = sorted(set(table["split"]) - set(SPLITS))
     if bad:
         raise ValueError(f"{path}: unknown split name(s) {bad}")
-    leaked = table.groupby("patient_id")["split"].nunique()
-    if (leaked > 1).any():
-        raise ValueError(f"{path}: patient(s) in several splits: {list(leaked[leaked > 1].index)}")
+    for column in ("split", "fold"):
+        leaked = table.groupby("patient_id")[column].nunique()
+        if (leaked > 1).any():
+            raise ValueError(f"{path}: patient(s) in several {column}s: "
+                             f"{list(leaked[leaked > 1].index)}")
+    crossed = table[(table["split"] == "test") != (table["fold"] == NO_FOLD)]
+    if not crossed.empty:
+        raise ValueError(f"{path}: fold must be {NO_FOLD} exactly for test patients "
+                         f"(see {sorted(set(crossed['patient_id']))[:3]})")
     return table
