@@ -114,6 +114,9 @@ class UNetConfig:
     tta_flips: bool = False
     ensemble: tuple[str, ...] = ()
     distribution: str = "default"  # "default", "mirrored" or "multi_worker"
+    # Training compute: "float32" or "mixed_bfloat16" (bfloat16 activations and matmuls, float32
+    # weights, output and loss). The shipped model is float32 either way (training.ship_model).
+    precision: str = "float32"
     seed: int = 1337
 
 

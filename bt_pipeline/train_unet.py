@@ -17,10 +17,11 @@ import keras
 
 from bt_pipeline.cli import add_common_arguments, keras_verbosity, parse
 from bt_pipeline.config import SHIPPED_UNET, DataConfig, UNetConfig, save_json
-from bt_pipeline.data.loader import load_split, unet_dataset
+from bt_pipeline.data.loader import load_patients, load_split, unet_dataset
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.data.preprocess import MASK_RESIZE
 from bt_pipeline.models.losses import LOSSES, compile_unet
+from bt_pipeline.models.precision import resolve_precision, with_dtype_policy
 from bt_pipeline.models.unet import build_unet
 from bt_pipeline.training import (
     logged_values,
@@ -33,21 +34,33 @@ from bt_pipeline.training import (
 
 def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
                ship_to: Path | None = SHIPPED_UNET, max_minutes: float | None = None,
-               verbose: int | str = "auto") -> keras.Model:
-    """Fit the U-Net; returns the best-on-val model (also shipped to ``ship_to``)."""
+               verbose: int | str = "auto", patients: tuple[list[str], list[str]] | None = None
+               ) -> keras.Model:
+    """Fit the U-Net; returns the best-on-val model (also shipped to ``ship_to``).
+
+    ``patients`` = (train ids, val ids) overrides the manifest's train and val splits (a
+    cross-validation fold trains on its own patients).
+    """
     if data_config.image_size != unet_config.image_size:
         raise ValueError("data and U-Net image sizes differ")
     keras.utils.set_random_seed(unet_config.seed)
     manifest = read_manifest(data_config.manifest)
-    train = unet_dataset(load_split(manifest, "train", data_config), data_config, training=True)
+    if patients is None:
+        train_arrays = load_split(manifest, "train", data_config)
+        val_arrays = load_split(manifest, "val", data_config)
+    else:
+        train_arrays = load_patients(manifest, patients[0], data_config)
+        val_arrays = load_patients(manifest, patients[1], data_config)
+    train = unet_dataset(train_arrays, data_config, training=True)
     val_config = dataclasses.replace(data_config, augment=False)
-    val = unet_dataset(load_split(manifest, "val", data_config), val_config, training=False)
+    val = unet_dataset(val_arrays, val_config, training=False)
     save_json(unet_config, run_dir / "config.json", extra={"data": dataclasses.asdict(data_config)})
     with make_strategy(unet_config.distribution).scope():
         model = build_unet(unet_config.image_size, unet_config.depth, unet_config.base_filters,
                            unet_config.batch_norm, channels=data_config.channels)
         if unet_config.init_from:
             _start_from(model, Path(unet_config.init_from))
+        model = with_dtype_policy(model, unet_config.precision)
         compile_unet(model, unet_config.learning_rate, unet_config.loss,
                      unet_config.weight_ema)
     started = time.monotonic()
@@ -113,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["default", "mirrored", "multi_worker"])
     parser.add_argument("--patience", type=int, default=UNetConfig.patience,
                         help="early-stopping patience (epochs without a better val Dice)")
+    parser.add_argument("--precision", default="float32",
+                        choices=["float32", "mixed_bfloat16", "auto"],
+                        help="training compute; auto = mixed_bfloat16 where the CPU multiplies "
+                             "bfloat16 natively (AVX512-BF16 or AMX)")
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--ship-to", default=str(SHIPPED_UNET))
     args = parse(parser, argv)
@@ -127,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                              learning_rate=args.learning_rate, weight_ema=args.weight_ema,
                              epochs=args.epochs,
                              patience=args.patience,
-                             distribution=args.distribution, seed=args.seed)
+                             distribution=args.distribution,
+                             precision=resolve_precision(args.precision), seed=args.seed)
     verbose = keras_verbosity()
     try:
         train_unet(data_config, unet_config, Path(args.run_dir), Path(args.ship_to),

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from bt_pipeline.atomic import write_text_atomic, write_with
 from bt_pipeline.config import save_json
+from bt_pipeline.models.precision import with_dtype_policy
 
 
 class TimeLimit(keras.callbacks.Callback):
@@ -197,9 +198,14 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 
 
 def ship_model(model: keras.Model, path: Path, config: Any, facts: dict[str, Any]) -> None:
-    """Save ``model`` without optimizer state (small file) and its config beside it, atomically."""
-    clone = keras.Model.from_config(model.get_config())  # uncompiled: no optimizer slots
-    clone.set_weights(model.get_weights())
+    """Save ``model`` without optimizer state (small file) and its config beside it, atomically.
+
+    A model trained in mixed bfloat16 ships as float32: its layers are rebuilt with the float32
+    policy and the trained weights (float32 under either policy) copied in, so the file loads
+    and runs in float32 everywhere."""
+    float32 = with_dtype_policy(model, "float32")
+    clone = keras.Model.from_config(float32.get_config())  # uncompiled: no optimizer slots
+    clone.set_weights(float32.get_weights())
     write_with(path, lambda tmp: clone.save(tmp), suffix=".keras")
     save_json(config, path.with_suffix(".json"), extra=facts)
 

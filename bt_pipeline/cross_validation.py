@@ -1,0 +1,92 @@
+"""Patient-level 5-fold cross-validation of a U-Net recipe over the development patients.
+
+Each fold's U-Net trains on the other folds' patients (a recipe that needs a validation set
+takes it from those patients too) and is scored on its own fold, which it never saw. The test
+patients (``fold`` -1 in the manifest) are never used here.
+
+    runs/cv/<recipe>/fold<k>/          training run (resumes after a kill)
+    runs/cv/<recipe>/fold<k>/unet.keras the fold's finished model (+ unet.json); its presence
+                                        marks the fold done, so a rerun skips it
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+
+from bt_pipeline.config import DataConfig, UNetConfig
+from bt_pipeline.data.manifest import N_FOLDS, NO_FOLD, read_manifest, split_patients
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How one fold's U-Net is trained: its configs and the share of the fold's training
+    patients held back as the validation set that early stopping and the LR plateau watch
+    (0 = a fixed schedule with no validation set)."""
+
+    name: str
+    unet: UNetConfig
+    data: DataConfig
+    inner_val_fraction: float = 0.0
+
+
+def baseline_recipe(precision: str = "mixed_bfloat16") -> Recipe:
+    """The recipe of the U-Net shipped before the cross-validation (`make train-unet`): seed
+    1339, 36 epochs, early stopping and LR plateau on a validation set, here 15 % of each fold's
+    training patients, as its own val was 15 % of all patients."""
+    return Recipe("baseline", UNetConfig(epochs=36, seed=1339, precision=precision),
+                  DataConfig(image_size=UNetConfig.image_size, seed=1339), 0.15)
+
+
+RECIPES = {"baseline": baseline_recipe}
+
+
+def fold_patients(manifest: pd.DataFrame, fold: int) -> tuple[list[str], list[str]]:
+    """(training patients, held-out patients) of ``fold``; test patients are in neither."""
+    if not 0 <= fold < N_FOLDS:
+        raise ValueError(f"fold {fold} outside 0..{N_FOLDS - 1}")
+    folds = manifest.drop_duplicates("patient_id").set_index("patient_id")["fold"]
+    development = folds[folds != NO_FOLD]
+    return (sorted(development.index[development != fold]),
+            sorted(development.index[development == fold]))
+
+
+def inner_split(manifest: pd.DataFrame, patients: list[str], fraction: float,
+                seed: int) -> tuple[list[str], list[str]]:
+    """``patients`` into (train, validation), stratified by institution as the manifest's own
+    split is; ``fraction`` 0 gives no validation patients."""
+    if fraction <= 0:
+        return sorted(patients), []
+    institutions = manifest.drop_duplicates("patient_id").set_index("patient_id")["institution"]
+    split = split_patients({p: institutions[p] for p in patients}, fraction, 0.0, seed)
+    return (sorted(p for p in patients if split[p] == "train"),
+            sorted(p for p in patients if split[p] == "val"))
+
+
+def fold_dir(runs_root: Path, recipe: str, fold: int) -> Path:
+    return Path(runs_root) / recipe / f"fold{fold}"
+
+
+def fold_model(runs_root: Path, recipe: str, fold: int) -> Path:
+    """Where fold ``fold``'s finished U-Net is shipped."""
+    return fold_dir(runs_root, recipe, fold) / "unet.keras"
+
+
+def train_fold(recipe: Recipe, fold: int, data_root: str, manifest_path: str, runs_root: Path,
+               verbose: int | str = 2) -> Path:
+    """Train fold ``fold`` of ``recipe`` unless its model exists; returns the model's path."""
+    from bt_pipeline.train_unet import train_unet
+
+    target = fold_model(runs_root, recipe.name, fold)
+    if target.is_file():
+        return target
+    manifest = read_manifest(manifest_path)
+    training, _ = fold_patients(manifest, fold)
+    train_ids, val_ids = inner_split(manifest, training, recipe.inner_val_fraction,
+                                     recipe.data.seed + fold)
+    data = dataclasses.replace(recipe.data, data_root=data_root, manifest=manifest_path)
+    train_unet(data, recipe.unet, fold_dir(runs_root, recipe.name, fold), target,
+               verbose=verbose, patients=(train_ids, val_ids))
+    return target
