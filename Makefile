@@ -19,6 +19,7 @@ ORACLE_PORT ?= 8000
 UNET_EPOCHS ?= 36
 # The shipped U-Net's seed (README model card); the loss default is UNetConfig's.
 UNET_SEED ?= 1339
+CV_RECIPE ?= baseline
 # make experiments: epochs per table (the reference study used 100 and 30) and the scale.
 EXP_EPOCHS_LR_BN ?= 12
 EXP_EPOCHS_BATCH ?= 8
@@ -26,8 +27,8 @@ EXP_EPOCHS_OPTIONS ?= 15
 EXP_IMAGE_SIZE ?= 64
 EXP_BASE_FILTERS ?= 8
 
-.PHONY: install data manifest eda test test-slow lint tune tune-distributed train-unet \
-        demo evaluate experiments bench bench-loader bench-infer clean
+.PHONY: install data manifest eda test test-quick test-slow lint tune tune-distributed \
+        train-unet postprocess cv demo evaluate experiments bench bench-loader bench-infer clean
 
 install: $(VENV)/.installed
 
@@ -60,6 +61,10 @@ eda: install
 test: install
 	$(PY) -m pytest
 
+# The inner loop: unit tests only (integration tests: kill/resume, distributed tuner, experiments).
+test-quick: install
+	$(PY) -m pytest -m "not slow and not integration"
+
 test-slow: install
 	$(PY) -m pytest -m slow
 
@@ -67,7 +72,7 @@ lint: install
 	$(VENV)/bin/ruff check bt_pipeline tests
 
 tune: install
-	$(PY) -m bt_pipeline.tune --data-dir $(KAGGLE_ROOT) --trials $(TRIALS) --epochs $(EPOCHS) \
+	$(PY) -m bt_pipeline tune --data-dir $(KAGGLE_ROOT) --trials $(TRIALS) --epochs $(EPOCHS) \
 		--executions $(EXECUTIONS)
 
 # A chief (the gRPC oracle) and $(WORKERS) workers on this machine; see README for several.
@@ -75,14 +80,25 @@ tune-distributed: install
 	WORKERS=$(WORKERS) ORACLE_PORT=$(ORACLE_PORT) PY=$(PY) bash tuning/run_distributed.sh \
 		--data-dir $(KAGGLE_ROOT) --trials $(TRIALS) --epochs $(EPOCHS) --executions $(EXECUTIONS)
 
+# Train and ship the U-Net, then choose its post-processing on val and write it into its JSON.
 train-unet: install
-	$(PY) -m bt_pipeline.train_unet --data-dir $(KAGGLE_ROOT) --epochs $(UNET_EPOCHS) \
+	$(PY) -m bt_pipeline train-unet --data-dir $(KAGGLE_ROOT) --epochs $(UNET_EPOCHS) \
 		--seed $(UNET_SEED)
+	$(MAKE) --no-print-directory postprocess
+
+postprocess: install
+	$(PY) -m bt_pipeline evaluate --data-dir $(KAGGLE_ROOT) --splits val \
+		--out runs/postprocess --write-postprocessing
+
+# 5-fold cross-validation over the development patients: trains the missing folds (bf16),
+# scores every fold's held-out patients -> reports/cv/$(CV_RECIPE)/. A killed run resumes.
+cv: install
+	$(PY) -m bt_pipeline cv --data-dir $(KAGGLE_ROOT) --recipe $(CV_RECIPE)
 
 # The reference study's tables (learning rate x batch norm, batch size x learning rate) and
 # the next-step options (TV denoising, ensemble, flip TTA) -> reports/experiments/.
 experiments: install
-	$(PY) -m bt_pipeline.experiments --data-dir $(KAGGLE_ROOT) \
+	$(PY) -m bt_pipeline experiments --data-dir $(KAGGLE_ROOT) \
 		--epochs-lr-bn $(EXP_EPOCHS_LR_BN) --epochs-batch $(EXP_EPOCHS_BATCH) \
 		--epochs-options $(EXP_EPOCHS_OPTIONS) --image-size $(EXP_IMAGE_SIZE) \
 		--base-filters $(EXP_BASE_FILTERS)
@@ -103,12 +119,12 @@ bench-infer: install
 demo: install
 	@if [ ! -d "$(KAGGLE_ROOT)" ] && [ -d "$(SHARED_LGG)" ]; then $(MAKE) --no-print-directory data; fi
 	@if [ ! -d "$(KAGGLE_ROOT)" ]; then $(MAKE) --no-print-directory data; exit 1; fi
-	$(PY) -m bt_pipeline.infer $$($(PY) -m bt_pipeline patients --split test \
+	$(PY) -m bt_pipeline infer $$($(PY) -m bt_pipeline patients --split test \
 		--data-dir $(KAGGLE_ROOT)) --out predictions/demo
 	@echo "open predictions/demo/report.html"
 
 evaluate: install
-	$(PY) -m bt_pipeline.evaluate --data-dir $(KAGGLE_ROOT) --splits val test
+	$(PY) -m bt_pipeline evaluate --data-dir $(KAGGLE_ROOT) --splits val test
 
 clean:
 	rm -rf .cache reports runs predictions tuning/work

@@ -1,13 +1,120 @@
-"""Argument helpers shared by the entry points (no TensorFlow import at parse time)."""
+"""The ``bt`` command line: one front over every command, owning exit codes and error messages.
+
+    bt COMMAND [options]            (also: python -m bt_pipeline COMMAND)
+
+Each command lives in the module that owns its work, which exposes ``add_arguments(parser)``
+and ``run(args) -> int`` (a module with several commands suffixes both names). Only the chosen
+command's module is imported, so ``bt --help`` and ``bt infer --help`` never load TensorFlow.
+
+Exit status: 0 done; 1 done, but some inputs were skipped (listed by the command); 2 nothing
+done: a wrong call or bad input, one line on stderr naming it; 3 internal error (a bug: one
+line on stderr, the traceback with ``--debug``); 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
-from pathlib import Path
+import traceback
 
-from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig
+from bt_pipeline import __version__
+from bt_pipeline.config import DataConfig
 
+#: name -> (module, suffix of its add_arguments/run functions, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "infer": ("bt_pipeline.inference.infer", "",
+              "detect and outline tumours in scan folders (per-patient masks and reports)"),
+    "evaluate": ("bt_pipeline.evaluation.evaluate", "",
+                 "score the shipped models on the val/test patients -> reports/evaluation"),
+    "cv": ("bt_pipeline.evaluation.cv_report", "",
+           "5-fold cross-validation over the development patients -> reports/cv"),
+    "tune": ("bt_pipeline.training.tune", "",
+             "stage 1: RandomSearch for the slice classifier, retrain the best, ship it"),
+    "train-unet": ("bt_pipeline.training.train_unet", "", "stage 2: train and ship the U-Net"),
+    "manifest": ("bt_pipeline.data.manifest", "_manifest",
+                 "(re)write the slice manifest with its patient split and folds"),
+    "patients": ("bt_pipeline.data.manifest", "_patients", "patient folders of one split"),
+    "experiments": ("bt_pipeline.studies.experiments", "",
+                    "the reference study's tables and the next-step options"),
+    "bench": ("bt_pipeline.studies.bench", "",
+              "speed of every stage against the machine's peak -> reports/bench.json"),
+    "bench-loader": ("bt_pipeline.studies.bench", "_loader", "tf.data loader throughput"),
+    "bench-infer": ("bt_pipeline.studies.bench", "_infer", "end-to-end inference speed"),
+    "eda": ("bt_pipeline.studies.eda", "", "plots of the dataset -> reports/eda"),
+}
+
+
+class UsageError(ValueError):
+    """The call itself is wrong (exit status 2)."""
+
+
+def _front_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<13} {help_text}" for name, (_, _, help_text) in COMMANDS.items())
+    return argparse.ArgumentParser(
+        prog="bt", formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="bt [--version] COMMAND [options]  (bt COMMAND --help for its options)",
+        description="bt_pipeline: find and outline lower-grade glioma FLAIR abnormality in MRI.",
+        epilog=f"commands:\n{lines}\n\nexit status: 0 done, 1 some inputs skipped, 2 wrong call "
+               "or bad input, 3 internal error, 130 interrupted")
+
+
+def command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    """The parser of command ``name`` and its run function (imports that command's module)."""
+    module_name, suffix, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"bt {name}", description=help_text)
+    getattr(module, f"add_arguments{suffix}")(parser)
+    parser.add_argument("--debug", action="store_true",
+                        help="on an internal error, print the traceback")
+    return parser, getattr(module, f"run{suffix}")
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Parse ``argv`` for command ``name``, run it, and turn every failure into its status."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
+    parser, run = command_parser(name)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse printed the help or the usage error
+        return 0 if exc.code in (0, None) else 2
+    try:
+        return int(run(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:  # UsageError, bad input
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"internal error: {type(exc).__name__}: {exc} (bt {name} --debug shows where)",
+              file=sys.stderr)
+        return 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return run_command(argv[0], argv[1:])
+    parser = _front_parser()
+    parser.add_argument("--version", action="version", version=f"bt_pipeline {__version__}")
+    parser.add_argument("command", nargs="?", help=argparse.SUPPRESS)
+    try:
+        args, _ = parser.parse_known_args(argv)
+    except SystemExit as exc:
+        return 0 if exc.code in (0, None) else 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    print(f"bt: unknown command {args.command!r}; one of: {', '.join(COMMANDS)}",
+          file=sys.stderr)
+    return 2
+
+
+# Argument helpers shared by the commands (no TensorFlow import at parse time).
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """--data-dir, --manifest, --seed, --context-slices and --threads."""
@@ -20,42 +127,17 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TensorFlow threads (default: all cores)")
 
 
-def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse, then apply --threads before any TensorFlow work."""
-    from bt_pipeline.training import limit_threads
+def apply_threads(args: argparse.Namespace) -> None:
+    """Apply --threads before any TensorFlow work: two trainings sharing a small CPU run faster
+    with one thread each than fighting over every core."""
+    threads = getattr(args, "threads", None)
+    if threads:
+        import tensorflow as tf
 
-    args = parser.parse_args(argv)
-    limit_threads(args.threads)
-    return args
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
 def keras_verbosity() -> int | str:
     """A progress bar in a terminal, one line per epoch in a log file."""
     return "auto" if sys.stdout.isatty() else 2
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Which models run, and how: --classifier, --unet, --extra-unet, --tta-flips."""
-    parser.add_argument("--classifier", type=Path, default=SHIPPED_CLASSIFIER)
-    parser.add_argument("--unet", type=Path, default=SHIPPED_UNET)
-    parser.add_argument("--extra-unet", type=Path, nargs="*", default=None, metavar="KERAS",
-                        help="more U-Nets of the same input size, masks from their mean "
-                             "(default: the U-Net config's ensemble; none: --extra-unet alone)")
-    parser.add_argument("--tta-flips", action=argparse.BooleanOptionalAction, default=None,
-                        help="also segment each slice mirrored left-right and average "
-                             "(default: as the U-Net config says)")
-    parser.add_argument("--precision", choices=["float32", "bfloat16", "auto"],
-                        default="float32",
-                        help="U-Net compute precision; auto = bfloat16 where the CPU has it "
-                             "natively: ~1.45x the U-Net's own speed, val and test Dice equal "
-                             "to float32 within 0.0005 (README 'Speed')")
-
-
-def load_predictor(args: argparse.Namespace, mask_threshold: float = 0.5):
-    """The TwoStagePredictor that :func:`add_model_arguments`' options describe (auto
-    precision looks at the CPU's flags)."""
-    from bt_pipeline.predict import TwoStagePredictor, cpu_has_bfloat16
-
-    bfloat16 = cpu_has_bfloat16() if args.precision == "auto" else args.precision == "bfloat16"
-    return TwoStagePredictor.load(args.classifier, args.unet, mask_threshold, args.extra_unet,
-                                  args.tta_flips, bfloat16)

@@ -23,6 +23,21 @@ SHIPPED_UNET = WEIGHTS_DIR / "unet.keras"
 
 
 @dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How a slice becomes a model's input: the part of a model's config that training writes
+    and inference reads, so a saved model is always fed as it was trained."""
+
+    image_size: int
+    context_slices: int = 0  # 2.5D: neighbouring slices per side stacked as channels
+    tv_weight: float = 0.0  # Total Variation denoising weight; 0 = off
+
+    @property
+    def channels(self) -> int:
+        """Input channels: RGB per stacked slice."""
+        return 3 * (2 * self.context_slices + 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the slices are, how they are split and how they reach a model."""
 
@@ -55,7 +70,18 @@ class DataConfig:
     @property
     def channels(self) -> int:
         """Input channels of a model fed by this config: RGB per stacked slice."""
-        return 3 * (2 * self.context_slices + 1)
+        return self.preprocessing.channels
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.image_size, self.context_slices, self.tv_weight)
+
+
+def check_preprocessing(data: DataConfig, model_config: Any) -> None:
+    """Raise ValueError unless the data feed a model the way its config says it is fed."""
+    if data.preprocessing != model_config.preprocessing:
+        raise ValueError(f"data preprocessing {data.preprocessing} differs from the "
+                         f"{type(model_config).__name__}'s {model_config.preprocessing}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,21 +101,26 @@ class ClassifierConfig:
     epochs: int = 40
     patience: int = 10
     threshold: float = 0.5  # decision threshold on the tumour probability, chosen on val
-    min_val_sensitivity: float = 0.97  # the threshold rule's sensitivity floor (see tune.py)
+    min_val_sensitivity: float = 0.97  # the threshold rule's sensitivity floor (train_classifier)
+    context_slices: int = 0
+    tv_weight: float = 0.0
     seed: int = 1337
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.image_size, self.context_slices, self.tv_weight)
 
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
     """U-Net segmenter."""
 
-    # 160 beat 128 on every val figure (README "Results"); DataConfig.image_size must match.
-    image_size: int = 160
+    image_size: int = 160  # DataConfig.image_size must match
     depth: int = 4
     base_filters: int = 16
     batch_norm: bool = True
-    # "dice", "bce_dice" (batch-pooled Dice) or "bce_dice_per_image" (each slice's Dice
-    # averaged; beat bce_dice on val, README "Results"); see models/losses.py.
+    # "dice", "bce_dice" (batch-pooled Dice), "bce_dice_per_image" (each slice's Dice averaged)
+    # or "lovasz_per_image"; see models/losses.py.
     loss: str = "bce_dice_per_image"
     # A .keras U-Net of the same design whose weights training starts from (fine-tuning,
     # e.g. with loss "lovasz_per_image"); "" = random initialisation from ``seed``.
@@ -102,22 +133,26 @@ class UNetConfig:
     epochs: int = 40
     patience: int = 8
     mask_threshold: float = 0.5
-    # Post-processing: connected components (per slice) smaller than this are dropped;
-    # 0 = off. Chosen on val by `python -m bt_pipeline.evaluate --sweep` only if it helps.
+    # Post-processing (inference/postprocess.py, which chooses and writes both): connected
+    # components (per slice) smaller than this are dropped, 0 = off; keep only the largest 3D
+    # (26-connected) component of a patient's masks.
     min_component_pixels: int = 0
-    # Post-processing on a patient's volume: keep only the largest 3D (26-connected)
-    # component of the masks. Same rule: adopted only if it helps on val.
     keep_largest_3d: bool = False
-    # Inference options, each adopted only after it helped on val (README "Results"): average
-    # with the left-right mirrored slice; more U-Nets (files beside this model, same input
-    # size) whose probabilities are averaged with this one's.
+    # Inference options: average with the left-right mirrored slice; more U-Nets (files beside
+    # this model, same input size) whose probabilities are averaged with this one's.
     tta_flips: bool = False
     ensemble: tuple[str, ...] = ()
     distribution: str = "default"  # "default", "mirrored" or "multi_worker"
     # Training compute: "float32" or "mixed_bfloat16" (bfloat16 activations and matmuls, float32
     # weights, output and loss). The shipped model is float32 either way (training.ship_model).
     precision: str = "float32"
+    context_slices: int = 0
+    tv_weight: float = 0.0
     seed: int = 1337
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.image_size, self.context_slices, self.tv_weight)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

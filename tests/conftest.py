@@ -67,9 +67,8 @@ def tiny_models(synthetic_root, synthetic_manifest, tmp_path_factory):
     from bt_pipeline.data.loader import classifier_dataset, load_split, unet_dataset
     from bt_pipeline.data.manifest import read_manifest
     from bt_pipeline.models.classifier import build_classifier, compile_classifier
-    from bt_pipeline.models.losses import compile_unet
-    from bt_pipeline.models.unet import build_unet
-    from bt_pipeline.training import ship_model
+    from bt_pipeline.models.unet import build_unet, compile_unet
+    from bt_pipeline.training.callbacks import ship_model
 
     keras.utils.set_random_seed(0)
     out = tmp_path_factory.mktemp("models")

@@ -4,10 +4,10 @@ import keras
 import numpy as np
 import pytest
 
-from bt_pipeline.bench import inference_rate, inference_variants, training_rate
-from bt_pipeline.models.flops import forward_flops
+from bt_pipeline.inference.predictor import to_bfloat16
 from bt_pipeline.models.unet import build_unet
-from bt_pipeline.predict import to_bfloat16
+from bt_pipeline.studies.bench import inference_rate, inference_variants, training_rate
+from bt_pipeline.studies.flops import forward_flops
 
 
 def test_forward_flops_match_hand_counts():

@@ -2,15 +2,17 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from bt_pipeline.models.losses import compile_unet
+    from bt_pipeline.models.unet import compile_unet
     from bt_pipeline.models.unet import build_unet
-    from bt_pipeline.training import make_strategy
+    from bt_pipeline.training.callbacks import make_strategy
 
     strategy = make_strategy("mirrored")
     assert strategy.num_replicas_in_sync == 2, strategy.num_replicas_in_sync
@@ -27,6 +29,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_unet_trains_under_mirrored_strategy_on_two_logical_cpus():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                             timeout=300)
@@ -37,7 +40,7 @@ def test_unet_trains_under_mirrored_strategy_on_two_logical_cpus():
 def test_unknown_strategy_is_an_error():
     import pytest
 
-    from bt_pipeline.training import make_strategy
+    from bt_pipeline.training.callbacks import make_strategy
 
     with pytest.raises(ValueError, match="unknown distribution"):
         make_strategy("tpu-pod")

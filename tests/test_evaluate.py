@@ -2,8 +2,8 @@ import pandas as pd
 import pytest
 
 from bt_pipeline.config import DataConfig
-from bt_pipeline.evaluate import run_evaluation
-from bt_pipeline.predict import TwoStagePredictor
+from bt_pipeline.evaluation.evaluate import run_evaluation
+from bt_pipeline.inference.predictor import TwoStagePredictor
 
 
 def test_evaluation_report_on_synthetic_patients(tiny_models, synthetic_root, synthetic_manifest,
@@ -40,81 +40,10 @@ def test_evaluation_report_on_synthetic_patients(tiny_models, synthetic_root, sy
                                                       "upper third"}
 
 
-def test_postprocessing_is_adopted_only_when_it_helps_on_val():
-    from bt_pipeline.evaluate import choose_postprocessing
-
-    def sweep(dice_by_setting):
-        return pd.DataFrame([{"mask_threshold": 0.5, "classifier_threshold": 0.3,
-                              "min_component_pixels": px, "keep_largest_3d": largest,
-                              "dice_pipeline_mean": d}
-                             for (px, largest), d in dice_by_setting.items()])
-
-    chosen = choose_postprocessing(sweep({(0, False): 0.80, (50, False): 0.83,
-                                          (100, False): 0.82, (0, True): 0.81}), 0.3)
-    assert chosen == (50, False, pytest.approx(0.03))
-    chosen = choose_postprocessing(sweep({(0, False): 0.80, (50, False): 0.81,
-                                          (0, True): 0.82}), 0.3)
-    assert chosen == (0, True, pytest.approx(0.02))
-    assert choose_postprocessing(sweep({(0, False): 0.80, (50, False): 0.802,
-                                        (0, True): 0.803}), 0.3)[:2] == (0, False)
-    worse = sweep({(0, False): 0.80, (50, False): 0.70})
-    assert choose_postprocessing(worse, 0.3)[:2] == (0, False)
-
-
-def test_only_the_largest_3d_component_is_kept():
-    import numpy as np
-
-    from bt_pipeline.predict import keep_largest_component_3d
-
-    volume = np.zeros((4, 10, 10), np.uint8)
-    volume[0:2, 1:4, 1:4] = 1  # 18 voxels over two slices
-    volume[2, 4, 4] = 1  # touches the block only diagonally across slices: 26-connected
-    volume[3, 7:9, 7:9] = 1  # 4 voxels, apart
-    kept = keep_largest_component_3d(volume)
-    assert kept.dtype == np.uint8 and kept.sum() == 19 and kept[3].sum() == 0
-    assert keep_largest_component_3d(np.zeros((2, 5, 5), bool)).sum() == 0
-    single = np.zeros((1, 5, 5), bool)
-    single[0, 1, 1] = True
-    assert keep_largest_component_3d(single).sum() == 1
-
-
-def test_largest_3d_component_rule_applies_to_gated_volumes(tiny_models):
-    import dataclasses
-
-    import numpy as np
-
-    from bt_pipeline.predict import TwoStagePredictor
-
-    predictor = TwoStagePredictor.load(*tiny_models)
-    keep = dataclasses.replace(predictor, unet_config=dataclasses.replace(
-        predictor.unet_config, keep_largest_3d=True))
-    maps = [np.zeros((8, 8), np.float32) for _ in range(3)]
-    maps[0][1:4, 1:4] = 0.9  # the big component
-    maps[2][6:8, 6:8] = 0.9  # a small one, two slices away
-    plain = predictor.volume_masks(maps)
-    assert [int(m.sum()) for m in plain] == [9, 0, 4]
-    assert [int(m.sum()) for m in keep.volume_masks(maps)] == [9, 0, 0]
-    gated = keep.volume_masks([None, maps[1], maps[2]])  # slice 0 not let through
-    assert gated[0] is None and int(gated[2].sum()) == 4
-
-
-def test_small_components_are_removed():
-    import numpy as np
-
-    from bt_pipeline.predict import remove_small_components
-
-    mask = np.zeros((20, 20), np.uint8)
-    mask[2:4, 2:4] = 1  # 4 px
-    mask[10:16, 10:16] = 1  # 36 px
-    kept = remove_small_components(mask, 10)
-    assert kept.sum() == 36 and kept[2, 2] == 0
-    assert remove_small_components(mask, 0).sum() == 40
-
-
 def test_input_size_ceiling_scores_the_truth_after_the_trip_to_the_unet_size_and_back():
     import numpy as np
 
-    from bt_pipeline.segmentation_eval import PatientPrediction, input_size_ceiling
+    from bt_pipeline.evaluation.scoring import PatientPrediction, input_size_ceiling
 
     yy, xx = np.mgrid[:256, :256]
     disc = (yy - 100.4) ** 2 + (xx - 140.6) ** 2 < 20.5 ** 2

@@ -2,11 +2,13 @@
 formed, the figures are written, and a second call keeps finished runs instead of retraining."""
 
 import pandas as pd
+import pytest
 
 from bt_pipeline.config import DataConfig
-from bt_pipeline.experiments import BATCH_SIZES, LR_BN_RATES, Scale, run_experiments
+from bt_pipeline.studies.experiments import BATCH_SIZES, LR_BN_RATES, Scale, run_experiments
 
 
+@pytest.mark.integration
 def test_experiments_write_tables_figures_and_resume(synthetic_root, synthetic_manifest,
                                                      tiny_models, tmp_path, capsys):
     data = DataConfig(data_root=str(synthetic_root), manifest=str(synthetic_manifest),
@@ -48,11 +50,12 @@ def test_experiments_write_tables_figures_and_resume(synthetic_root, synthetic_m
     assert len(pd.read_csv(out / "curves.csv")) == 15 + 6 * 2
 
 
+@pytest.mark.integration
 def test_a_run_is_reproducible(synthetic_root, synthetic_manifest, tmp_path):
     """Same seed, same curves: what `make experiments` reports can be regenerated."""
     from bt_pipeline.data.loader import load_split
     from bt_pipeline.data.manifest import read_manifest
-    from bt_pipeline.experiments import Run, train_run
+    from bt_pipeline.studies.experiments import Run, train_run
 
     data = DataConfig(data_root=str(synthetic_root), manifest=str(synthetic_manifest),
                       cache_dir="", batch_size=8, image_size=32)
@@ -69,7 +72,7 @@ def test_a_run_is_reproducible(synthetic_root, synthetic_manifest, tmp_path):
 def test_planned_runs_cover_the_reference_grids():
     import pytest
 
-    from bt_pipeline.experiments import planned_runs
+    from bt_pipeline.studies.experiments import planned_runs
 
     runs = planned_runs(100, 30, 30, ensemble_size=3, tv_weight=0.1, seed=1)
     assert len(runs) == 6 + 6 + 3 + 1 and len({r.name for r in runs}) == len(runs)

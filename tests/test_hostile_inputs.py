@@ -50,7 +50,7 @@ def test_odd_shapes_dtypes_and_truncations_give_a_clear_error_or_a_slice(
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_damaged_model_file_gives_a_clear_error(tiny_models, tmp_path, damage):
-    from bt_pipeline.predict import ModelLoadError, load_model_file
+    from bt_pipeline.inference.predictor import ModelLoadError, load_model_file
 
     good = tiny_models[1].read_bytes()
     bad = tmp_path / "unet.keras"
@@ -64,7 +64,7 @@ def test_model_files_are_loaded_in_safe_mode(tmp_path):
     """A model file carrying a Python lambda is refused, not executed."""
     import keras
 
-    from bt_pipeline.predict import ModelLoadError, load_model_file
+    from bt_pipeline.inference.predictor import ModelLoadError, load_model_file
 
     inputs = keras.Input((4,))
     outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
@@ -108,8 +108,8 @@ def test_disk_full_mid_run_is_a_clear_error_with_no_half_written_file(
         tiny_models, synthetic_root, tmp_path, monkeypatch, capsys):
     import errno
 
-    from bt_pipeline import report
     from bt_pipeline.infer import main
+    from bt_pipeline.inference import outputs as report
 
     real_imwrite, calls = report._imwrite, {"n": 0}
 

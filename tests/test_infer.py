@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bt_pipeline.infer import PATIENT_COLUMNS, SLICE_COLUMNS, main
+from bt_pipeline.infer import main
+from bt_pipeline.inference.pipeline import PATIENT_COLUMNS, SLICE_COLUMNS
 
 
 def _tree_snapshot(root):
@@ -152,7 +153,7 @@ def test_inference_feeds_the_models_what_training_fed_them(tiny_models, syntheti
     from bt_pipeline.data.loader import load_split
     from bt_pipeline.data.manifest import read_manifest
     from bt_pipeline.data.preprocess import read_image
-    from bt_pipeline.predict import TwoStagePredictor, graph_forward
+    from bt_pipeline.inference.predictor import TwoStagePredictor, graph_forward
 
     predictor = TwoStagePredictor.load(*tiny_models)
     size = predictor.classifier_config.image_size
@@ -171,7 +172,7 @@ def test_ensemble_flips_and_bfloat16_options(tiny_models, synthetic_root, tmp_pa
     import dataclasses
 
     from bt_pipeline.data.preprocess import read_image
-    from bt_pipeline.predict import TwoStagePredictor
+    from bt_pipeline.inference.predictor import TwoStagePredictor
 
     classifier, unet = tiny_models
     patient = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
@@ -198,7 +199,7 @@ def test_options_default_to_what_the_unet_config_says(tiny_models, tmp_path):
     import dataclasses
 
     from bt_pipeline.config import UNetConfig, load_json, save_json
-    from bt_pipeline.predict import TwoStagePredictor
+    from bt_pipeline.inference.predictor import TwoStagePredictor
 
     classifier, unet = tiny_models
     folder = tmp_path / "weights"
@@ -226,21 +227,22 @@ def test_a_25d_model_gets_the_neighbours_training_gave_it(synthetic_root, synthe
     from bt_pipeline.data.loader import load_split
     from bt_pipeline.data.manifest import read_manifest
     from bt_pipeline.data.preprocess import read_image
+    from bt_pipeline.inference.predictor import ModelLoadError, TwoStagePredictor, graph_forward
     from bt_pipeline.models.classifier import build_classifier
     from bt_pipeline.models.unet import build_unet
-    from bt_pipeline.predict import ModelLoadError, TwoStagePredictor, graph_forward
-    from bt_pipeline.training import ship_model
+    from bt_pipeline.training.callbacks import ship_model
 
     data = DataConfig(data_root=str(synthetic_root), image_size=32, cache_dir="",
                       context_slices=1)
     facts = {"data": dataclasses.asdict(data)}
     ship_model(build_classifier(32, (4, 8), (0.0, 0.0), 0.0, 8, channels=9),
                tmp_path / "classifier.keras", ClassifierConfig(image_size=32, filters=(4, 8),
-                                                               threshold=0.0), facts)
-    ship_model(build_unet(32, 2, 4, channels=9), tmp_path / "unet.keras",
-               UNetConfig(image_size=32, depth=2, base_filters=4), facts)
+                                                               threshold=0.0, context_slices=1),
+               facts)
+    unet_config = UNetConfig(image_size=32, depth=2, base_filters=4, context_slices=1)
+    ship_model(build_unet(32, 2, 4, channels=9), tmp_path / "unet.keras", unet_config, facts)
     predictor = TwoStagePredictor.load(tmp_path / "classifier.keras", tmp_path / "unet.keras")
-    assert predictor.classifier_context == predictor.unet_context == 1
+    assert predictor.classifier_config.preprocessing.channels == 9
     arrays = load_split(read_manifest(synthetic_manifest), "val", data)
     for _, rows in arrays.rows.groupby("patient_id"):
         rows = rows.sort_values("slice")
@@ -253,7 +255,6 @@ def test_a_25d_model_gets_the_neighbours_training_gave_it(synthetic_root, synthe
         np.testing.assert_array_equal(subset[1], maps[3])
         _, masks = predictor.predict(images)  # threshold 0: every slice segmented
         assert len(masks) == len(images) and masks[0].shape == images[0].shape[:2]
-    ship_model(build_unet(32, 2, 4, channels=6), tmp_path / "even.keras",
-               UNetConfig(image_size=32, depth=2, base_filters=4), facts)
-    with pytest.raises(ModelLoadError, match="6 channels"):
+    ship_model(build_unet(32, 2, 4, channels=6), tmp_path / "even.keras", unet_config, facts)
+    with pytest.raises(ModelLoadError, match="takes input .32, 32, 6. but its config describes"):
         TwoStagePredictor.load(tmp_path / "classifier.keras", tmp_path / "even.keras")

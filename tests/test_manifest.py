@@ -109,3 +109,39 @@ def test_real_data_counts_and_committed_manifest(real_root, tmp_path):
     assert 12 <= per_split["test"] <= 18
     write_manifest(table, tmp_path / "m.csv")
     assert (tmp_path / "m.csv").read_bytes() == (REPO / "data_manifest.csv").read_bytes()
+
+
+def test_folds_are_patient_level_stratified_balanced_and_stable():
+    from collections import Counter
+
+    from bt_pipeline.data.manifest import assign_folds
+
+    institutions = ["CS", "DU", "HT", "FG"]
+    patients = {f"TCGA_{institutions[i % 4]}_{i:04d}": institutions[i % 4] for i in range(43)}
+    folds = assign_folds(patients, 5, seed=3)
+    assert set(folds) == set(patients) and set(folds.values()) == set(range(5))
+    sizes = Counter(folds.values())
+    assert max(sizes.values()) - min(sizes.values()) <= 1
+    for institution in institutions:
+        per_fold = Counter(f for p, f in folds.items() if patients[p] == institution)
+        counts = [per_fold.get(k, 0) for k in range(5)]
+        assert max(counts) - min(counts) <= 1, institution
+    shuffled = dict(sorted(patients.items(), reverse=True))
+    assert assign_folds(shuffled, 5, seed=3) == folds  # the input order does not matter
+    assert assign_folds(patients, 5, seed=4) != folds
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        assign_folds(patients, 1, seed=3)
+
+
+def test_manifest_gives_test_patients_no_fold(synthetic_root, tmp_path):
+    from bt_pipeline.data.manifest import NO_FOLD
+
+    table = build_manifest(synthetic_root, 0.25, 0.25, seed=0)
+    per_patient = table.drop_duplicates("patient_id")
+    assert ((per_patient["split"] == "test") == (per_patient["fold"] == NO_FOLD)).all()
+    assert (table.groupby("patient_id")["fold"].nunique() == 1).all()
+    broken = table.copy()
+    broken.loc[broken["split"] == "test", "fold"] = 0
+    write_manifest(broken, tmp_path / "broken.csv")
+    with pytest.raises(ValueError, match="fold must be -1 exactly for test patients"):
+        read_manifest(tmp_path / "broken.csv")

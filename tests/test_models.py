@@ -2,17 +2,15 @@ import keras
 import numpy as np
 import pytest
 
+from bt_pipeline.evaluation.metrics import dice_score, iou_score
 from bt_pipeline.models.classifier import build_classifier
 from bt_pipeline.models.losses import (
     bce_dice_loss,
-    compile_unet,
     dice_at_threshold,
-    dice_score,
     iou_at_threshold,
-    iou_score,
     soft_dice_loss,
 )
-from bt_pipeline.models.unet import build_unet
+from bt_pipeline.models.unet import build_unet, compile_unet
 
 
 @pytest.mark.parametrize(("size", "depth", "base"), [(32, 2, 4), (64, 3, 4), (48, 4, 2)])
@@ -155,7 +153,7 @@ def test_classifier_layers():
 
 
 def test_lovasz_loss_is_twice_the_jaccard_loss_at_unit_margins_and_zero_when_sure():
-    from bt_pipeline.models.losses import iou_score, lovasz_per_image_loss
+    from bt_pipeline.models.losses import lovasz_per_image_loss
 
     def sigmoid(x):
         return 1.0 / (1.0 + np.exp(-x))
@@ -177,7 +175,7 @@ def test_lovasz_loss_is_twice_the_jaccard_loss_at_unit_margins_and_zero_when_sur
 def test_unet_training_can_start_from_a_saved_unet(tiny_models, synthetic_root,
                                                    synthetic_manifest, tmp_path):
     from bt_pipeline.config import DataConfig, UNetConfig
-    from bt_pipeline.train_unet import _start_from, train_unet
+    from bt_pipeline.training.train_unet import _start_from, train_unet
 
     saved = keras.saving.load_model(tiny_models[1], compile=False)
     model = build_unet(32, 2, 8)

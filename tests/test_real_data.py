@@ -6,11 +6,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_shipped_models_reproduce_the_documented_val_figures(real_root):
-    from bt_pipeline.classifier_metrics import classification_metrics
     from bt_pipeline.config import DataConfig
     from bt_pipeline.data.manifest import read_manifest
-    from bt_pipeline.predict import TwoStagePredictor
-    from bt_pipeline.segmentation_eval import evaluate_split, summarise
+    from bt_pipeline.evaluation.metrics import classification_metrics
+    from bt_pipeline.evaluation.scoring import evaluate_split, summarise
+    from bt_pipeline.inference.predictor import TwoStagePredictor
 
     predictor = TwoStagePredictor.load()
     manifest = read_manifest(DataConfig.manifest)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from bt_pipeline.config import ClassifierConfig, DataConfig
-from bt_pipeline.tune import ClassifierHyperModel, run_tuning
+from bt_pipeline.training.tune import ClassifierHyperModel, run_tuning
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,7 @@ def _tiny(synthetic_root, synthetic_manifest, tmp_path):
                                   epochs=1)
 
 
+@pytest.mark.integration
 def test_tiny_random_search_writes_reports_and_ships(synthetic_root, synthetic_manifest,
                                                       tmp_path):
     data, base = _tiny(synthetic_root, synthetic_manifest, tmp_path)
@@ -100,8 +101,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_distributed_search_chief_and_two_workers(synthetic_root, synthetic_manifest, tmp_path):
-    args = [sys.executable, "-m", "bt_pipeline.tune", "--data-dir", str(synthetic_root),
+    args = [sys.executable, "-m", "bt_pipeline", "tune", "--data-dir", str(synthetic_root),
             "--manifest", str(synthetic_manifest), "--trials", "4", "--epochs", "1",
             "--executions", "1", "--retrain-epochs", "1", "--image-size", "32",
             "--out-dir", str(tmp_path / "tuning"), "--work-dir", str(tmp_path / "work"),
@@ -144,13 +146,14 @@ def _pid_of_worker(tuner_id: str, port: str) -> int | None:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if (b"bt_pipeline.tune" in cmdline
+        if (b"tune\x00" in cmdline
                 and f"KERASTUNER_TUNER_ID={tuner_id}".encode() in environ
                 and f"KERASTUNER_ORACLE_PORT={port}".encode() in environ):
             return int(proc.name)
     return None
 
 
+@pytest.mark.integration
 def test_lost_worker_is_restarted_and_its_trial_rerun(synthetic_root, synthetic_manifest,
                                                       tmp_path):
     import signal

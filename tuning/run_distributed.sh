@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Keras Tuner chief/worker search on this machine: one chief (the gRPC oracle, which also
 # writes the reports and retrains the best model when the search ends) and $WORKERS workers.
-# Every argument is passed to `python -m bt_pipeline.tune`. Logs go to $LOG_DIR.
+# Every argument is passed to `python -m bt_pipeline tune`. Logs go to $LOG_DIR.
 #
 # A worker that dies (killed, crashed, out of memory) is started again under the same tuner
 # id, up to $MAX_RESTARTS times: the oracle hands an id its unfinished trial back, so the lost
@@ -23,7 +23,7 @@ run_worker() {
   shift
   while true; do
     # Workers share the cores: one TensorFlow thread each avoids oversubscription.
-    KERASTUNER_TUNER_ID="$id" "$PY" -m bt_pipeline.tune --threads 1 "$@" >>"$LOG_DIR/$id.log" 2>&1
+    KERASTUNER_TUNER_ID="$id" "$PY" -m bt_pipeline tune --threads 1 "$@" >>"$LOG_DIR/$id.log" 2>&1
     status=$?
     [ "$status" -eq 0 ] && return 0
     restarts=$((restarts + 1))
@@ -36,7 +36,7 @@ run_worker() {
   done
 }
 
-KERASTUNER_TUNER_ID=chief "$PY" -m bt_pipeline.tune "$@" >"$LOG_DIR/chief.log" 2>&1 &
+KERASTUNER_TUNER_ID=chief "$PY" -m bt_pipeline tune "$@" >"$LOG_DIR/chief.log" 2>&1 &
 chief=$!
 workers=()
 for ((i = 0; i < WORKERS; i++)); do

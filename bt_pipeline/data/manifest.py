@@ -9,8 +9,8 @@ committed ``data_manifest.csv`` is reproduced byte for byte by ``make manifest``
 
 from __future__ import annotations
 
+import argparse
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic
+from bt_pipeline.config import DataConfig
+from bt_pipeline.data.layout import institution_of, mask_path_for, parse_slice_name
 from bt_pipeline.data.preprocess import read_mask
 
 COLUMNS = [
@@ -29,32 +31,6 @@ SPLITS = ("train", "val", "test")
 N_FOLDS = 5
 #: ``fold`` of a patient outside the cross-validation (the test split).
 NO_FOLD = -1
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
-_SLICE_NAME = re.compile(r"^(?P<patient>.+)_(?P<slice>\d+)$")
-_INSTITUTION = re.compile(r"^TCGA_(?P<institution>[A-Za-z0-9]+)_")
-
-
-def institution_of(patient_id: str) -> str:
-    """Institution code from ``TCGA_<inst>_<id>_<date>``; ``"unknown"`` otherwise."""
-    match = _INSTITUTION.match(patient_id)
-    return match.group("institution") if match else "unknown"
-
-
-def parse_slice_name(path: Path) -> tuple[str, int] | None:
-    """``<patient>_<n>.tif`` -> (patient, n); None for masks and anything else."""
-    if path.suffix.lower() not in IMAGE_SUFFIXES or path.stem.endswith("_mask"):
-        return None
-    match = _SLICE_NAME.match(path.stem)
-    if match is None:
-        return None
-    return match.group("patient"), int(match.group("slice"))
-
-
-def mask_path_for(image_path: Path) -> Path:
-    """The ground-truth mask that belongs to an image slice."""
-    return image_path.with_name(f"{image_path.stem}_mask{image_path.suffix}")
-
-
 def scan_slices(data_root: str | os.PathLike) -> pd.DataFrame:
     """One row per image slice (with its mask) under ``data_root/<patient>/``, no split yet."""
     root = Path(data_root)
@@ -190,3 +166,32 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
         raise ValueError(f"{path}: fold must be {NO_FOLD} exactly for test patients "
                          f"(see {sorted(set(crossed['patient_id']))[:3]})")
     return table
+
+
+def add_arguments_manifest(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=DataConfig.data_root)
+    parser.add_argument("--out", default=DataConfig.manifest)
+    parser.add_argument("--seed", type=int, default=DataConfig.seed)
+
+
+def run_manifest(args: argparse.Namespace) -> int:
+    defaults = DataConfig()
+    table = build_manifest(args.data_dir, defaults.val_fraction, defaults.test_fraction, args.seed)
+    write_manifest(table, args.out)
+    per_split = table.groupby("split")["patient_id"].nunique().to_dict()
+    print(f"{args.out}: {table['patient_id'].nunique()} patients, {len(table)} slices, "
+          f"{int(table['has_tumor'].sum())} with tumour; patients per split {per_split}")
+    return 0
+
+
+def add_arguments_patients(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=DataConfig.data_root)
+    parser.add_argument("--manifest", default=DataConfig.manifest)
+    parser.add_argument("--split", choices=list(SPLITS), default="test")
+
+
+def run_patients(args: argparse.Namespace) -> int:
+    table = read_manifest(args.manifest)
+    for patient in sorted(table.loc[table["split"] == args.split, "patient_id"].unique()):
+        print(Path(args.data_dir) / patient)
+    return 0

@@ -1,1 +1,2 @@
-"""Model builders. They take plain arguments and never import the data or tuning code."""
+"""Model builders. They build keras.Models from plain arguments or a model config, and never
+import the data, training or tuning code."""

@@ -11,13 +11,15 @@ from collections.abc import Sequence
 
 import keras
 
+from bt_pipeline.config import ClassifierConfig
+
 
 def build_classifier(
-    image_size: int = 128,
-    filters: Sequence[int] = (16, 32, 64, 128),
-    block_dropouts: Sequence[float] = (0.15, 0.15, 0.15, 0.15),
-    dense_dropout: float = 0.15,
-    dense_units: int = 128,
+    image_size: int,
+    filters: Sequence[int],
+    block_dropouts: Sequence[float],
+    dense_dropout: float,
+    dense_units: int,
     conv_activation: str = "relu",
     dense_activation: str = "relu",
     batch_norm: bool = True,
@@ -54,6 +56,14 @@ def build_classifier(
     x = keras.layers.Dense(dense_units, activation=dense_activation, name="dense")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", name="tumor_probability")(x)
     return keras.Model(inputs, outputs, name="slice_classifier")
+
+
+def build_classifier_from_config(config: ClassifierConfig) -> keras.Model:
+    """:func:`build_classifier` with every argument from ``config``."""
+    return build_classifier(config.image_size, config.filters, config.block_dropouts,
+                            config.dense_dropout, config.dense_units, config.conv_activation,
+                            config.dense_activation, config.batch_norm, config.convs_per_block,
+                            config.preprocessing.channels)
 
 
 def compile_classifier(model: keras.Model, learning_rate: float) -> keras.Model:

@@ -1,4 +1,4 @@
-"""Dice/IoU losses and metrics for binary masks.
+"""Dice/IoU losses and Keras metrics for binary masks (NumPy scores: evaluation.metrics).
 
 Scoring of empty masks: when both the truth and the thresholded prediction are empty, Dice and
 IoU are 1.0 (the model was right that there is nothing there); when exactly one is empty they
@@ -9,7 +9,6 @@ gives the same behaviour in the limit and keeps gradients finite.
 from __future__ import annotations
 
 import keras
-import numpy as np
 from keras import ops
 
 SMOOTH = 1.0
@@ -114,32 +113,3 @@ def dice_metric(y_true, y_pred):
 @keras.saving.register_keras_serializable(package="bt_pipeline")
 def iou_metric(y_true, y_pred):
     return iou_at_threshold(y_true, y_pred, 0.5)
-
-
-def dice_score(truth: np.ndarray, prediction: np.ndarray) -> float:
-    """Dice of two binary NumPy arrays (any shape); 1.0 when both are empty."""
-    truth, prediction = truth.astype(bool), prediction.astype(bool)
-    total = int(truth.sum()) + int(prediction.sum())
-    return 1.0 if total == 0 else 2.0 * int((truth & prediction).sum()) / total
-
-
-def iou_score(truth: np.ndarray, prediction: np.ndarray) -> float:
-    """IoU of two binary NumPy arrays (any shape); 1.0 when both are empty."""
-    truth, prediction = truth.astype(bool), prediction.astype(bool)
-    union = int((truth | prediction).sum())
-    return 1.0 if union == 0 else int((truth & prediction).sum()) / union
-
-
-def compile_unet(model: keras.Model, learning_rate: float, loss: str = "bce_dice",
-                 weight_ema: float = 0.0) -> keras.Model:
-    """Adam with the chosen Dice-based loss, Dice and IoU at 0.5 tracked. ``weight_ema`` > 0
-    makes the optimizer keep a moving average of the weights with that momentum (pair it with
-    ``training_callbacks(..., weight_ema=True)`` so validation and checkpoints use it)."""
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
-    if not 0.0 <= weight_ema < 1.0:
-        raise ValueError(f"weight_ema {weight_ema} must be in [0, 1): 0 = off, e.g. 0.99")
-    optimizer = keras.optimizers.Adam(learning_rate, use_ema=weight_ema > 0,
-                                      ema_momentum=weight_ema)
-    model.compile(optimizer=optimizer, loss=LOSSES[loss], metrics=[dice_metric, iou_metric])
-    return model

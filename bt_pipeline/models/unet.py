@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import keras
 
+from bt_pipeline.config import UNetConfig
+from bt_pipeline.models.losses import LOSSES, dice_metric, iou_metric
+
 
 def _double_conv(x, width: int, batch_norm: bool, activation: str, name: str):
     for index in (1, 2):
@@ -24,9 +27,9 @@ def _double_conv(x, width: int, batch_norm: bool, activation: str, name: str):
 
 
 def build_unet(
-    image_size: int = 128,
-    depth: int = 4,
-    base_filters: int = 16,
+    image_size: int,
+    depth: int,
+    base_filters: int,
     batch_norm: bool = True,
     activation: str = "relu",
     channels: int = 3,
@@ -56,3 +59,24 @@ def build_unet(
         x = _double_conv(x, width, batch_norm, activation, f"up{level}")
     outputs = keras.layers.Conv2D(1, 1, activation="sigmoid", name="mask_probability")(x)
     return keras.Model(inputs, outputs, name="unet")
+
+
+def build_unet_from_config(config: UNetConfig) -> keras.Model:
+    """:func:`build_unet` with every argument from ``config`` (input from its preprocessing)."""
+    return build_unet(config.image_size, config.depth, config.base_filters, config.batch_norm,
+                      channels=config.preprocessing.channels)
+
+
+def compile_unet(model: keras.Model, learning_rate: float, loss: str = UNetConfig.loss,
+                 weight_ema: float = 0.0) -> keras.Model:
+    """Adam with the chosen Dice-based loss, Dice and IoU at 0.5 tracked. ``weight_ema`` > 0
+    makes the optimizer keep a moving average of the weights with that momentum (pair it with
+    ``training_callbacks(..., weight_ema=True)`` so validation and checkpoints use it)."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
+    if not 0.0 <= weight_ema < 1.0:
+        raise ValueError(f"weight_ema {weight_ema} must be in [0, 1): 0 = off, e.g. 0.99")
+    optimizer = keras.optimizers.Adam(learning_rate, use_ema=weight_ema > 0,
+                                      ema_momentum=weight_ema)
+    model.compile(optimizer=optimizer, loss=LOSSES[loss], metrics=[dice_metric, iou_metric])
+    return model

@@ -3,6 +3,7 @@ machine's own matrix-multiply peak), ``make bench-loader``, ``make bench-infer``
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -17,13 +18,15 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.config import DataConfig
 from bt_pipeline.data.loader import classifier_dataset, load_split, unet_dataset
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.data.preprocess import read_image
-from bt_pipeline.models.flops import TRAINING_STEP_FORWARD_PASSES, forward_flops
-from bt_pipeline.models.losses import LOSSES, dice_score
-from bt_pipeline.predict import TwoStagePredictor, graph_forward, to_bfloat16
+from bt_pipeline.evaluation.metrics import dice_score
+from bt_pipeline.inference.predictor import TwoStagePredictor, graph_forward, to_bfloat16
+from bt_pipeline.models.losses import LOSSES
+from bt_pipeline.studies.flops import TRAINING_STEP_FORWARD_PASSES, forward_flops
 
 
 def _drain(dataset) -> tuple[int, float]:
@@ -241,3 +244,48 @@ def onnx_runtime_variant(model):
                                            providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda batch: session.run(None, {name: batch})[0]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=DataConfig.data_root)
+    parser.add_argument("--manifest", default=DataConfig.manifest)
+    parser.add_argument("--out", default="reports/bench.json")
+    parser.add_argument("--seconds", type=float, default=4.0,
+                        help="timed seconds per model measurement")
+
+
+def run(args: argparse.Namespace) -> int:
+    results = run_bench(args.manifest, args.data_dir, args.seconds)
+    for name, value in results.items():
+        print(f"{name}={value:.4g}", flush=True)
+    write_text_atomic(Path(args.out), json.dumps(results, indent=2) + "\n")
+    print(f"written: {args.out}")
+    return 0
+
+
+def add_arguments_loader(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=DataConfig.data_root)
+    parser.add_argument("--manifest", default=DataConfig.manifest)
+    parser.add_argument("--epochs", type=int, default=3)
+
+
+def run_loader(args: argparse.Namespace) -> int:
+    for name, value in loader_throughput(args.manifest, args.data_dir, args.epochs).items():
+        print(f"{name}={value:.1f}")
+    return 0
+
+
+def add_arguments_infer(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=DataConfig.data_root)
+    parser.add_argument("--manifest", default=DataConfig.manifest)
+    parser.add_argument("--splits", nargs="+", default=["val", "test"])
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    table = read_manifest(args.manifest)
+    chosen = table[table["split"].isin(args.splits)]["patient_id"].unique()
+    folders = [f"{args.data_dir}/{patient}" for patient in sorted(chosen)]
+    with tempfile.TemporaryDirectory() as out:
+        for name, value in infer_throughput(folders, out).items():
+            print(f"{name}={value:.2f}")
+    return 0

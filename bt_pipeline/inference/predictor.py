@@ -8,7 +8,6 @@ neighbouring slices) needs the neighbours, and the 3D post-processing needs the 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,19 +16,21 @@ import cv2
 import keras
 import numpy as np
 import tensorflow as tf
-from scipy import ndimage
 
 from bt_pipeline.config import (
     SHIPPED_CLASSIFIER,
     SHIPPED_UNET,
     ClassifierConfig,
+    Preprocessing,
     UNetConfig,
     load_json,
 )
 from bt_pipeline.data.preprocess import preprocess_image, with_context
+from bt_pipeline.inference.postprocess import finish_volume, slice_masks
+from bt_pipeline.models.precision import with_dtype_policy
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ValueError):
     """A model file that is missing, corrupt or not a model; the message names the file."""
 
 
@@ -53,48 +54,30 @@ def graph_forward(model: keras.Model):
                        input_signature=[tf.TensorSpec((None, *size), tf.float32)])
 
 
-def cpu_has_bfloat16() -> bool:
-    """True where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); elsewhere oneDNN
-    emulates it, slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
 def to_bfloat16(model: keras.Model) -> keras.Model:
-    """A copy of ``model`` that computes in bfloat16 (weights stay float32, the output layer
-    and the returned probabilities float32)."""
-    config = model.get_config()
-    last = config["layers"][-1]["name"]
-    for layer in config["layers"]:
-        if layer["class_name"] != "InputLayer" and layer["name"] != last:
-            layer["config"]["dtype"] = "mixed_bfloat16"
-    clone = model.__class__.from_config(config)
-    clone.set_weights(model.get_weights())
-    return clone
+    """A copy of ``model`` that computes in bfloat16 (weights, output and returned
+    probabilities stay float32)."""
+    return with_dtype_policy(model, "mixed_bfloat16")
 
 
-def context_slices_of(model: keras.Model, path: str | os.PathLike = "model") -> int:
-    """Neighbouring slices per side a model's input stacks (``DataConfig.context_slices``),
-    read from its input channels: 3 (RGB) per slice, 2k + 1 slices."""
-    channels = int(model.inputs[0].shape[-1])
-    slices, rest = divmod(channels, 3)
-    if rest or slices % 2 == 0:
-        raise ModelLoadError(f"{path}: input has {channels} channels; expected 3 per slice "
-                             "for an odd number of stacked slices")
-    return (slices - 1) // 2
+def check_input(model: keras.Model, preprocessing: Preprocessing, path: str | os.PathLike) -> None:
+    """Raise ModelLoadError unless ``model`` takes the input its config describes."""
+    expected = (preprocessing.image_size, preprocessing.image_size, preprocessing.channels)
+    actual = tuple(model.inputs[0].shape[1:])
+    if actual != expected:
+        raise ModelLoadError(f"{path}: the model takes input {actual} but its config describes "
+                             f"{expected} (image size, image size, channels)")
 
 
 def _config_beside(path: Path, cls):
-    """The config saved beside a model, and the input denoising the model was trained with
-    (the JSON's ``extra.data.tv_weight``; 0 when absent)."""
+    """The config saved beside a model (``<model>.json``)."""
     config_path = path.with_suffix(".json")
     if not config_path.is_file():
         raise ModelLoadError(f"{config_path}: config missing beside model {path.name}")
-    extra = json.loads(config_path.read_text()).get("extra", {})
-    return load_json(config_path, cls), float(extra.get("data", {}).get("tv_weight", 0.0))
+    try:
+        return load_json(config_path, cls)
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{config_path}: not a {cls.__name__} ({exc})") from exc
 
 
 @dataclass
@@ -109,9 +92,6 @@ class TwoStagePredictor:
     extra_unets: tuple[keras.Model, ...] = ()
     #: Test-time augmentation: also segment the left-right mirrored slice, average the two.
     tta_flips: bool = False
-    #: Total Variation denoising of each stage's input, as its model was trained with.
-    classifier_tv_weight: float = 0.0
-    unet_tv_weight: float = 0.0
     #: Run the U-Net(s) in bfloat16 (weights and outputs stay float32; see cpu_has_bfloat16).
     #: The classifier stays float32: it is cheap, and its val-chosen threshold sits where a
     #: bfloat16 rounding flipped a slice (``make bench``, README "Speed").
@@ -128,13 +108,6 @@ class TwoStagePredictor:
             raise ModelLoadError(f"U-Nets of different input shapes {sorted(shapes)} cannot be "
                                  "averaged")
 
-    @property
-    def classifier_context(self) -> int:
-        return context_slices_of(self.classifier)
-
-    @property
-    def unet_context(self) -> int:
-        return context_slices_of(self.unet)
 
     @classmethod
     def load(cls, classifier_path=SHIPPED_CLASSIFIER, unet_path=SHIPPED_UNET,
@@ -143,26 +116,25 @@ class TwoStagePredictor:
         """Load both models and their configs. ``extra_unet_paths`` and ``tta_flips`` default
         to what the U-Net's config says (its ``ensemble`` and ``tta_flips``)."""
         classifier_path, unet_path = Path(classifier_path), Path(unet_path)
-        classifier_config, classifier_tv = _config_beside(classifier_path, ClassifierConfig)
-        unet_config, unet_tv = _config_beside(unet_path, UNetConfig)
+        classifier_config = _config_beside(classifier_path, ClassifierConfig)
+        unet_config = _config_beside(unet_path, UNetConfig)
         if extra_unet_paths is None:
             extra_unet_paths = [unet_path.parent / name for name in unet_config.ensemble]
         if tta_flips is None:
             tta_flips = unet_config.tta_flips
         extra = []
         for path in map(Path, extra_unet_paths):
-            member_config, member_tv = _config_beside(path, UNetConfig)
-            if member_config.image_size != unet_config.image_size or member_tv != unet_tv:
-                raise ModelLoadError(f"{path}: ensemble member's input size or denoising "
-                                     f"differs from {unet_path.name}'s")
+            member_config = _config_beside(path, UNetConfig)
+            if member_config.preprocessing != unet_config.preprocessing:
+                raise ModelLoadError(f"{path}: ensemble member's preprocessing differs from "
+                                     f"{unet_path.name}'s")
             extra.append(load_model_file(path))
+            check_input(extra[-1], member_config.preprocessing, path)
         classifier, unet = load_model_file(classifier_path), load_model_file(unet_path)
-        for model, path in ((classifier, classifier_path), (unet, unet_path)):
-            context_slices_of(model, path)  # a model of no known input layout fails here
-        return cls(classifier, unet,
-                   classifier_config, unet_config, mask_threshold, extra_unets=tuple(extra),
-                   tta_flips=tta_flips, bfloat16=bfloat16, classifier_tv_weight=classifier_tv,
-                   unet_tv_weight=unet_tv)
+        check_input(classifier, classifier_config.preprocessing, classifier_path)
+        check_input(unet, unet_config.preprocessing, unet_path)
+        return cls(classifier, unet, classifier_config, unet_config, mask_threshold,
+                   extra_unets=tuple(extra), tta_flips=tta_flips, bfloat16=bfloat16)
 
     def _run(self, forward, batch: np.ndarray) -> np.ndarray:
         outputs = [forward(batch[i:i + self.batch_size]).numpy()
@@ -170,22 +142,22 @@ class TwoStagePredictor:
         return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
     @staticmethod
-    def _model_inputs(images: list[np.ndarray], size: int, tv_weight: float, context: int,
+    def _model_inputs(images: list[np.ndarray], preprocessing: Preprocessing,
                       indices=None) -> np.ndarray:
         """One volume's slices as a model's input batch: each slice preprocessed, stacked with
         its neighbours for a 2.5D model, then the slices at ``indices`` (default all)."""
-        if context == 0 and indices is not None:  # no neighbours needed: only those slices
+        size, tv_weight = preprocessing.image_size, preprocessing.tv_weight
+        if preprocessing.context_slices == 0 and indices is not None:  # only those slices
             images, indices = [images[int(i)] for i in indices], None
         volume = np.stack([preprocess_image(image, size, tv_weight) for image in images])
-        volume = with_context(volume, context)
+        volume = with_context(volume, preprocessing.context_slices)
         return volume if indices is None else volume[np.asarray(indices, dtype=int)]
 
     def tumour_probabilities(self, images: list[np.ndarray]) -> np.ndarray:
         """P(tumour) per uint8 RGB slice of one volume (slices in order)."""
         if not images:
             return np.zeros((0,), np.float32)
-        batch = self._model_inputs(images, self.classifier_config.image_size,
-                                   self.classifier_tv_weight, self.classifier_context)
+        batch = self._model_inputs(images, self.classifier_config.preprocessing)
         return self._run(self._classify, batch).reshape(-1)
 
     def mask_probabilities(self, images: list[np.ndarray], indices=None) -> list[np.ndarray]:
@@ -194,8 +166,7 @@ class TwoStagePredictor:
         chosen = range(len(images)) if indices is None else [int(i) for i in indices]
         if not images or not len(chosen):
             return []
-        batch = self._model_inputs(images, self.unet_config.image_size, self.unet_tv_weight,
-                                   self.unet_context, chosen)
+        batch = self._model_inputs(images, self.unet_config.preprocessing, chosen)
         runs = [self._run(segment, batch) for segment in self._segments]
         if self.tta_flips:
             mirrored = np.ascontiguousarray(batch[:, :, ::-1])
@@ -206,18 +177,17 @@ class TwoStagePredictor:
 
     def masks(self, maps: list[np.ndarray], mask_threshold: float | None = None,
               min_pixels: int | None = None) -> list[np.ndarray]:
-        """The one rule that turns probability maps into uint8 {0, 1} masks: threshold, then
-        drop small components. Defaults to this predictor's own settings."""
+        """Per-slice masks from probability maps (:func:`postprocess.slice_masks`), by default
+        with this predictor's threshold and its U-Net config's small-component rule."""
         threshold = self.mask_threshold if mask_threshold is None else mask_threshold
         pixels = self.unet_config.min_component_pixels if min_pixels is None else min_pixels
-        return [remove_small_components(m > threshold, pixels) for m in maps]
+        return slice_masks(maps, threshold, pixels)
 
     def volume_masks(self, maps: list[np.ndarray | None], mask_threshold: float | None = None,
                      min_pixels: int | None = None,
                      largest_3d: bool | None = None) -> list[np.ndarray | None]:
         """One volume's masks (slices in order) from its probability maps, None where the
-        classifier let no slice through: :meth:`masks`, then, if ``largest_3d`` (default: the
-        U-Net config's ``keep_largest_3d``), only the largest 26-connected 3D component."""
+        classifier let no slice through: :meth:`masks`, then the volume rule."""
         given = [m for m in maps if m is not None]
         found = iter(self.masks(given, mask_threshold, min_pixels))
         return self.finish_volume([next(found) if m is not None else None for m in maps],
@@ -225,16 +195,10 @@ class TwoStagePredictor:
 
     def finish_volume(self, masks: list[np.ndarray | None],
                       largest_3d: bool | None = None) -> list[np.ndarray | None]:
-        """The volume step of :meth:`volume_masks` on per-slice masks (None: not segmented).
-        A volume whose slices differ in size has no 3D neighbourhood and is left as it is."""
+        """:func:`postprocess.finish_volume` with the U-Net config's ``keep_largest_3d`` by
+        default."""
         largest_3d = self.unet_config.keep_largest_3d if largest_3d is None else largest_3d
-        shapes = {m.shape for m in masks if m is not None}
-        if largest_3d and len(shapes) == 1:
-            shape = shapes.pop()
-            volume = keep_largest_component_3d(np.stack(
-                [m if m is not None else np.zeros(shape, np.uint8) for m in masks]))
-            masks = [v if m is not None else None for v, m in zip(volume, masks, strict=True)]
-        return masks
+        return finish_volume(masks, largest_3d)
 
     def predict(self, images: list[np.ndarray]):
         """Both stages on one volume's uint8 RGB slices, in slice order.
@@ -250,27 +214,6 @@ class TwoStagePredictor:
         masks = self.volume_masks(maps)
         return probabilities, [m if m is not None else np.zeros(image.shape[:2], np.uint8)
                                for m, image in zip(masks, images, strict=True)]
-
-
-def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
-    """uint8 {0, 1} copy of a binary mask without 8-connected components under ``min_pixels``."""
-    mask = mask.astype(np.uint8)
-    if min_pixels <= 0 or not mask.any():
-        return mask
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    keep = np.zeros(count, np.uint8)
-    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_pixels
-    return keep[labels]
-
-
-def keep_largest_component_3d(volume: np.ndarray) -> np.ndarray:
-    """uint8 {0, 1} copy of a binary (slices, H, W) volume keeping only its largest
-    26-connected component (ties: the first found); an empty volume stays empty."""
-    labels, count = ndimage.label(volume, structure=np.ones((3, 3, 3), bool))
-    if count <= 1:
-        return (labels > 0).astype(np.uint8)
-    sizes = np.bincount(labels.ravel())[1:]
-    return (labels == 1 + int(np.argmax(sizes))).astype(np.uint8)
 
 
 def to_grid(probability: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -1,29 +1,31 @@
-"""Train the U-Net on the manifest's train split, select on val, ship it with its config.
-
-    python -m bt_pipeline.train_unet [--epochs N] [--max-minutes M] [--run-dir DIR]
-
-Re-running the same command after a kill resumes from the last completed epoch.
-"""
+"""Train the U-Net on the manifest's train split, select on val, ship it with its config
+(``bt train-unet``). Re-running the same command after a kill resumes from the last completed
+epoch."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import keras
 
-from bt_pipeline.cli import add_common_arguments, keras_verbosity, parse
-from bt_pipeline.config import SHIPPED_UNET, DataConfig, UNetConfig, save_json
+from bt_pipeline.cli import add_common_arguments, apply_threads, keras_verbosity
+from bt_pipeline.config import (
+    SHIPPED_UNET,
+    DataConfig,
+    UNetConfig,
+    check_preprocessing,
+    save_json,
+)
 from bt_pipeline.data.loader import load_patients, load_split, unet_dataset
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.data.preprocess import MASK_RESIZE
-from bt_pipeline.models.losses import LOSSES, compile_unet
+from bt_pipeline.models.losses import LOSSES
 from bt_pipeline.models.precision import resolve_precision, with_dtype_policy
-from bt_pipeline.models.unet import build_unet
-from bt_pipeline.training import (
+from bt_pipeline.models.unet import build_unet_from_config, compile_unet
+from bt_pipeline.training.callbacks import (
     logged_values,
     make_strategy,
     ship_model,
@@ -41,8 +43,7 @@ def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
     ``patients`` = (train ids, val ids) overrides the manifest's train and val splits (a
     cross-validation fold trains on its own patients).
     """
-    if data_config.image_size != unet_config.image_size:
-        raise ValueError("data and U-Net image sizes differ")
+    check_preprocessing(data_config, unet_config)
     keras.utils.set_random_seed(unet_config.seed)
     manifest = read_manifest(data_config.manifest)
     if patients is None:
@@ -56,8 +57,7 @@ def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
     val = unet_dataset(val_arrays, val_config, training=False)
     save_json(unet_config, run_dir / "config.json", extra={"data": dataclasses.asdict(data_config)})
     with make_strategy(unet_config.distribution).scope():
-        model = build_unet(unet_config.image_size, unet_config.depth, unet_config.base_filters,
-                           unet_config.batch_norm, channels=data_config.channels)
+        model = build_unet_from_config(unet_config)
         if unet_config.init_from:
             _start_from(model, Path(unet_config.init_from))
         model = with_dtype_policy(model, unet_config.precision)
@@ -96,8 +96,7 @@ def _start_from(model: keras.Model, path: Path) -> None:
     model.set_weights(source.get_weights())
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--run-dir", default="runs/unet")
     parser.add_argument("--epochs", type=int, default=UNetConfig.epochs)
@@ -132,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                              "bfloat16 natively (AVX512-BF16 or AMX)")
     parser.add_argument("--max-minutes", type=float, default=None)
     parser.add_argument("--ship-to", default=str(SHIPPED_UNET))
-    args = parse(parser, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
                              image_size=args.image_size, batch_size=args.batch_size,
                              seed=args.seed, context_slices=args.context_slices,
@@ -145,17 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                              epochs=args.epochs,
                              patience=args.patience,
                              distribution=args.distribution,
-                             precision=resolve_precision(args.precision), seed=args.seed)
-    verbose = keras_verbosity()
-    try:
-        train_unet(data_config, unet_config, Path(args.run_dir), Path(args.ship_to),
-                   args.max_minutes, verbose)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+                             precision=resolve_precision(args.precision),
+                             context_slices=args.context_slices, seed=args.seed)
+    train_unet(data_config, unet_config, Path(args.run_dir), Path(args.ship_to),
+               args.max_minutes, keras_verbosity())
     print(f"shipped U-Net: {args.ship_to}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

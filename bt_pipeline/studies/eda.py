@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from bt_pipeline.config import DataConfig
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.data.preprocess import read_image, read_mask
-from bt_pipeline.plotting import plt, save_figure
-from bt_pipeline.report import draw_outline
+from bt_pipeline.reports import draw_outline, plt, save_figure
 
 
 def _class_counts(table: pd.DataFrame, out: Path) -> str:
@@ -81,3 +82,15 @@ def write_eda_figures(manifest: str | os.PathLike, data_root: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     return [_class_counts(table, out), _slices_per_patient(table, out), _tumour_area(table, out),
             _example_grid(table, Path(data_root), out)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=DataConfig.data_root)
+    parser.add_argument("--manifest", default=DataConfig.manifest)
+    parser.add_argument("--out", default="reports/eda")
+
+
+def run(args: argparse.Namespace) -> int:
+    for path in write_eda_figures(args.manifest, args.data_dir, args.out):
+        print(path)
+    return 0

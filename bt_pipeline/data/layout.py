@@ -1,4 +1,8 @@
-"""Find the patients and slices in a user's SCAN_DIR, noting every file that cannot be used.
+"""The dataset's file layout: one filename grammar for slices and masks, and the scan of a
+user's SCAN_DIR that finds patients and slices, noting every file that cannot be used.
+
+Slices are ``<patient>_<n>.tif|.tiff|.png`` inside a folder per patient, each ground-truth mask
+``<patient>_<n>_mask`` beside its slice; patient ids are ``TCGA_<institution>_<id>_<date>``.
 
 SCAN_DIR is one patient folder (slices directly inside) or a folder of patient folders (the
 Kaggle ``kaggle_3m`` layout). Slices are ``<patient>_<n>.tif|.tiff|.png``; ``..._mask`` files
@@ -12,9 +16,47 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bt_pipeline.data.manifest import IMAGE_SUFFIXES
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+_SLICE = re.compile(r"^(?P<stem>(?P<patient>.+)_(?P<number>\d+))(?P<mask>_mask)?$")
+_INSTITUTION = re.compile(r"^TCGA_(?P<institution>[A-Za-z0-9]+)_")
 
-_SLICE = re.compile(r"^(?P<stem>.+_(?P<number>\d+))(?P<mask>_mask)?$")
+
+@dataclass(frozen=True)
+class SliceName:
+    """What a slice or mask filename says: its patient, slice number and kind."""
+
+    patient: str
+    number: int
+    stem: str  # the image's stem, shared by the slice and its mask
+    is_mask: bool
+
+
+def slice_name(path: Path) -> SliceName | None:
+    """Parse ``<patient>_<n>[_mask].<image suffix>``; None for any other file."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return None
+    match = _SLICE.match(path.stem)
+    if match is None:
+        return None
+    return SliceName(match.group("patient"), int(match.group("number")), match.group("stem"),
+                     match.group("mask") is not None)
+
+
+def parse_slice_name(path: Path) -> tuple[str, int] | None:
+    """``<patient>_<n>.tif`` -> (patient, n); None for masks and anything else."""
+    name = slice_name(path)
+    return None if name is None or name.is_mask else (name.patient, name.number)
+
+
+def mask_path_for(image_path: Path) -> Path:
+    """The ground-truth mask that belongs to an image slice."""
+    return image_path.with_name(f"{image_path.stem}_mask{image_path.suffix}")
+
+
+def institution_of(patient_id: str) -> str:
+    """Institution code from ``TCGA_<inst>_<id>_<date>``; ``"unknown"`` otherwise."""
+    match = _INSTITUTION.match(patient_id)
+    return match.group("institution") if match else "unknown"
 
 
 @dataclass(frozen=True)
@@ -43,14 +85,14 @@ def _scan_patient(folder: Path, problems: list[InputProblem]) -> PatientScan:
     images: dict[str, tuple[int, Path]] = {}
     masks: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        match = _SLICE.match(path.stem) if path.suffix.lower() in IMAGE_SUFFIXES else None
-        if path.is_dir() or match is None:
+        name = slice_name(path)
+        if path.is_dir() or name is None:
             problems.append(InputProblem(str(path), folder.name,
                                          "not a slice (<patient>_<n>.tif|.tiff|.png)", False))
-        elif match.group("mask"):
-            masks[match.group("stem")] = path
+        elif name.is_mask:
+            masks[name.stem] = path
         else:
-            images[match.group("stem")] = (int(match.group("number")), path)
+            images[name.stem] = (name.number, path)
     for stem, mask in sorted(masks.items()):
         if stem not in images:
             problems.append(InputProblem(str(mask), folder.name, "mask with no image"))

@@ -12,21 +12,11 @@ import numpy as np
 import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic, write_with
+from bt_pipeline.reports import draw_outline
 
 PREDICTED_BGR = (0, 0, 255)  # red
 TRUTH_BGR = (0, 255, 0)  # green
 TILE = 192
-
-
-def draw_outline(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int],
-                 thickness: int = 1) -> np.ndarray:
-    """Copy of a uint8 colour image with the outline of the binary ``mask`` drawn in
-    ``colour`` (given in the image's own channel order)."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_NONE)
-    out = np.ascontiguousarray(image.copy())
-    cv2.drawContours(out, contours, -1, colour, thickness)
-    return out
 
 
 def _tile(image_rgb: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None,

@@ -77,7 +77,7 @@ def fold_model(runs_root: Path, recipe: str, fold: int) -> Path:
 def train_fold(recipe: Recipe, fold: int, data_root: str, manifest_path: str, runs_root: Path,
                verbose: int | str = 2) -> Path:
     """Train fold ``fold`` of ``recipe`` unless its model exists; returns the model's path."""
-    from bt_pipeline.train_unet import train_unet
+    from bt_pipeline.training.train_unet import train_unet
 
     target = fold_model(runs_root, recipe.name, fold)
     if target.is_file():

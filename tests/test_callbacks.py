@@ -20,9 +20,10 @@ def _epochs_logged(run_dir):
         return [int(row["epoch"]) for row in csv.DictReader(handle)]
 
 
+@pytest.mark.integration
 def test_train_unet_resumes_after_sigkill(synthetic_root, synthetic_manifest, tmp_path):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "bt_pipeline.train_unet",
+    command = [sys.executable, "-m", "bt_pipeline", "train-unet",
                "--data-dir", str(synthetic_root), "--manifest", str(synthetic_manifest),
                "--run-dir", str(run_dir), "--epochs", "12", "--patience", "100",
                "--image-size", "32", "--depth", "2", "--base-filters", "4", "--batch-size", "4",
@@ -61,7 +62,7 @@ def test_backup_survives_a_kill_in_the_middle_of_a_save(tmp_path):
 
     import pytest
 
-    from bt_pipeline.training import AtomicBackupAndRestore
+    from bt_pipeline.training.callbacks import AtomicBackupAndRestore
 
     callback = AtomicBackupAndRestore(str(tmp_path / "backup"))
     model = _tiny_model()
@@ -85,7 +86,7 @@ def test_backup_survives_a_kill_in_the_middle_of_a_save(tmp_path):
 
 
 def test_best_checkpoint_is_not_replaced_by_a_worse_epoch_after_a_restart(tmp_path):
-    from bt_pipeline.training import BestCheckpoint
+    from bt_pipeline.training.callbacks import BestCheckpoint
 
     log = tmp_path / "log.csv"
     log.write_text("epoch,val_dice_metric\n0,0.5\n1,0.8\n")
@@ -103,7 +104,7 @@ def test_best_checkpoint_is_not_replaced_by_a_worse_epoch_after_a_restart(tmp_pa
 def test_early_stopping_patience_carries_over_a_restart(tmp_path):
     """A run killed 3 epochs after its best, patience 4: one more worse epoch ends it, not 4;
     and a run that early stopping already ended is recognised as finished."""
-    from bt_pipeline.training import ResumableEarlyStopping, stopped_early
+    from bt_pipeline.training.callbacks import ResumableEarlyStopping, stopped_early
 
     log = tmp_path / "log.csv"
     log.write_text("epoch,val_dice_metric\n0,0.5\n1,0.8\n2,0.7\n3,0.75\n4,0.79\n")
@@ -131,7 +132,7 @@ def test_learning_rate_plateau_counter_carries_over_a_restart(tmp_path):
     in, so the next worse epoch halves the learning rate; a stock callback would wait again."""
     import keras
 
-    from bt_pipeline.training import ResumableReduceLROnPlateau
+    from bt_pipeline.training.callbacks import ResumableReduceLROnPlateau
 
     log = tmp_path / "log.csv"
     epochs = [(0.5, 1e-3), (0.8, 1e-3), (0.7, 1e-3), (0.75, 1e-3), (0.79, 5e-4)]
@@ -158,6 +159,7 @@ def test_learning_rate_plateau_counter_carries_over_a_restart(tmp_path):
     assert float(model.optimizer.learning_rate) == pytest.approx(2.5e-4)
 
 
+@pytest.mark.integration
 def test_tuning_resumes_after_sigkill_without_recording_a_trial_twice(
         synthetic_root, synthetic_manifest, tmp_path):
     import json
@@ -165,7 +167,7 @@ def test_tuning_resumes_after_sigkill_without_recording_a_trial_twice(
     import pandas as pd
 
     work = tmp_path / "work"
-    command = [sys.executable, "-m", "bt_pipeline.tune", "--data-dir", str(synthetic_root),
+    command = [sys.executable, "-m", "bt_pipeline", "tune", "--data-dir", str(synthetic_root),
                "--manifest", str(synthetic_manifest), "--trials", "4", "--epochs", "3",
                "--executions", "1", "--retrain-epochs", "1", "--image-size", "32",
                "--out-dir", str(tmp_path / "tuning"), "--work-dir", str(work),
@@ -198,7 +200,7 @@ def _ema_fit(run_dir, epochs):
     import keras
     import numpy as np
 
-    from bt_pipeline.training import training_callbacks
+    from bt_pipeline.training.callbacks import training_callbacks
 
     keras.utils.set_random_seed(7)
     rng = np.random.default_rng(0)

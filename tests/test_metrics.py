@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from bt_pipeline.classifier_metrics import choose_threshold, classification_metrics
+from bt_pipeline.evaluation.metrics import classification_metrics
+from bt_pipeline.training.train_classifier import choose_threshold
 
 
 def test_threshold_keeps_the_sensitivity_floor_with_a_margin():

@@ -1,7 +1,4 @@
-"""The reference study's experiments, regenerated on this machine (``make experiments``).
-
-    python -m bt_pipeline.experiments [--image-size 64] [--base-filters 8]
-        [--epochs-lr-bn 100] [--epochs-batch 30] [--epochs-options 30]
+"""The reference study's experiments, regenerated on this machine (``bt experiments``).
 
 1. learning rate {0.1, 0.01, 0.0001} x batch normalisation {on, off}: train and val loss curves;
 2. batch size {16, 32, 64} x learning rate {0.0001, 0.1}: train and val loss curves;
@@ -18,9 +15,9 @@ so an interrupted run of the command loses at most the run in progress.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -29,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic, write_with
+from bt_pipeline.cli import add_common_arguments, apply_threads, keras_verbosity
 from bt_pipeline.config import (
     SHIPPED_CLASSIFIER,
     ClassifierConfig,
@@ -38,12 +36,10 @@ from bt_pipeline.config import (
 )
 from bt_pipeline.data.loader import SplitArrays, load_split, unet_dataset
 from bt_pipeline.data.manifest import read_manifest
-from bt_pipeline.models.losses import compile_unet
-from bt_pipeline.models.unet import build_unet
-from bt_pipeline.plotting import plt, save_figure
-from bt_pipeline.predict import TwoStagePredictor, load_model_file
-from bt_pipeline.reporting import markdown_table
-from bt_pipeline.segmentation_eval import predict_split, score_split, summarise
+from bt_pipeline.evaluation.scoring import predict_split, score_split, summarise
+from bt_pipeline.inference.predictor import TwoStagePredictor, load_model_file
+from bt_pipeline.models.unet import build_unet, compile_unet
+from bt_pipeline.reports import plt, save_figure, write_summary
 
 LR_BN_RATES = (0.1, 0.01, 0.0001)
 BATCH_SIZES = (16, 32, 64)
@@ -185,10 +181,10 @@ def score_options(models: dict[Run, keras.Model], runs: list[Run], scale: Scale,
     rows = []
     for label, variant in variants.items():
         members = [models[run] for run in variant["unets"]]
-        predictor = TwoStagePredictor(classifier, members[0], classifier_config, unet_config,
+        config = dataclasses.replace(unet_config, tv_weight=variant.get("tv", 0.0))
+        predictor = TwoStagePredictor(classifier, members[0], classifier_config, config,
                                       extra_unets=tuple(members[1:]),
-                                      tta_flips=variant.get("flips", False),
-                                      unet_tv_weight=variant.get("tv", 0.0))
+                                      tta_flips=variant.get("flips", False))
         started = time.monotonic()
         predictions = predict_split(predictor, manifest, "val", data_root)
         seconds = time.monotonic() - started
@@ -244,33 +240,25 @@ def run_experiments(data: DataConfig, scale: Scale, out: Path, epochs_lr_bn: int
                 "ensemble_size": ensemble_size, "tv_weight": tv_weight, "seed": data.seed,
                 "train_seconds_total": round(float(curves.groupby("run")["run_seconds"]
                                                    .first().sum()), 1)}
-    write_summary(tables, figures, settings, out)
+    write_report(tables, figures, settings, out)
     return tables
 
 
-def write_summary(tables: dict[str, pd.DataFrame], figures: list[str], settings: dict,
-                  out: Path) -> None:
+def write_report(tables: dict[str, pd.DataFrame], figures: list[str], settings: dict,
+                 out: Path) -> None:
     titles = {"lr_bn": "Learning rate x batch normalisation",
               "batch_lr": "Batch size x learning rate",
               "options": "Next steps on val (per-patient Dice at 256x256; the shipped "
                          "classifier gates the pipeline column)"}
-    lines = ["# bt_pipeline experiments", "",
-             f"Settings: `{json.dumps(settings, sort_keys=True)}`", ""]
     for name, table in tables.items():
         write_text_atomic(out / f"{name}.csv", table.to_csv(index=False, lineterminator="\n",
                                                              float_format="%.5g"))
-        lines += [f"## {titles[name]}", "", markdown_table(table.round(4)), ""]
-    lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     write_text_atomic(out / "settings.json", json.dumps(settings, indent=2) + "\n")
-    write_text_atomic(out / "summary.md", "\n".join(lines) + "\n")
+    write_summary(out / "summary.md", "bt_pipeline experiments",
+                  [f"Settings: `{json.dumps(settings, sort_keys=True)}`"], tables, figures, titles)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from bt_pipeline.cli import add_common_arguments, keras_verbosity, parse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--out", default="reports/experiments")
     parser.add_argument("--image-size", type=int, default=Scale.image_size)
@@ -281,23 +269,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs-options", type=int, default=30)
     parser.add_argument("--ensemble-size", type=int, default=3)
     parser.add_argument("--tv-weight", type=float, default=0.1)
-    args = parse(parser, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     # Nearest-neighbour masks: the committed reports/experiments tables were measured so.
     data = DataConfig(data_root=args.data_dir, manifest=args.manifest, seed=args.seed,
                       context_slices=args.context_slices, mask_resize="nearest")
     scale = Scale(args.image_size, args.depth, args.base_filters)
-    try:
-        tables = run_experiments(data, scale, Path(args.out), args.epochs_lr_bn,
-                                 args.epochs_batch, args.epochs_options, args.ensemble_size,
-                                 args.tv_weight, keras_verbosity())
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    tables = run_experiments(data, scale, Path(args.out), args.epochs_lr_bn,
+                             args.epochs_batch, args.epochs_options, args.ensemble_size,
+                             args.tv_weight, keras_verbosity())
     for name, table in tables.items():
         print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\nreport: {Path(args.out) / 'summary.md'}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

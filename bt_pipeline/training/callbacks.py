@@ -1,4 +1,4 @@
-"""What every training run shares: seeding, callbacks, distribution strategy, shipping a model.
+"""What every training run shares: callbacks, distribution strategy, shipping a model.
 
 A run directory holds ``best.keras`` (best on val; never replaced by a worse epoch, even after a
 restart), ``log.csv`` (one row per epoch),
@@ -77,9 +77,9 @@ def stopped_early(log_csv: Path, monitor: str, mode: str, patience: int) -> bool
     return bool(values) and epochs_since_best(values, mode) >= patience
 
 
-class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-    """EarlyStopping that, on a resumed run, starts from the best value and the epochs without
-    improvement in the run's CSV log, so a restart does not grant a fresh ``patience``."""
+class _RestoredFromLog:
+    """Mixin for a monitoring callback whose state a resumed run rebuilds from its CSV log:
+    ``restore(values)`` gets the monitor's logged values when training begins."""
 
     def __init__(self, log_csv: Path, **kwargs):
         super().__init__(**kwargs)
@@ -87,7 +87,14 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        values = logged_values(self.log_csv, self.monitor)
+        self.restore(logged_values(self.log_csv, self.monitor))
+
+
+class ResumableEarlyStopping(_RestoredFromLog, keras.callbacks.EarlyStopping):
+    """EarlyStopping that, on a resumed run, starts from the best value and the epochs without
+    improvement in the run's CSV log, so a restart does not grant a fresh ``patience``."""
+
+    def restore(self, values: list[float]) -> None:
         if values:
             mode = "max" if self.mode == "max" else "min"
             self.best = best_of(values, mode)
@@ -95,18 +102,12 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             self.best_epoch = len(values) - 1 - self.wait
 
 
-class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+class ResumableReduceLROnPlateau(_RestoredFromLog, keras.callbacks.ReduceLROnPlateau):
     """ReduceLROnPlateau that, on a resumed run, replays the run's CSV log (monitor and the
     learning rate each epoch ran at) to restore its best value, plateau counter and cooldown.
     The learning rate itself comes back with the optimizer state from BackupAndRestore."""
 
-    def __init__(self, log_csv: Path, **kwargs):
-        super().__init__(**kwargs)
-        self.log_csv = log_csv
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        values = logged_values(self.log_csv, self.monitor)
+    def restore(self, values: list[float]) -> None:
         rates = logged_values(self.log_csv, "learning_rate")
         if not values or len(values) != len(rates):
             return
@@ -173,14 +174,6 @@ def training_callbacks(run_dir: Path, monitor: str, mode: str, patience: int,
                                     profile_batch=0),
         TimeLimit(max_minutes),
     ]
-
-
-def limit_threads(threads: int | None) -> None:
-    """Cap TensorFlow's thread pools (call before any TF work). Two trainings sharing a small
-    CPU run faster with one thread each than fighting over every core."""
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:

@@ -1,6 +1,5 @@
-"""Stage 1: tune the slice classifier with Keras Tuner RandomSearch, then retrain and ship it.
-
-    python -m bt_pipeline.tune [--trials 20] [--epochs 20] [--executions 2]
+"""Stage 1: tune the slice classifier with Keras Tuner RandomSearch (``bt tune``), then
+retrain and ship the best (training/train_classifier.py).
 
 The objective is validation accuracy only; test patients are never looked at until the
 shipped model is scored. Re-running the command resumes the search from ``--work-dir``.
@@ -10,6 +9,7 @@ For chief/worker tuning set ``KERASTUNER_TUNER_ID``, ``KERASTUNER_ORACLE_IP`` an
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -22,13 +22,18 @@ import numpy as np
 import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.classifier_metrics import choose_threshold, classification_metrics
-from bt_pipeline.config import SHIPPED_CLASSIFIER, ClassifierConfig, DataConfig
+from bt_pipeline.cli import add_common_arguments, apply_threads, keras_verbosity
+from bt_pipeline.config import (
+    SHIPPED_CLASSIFIER,
+    ClassifierConfig,
+    DataConfig,
+    check_preprocessing,
+)
 from bt_pipeline.data.loader import SplitArrays, classifier_dataset, load_split
 from bt_pipeline.data.manifest import read_manifest
-from bt_pipeline.models.classifier import build_classifier, compile_classifier
-from bt_pipeline.reporting import markdown_table
-from bt_pipeline.training import ship_model, stopped_early, training_callbacks
+from bt_pipeline.models.classifier import build_classifier_from_config, compile_classifier
+from bt_pipeline.reports import markdown_table
+from bt_pipeline.training.train_classifier import retrain_and_ship
 
 DENSE_ACTIVATIONS = ["relu", "sigmoid", "tanh", "elu"]
 # elu and swish keep a gradient for negative inputs, which helps small nets that ReLU can kill.
@@ -36,7 +41,7 @@ CONV_ACTIVATIONS = ["relu", "elu", "swish"]
 
 
 def classifier_kwargs_from_hp(hp: keras_tuner.HyperParameters, n_blocks: int) -> dict:
-    """Map hyperparameters to :func:`build_classifier` keyword arguments (plus the LR)."""
+    """Map hyperparameters to ClassifierConfig fields (the builder's arguments and the LR)."""
     dropout = dict(min_value=0.0, max_value=0.5, step=0.05, default=0.15)
     return {
         "block_dropouts": tuple(hp.Float(f"dropout_{i + 1}", **dropout) for i in range(n_blocks)),
@@ -51,19 +56,14 @@ def classifier_kwargs_from_hp(hp: keras_tuner.HyperParameters, n_blocks: int) ->
 class ClassifierHyperModel(keras_tuner.HyperModel):
     """``build(hp)`` only turns ``hp`` into arguments of the training builder."""
 
-    def __init__(self, config: ClassifierConfig, channels: int = 3):
+    def __init__(self, config: ClassifierConfig):
         super().__init__(name="slice_classifier")
         self.config = config
-        self.channels = channels
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
-        kwargs = classifier_kwargs_from_hp(hp, len(self.config.filters))
-        learning_rate = kwargs.pop("learning_rate")
-        model = build_classifier(image_size=self.config.image_size, filters=self.config.filters,
-                                 batch_norm=self.config.batch_norm,
-                                 convs_per_block=self.config.convs_per_block,
-                                 channels=self.channels, **kwargs)
-        return compile_classifier(model, learning_rate)
+        config = dataclasses.replace(self.config,
+                                     **classifier_kwargs_from_hp(hp, len(self.config.filters)))
+        return compile_classifier(build_classifier_from_config(config), config.learning_rate)
 
 
 class ClassifierSearch(keras_tuner.RandomSearch):
@@ -92,9 +92,9 @@ class ClassifierSearch(keras_tuner.RandomSearch):
 
 
 def make_tuner(config: ClassifierConfig, work_dir: Path, max_trials: int,
-               executions: int, seed: int, channels: int = 3) -> ClassifierSearch:
+               executions: int, seed: int) -> ClassifierSearch:
     return ClassifierSearch(
-        ClassifierHyperModel(config, channels),
+        ClassifierHyperModel(config),
         objective=keras_tuner.Objective("val_accuracy", "max"),
         max_trials=max_trials, executions_per_trial=executions, seed=seed,
         directory=str(work_dir), project_name="classifier", overwrite=False,
@@ -142,60 +142,6 @@ def config_from_hparams(base: ClassifierConfig, hparams: dict) -> ClassifierConf
     return dataclasses.replace(base, **kwargs)
 
 
-def predict_probabilities(model: keras.Model, arrays: SplitArrays, config: DataConfig):
-    plain = dataclasses.replace(config, augment=False)
-    return model.predict(classifier_dataset(arrays, plain, training=False), verbose=0).ravel()
-
-
-def retrain_and_ship(config: ClassifierConfig, data_config: DataConfig,
-                     splits: dict[str, SplitArrays], run_dir: Path, ship_to: Path | None,
-                     verbose="auto") -> tuple[keras.Model, pd.DataFrame]:
-    """Train ``config`` with early stopping on val AUC, choose the threshold on val, score every
-    split, ship the model with its config. Returns the model and the per-split metrics."""
-    keras.utils.set_random_seed(config.seed)
-    model = compile_classifier(
-        build_classifier(config.image_size, config.filters, config.block_dropouts,
-                         config.dense_dropout, config.dense_units, config.conv_activation,
-                         config.dense_activation, config.batch_norm, config.convs_per_block,
-                         data_config.channels),
-        config.learning_rate)
-    started = time.monotonic()
-    train = classifier_dataset(splits["train"], data_config, training=True)
-    val = classifier_dataset(splits["val"], data_config, training=False)
-    # Selected on val ROC AUC: the threshold is set on val afterwards, so what the checkpoint
-    # must get right is the ranking of slices, not the loss at 0.5.
-    if stopped_early(run_dir / "log.csv", "val_auc", "max", config.patience):
-        print(f"{run_dir}: early stopping already ended this retrain; scoring its best model")
-    else:
-        model.fit(train, validation_data=val, epochs=config.epochs, verbose=verbose,
-                  callbacks=training_callbacks(run_dir, "val_auc", "max", config.patience))
-    model = keras.saving.load_model(run_dir / "best.keras")
-    wall = time.monotonic() - started
-    table = threshold_score_and_ship(model, config, data_config, splits, ship_to,
-                                     {"retrain_wall_seconds": round(wall, 1)})
-    return model, table
-
-
-def threshold_score_and_ship(model: keras.Model, config: ClassifierConfig,
-                             data_config: DataConfig, splits: dict[str, SplitArrays],
-                             ship_to: Path | None, facts: dict) -> pd.DataFrame:
-    """Choose the decision threshold on val, score every split with it, ship the model with
-    its config (threshold and metrics included). Returns the per-split metrics."""
-    probabilities = {name: predict_probabilities(model, arrays, data_config)
-                     for name, arrays in splits.items()}
-    threshold = choose_threshold(splits["val"].labels, probabilities["val"],
-                                 config.min_val_sensitivity)
-    config = dataclasses.replace(config, threshold=threshold)
-    table = pd.DataFrame([{"split": name, **classification_metrics(arrays.labels,
-                                                                   probabilities[name], threshold)}
-                          for name, arrays in splits.items()])
-    if ship_to is not None:
-        ship_model(model, ship_to, config, {
-            **facts, "data": dataclasses.asdict(data_config),
-            "parameters": int(model.count_params()),
-            "metrics": table.set_index("split").to_dict(orient="index")})
-    return table
-
 def run_tuning(data_config: DataConfig, base: ClassifierConfig, out_dir: Path, work_dir: Path,
                trials: int, epochs: int, executions: int, ship_to: Path | None,
                verbose="auto", hparams_file: Path | None = None) -> pd.DataFrame | None:
@@ -226,8 +172,8 @@ def search(data_config: DataConfig, base: ClassifierConfig, splits: dict[str, Sp
            verbose) -> dict | None:
     """Run (or resume) the RandomSearch, write its reports; the best hyperparameters, or None
     on a worker process."""
-    tuner = make_tuner(base, work_dir, trials, executions, data_config.seed,
-                       data_config.channels)
+    check_preprocessing(data_config, base)
+    tuner = make_tuner(base, work_dir, trials, executions, data_config.seed)
     tuner.search(classifier_dataset(splits["train"], data_config, training=True),
                  classifier_dataset(splits["val"], data_config, training=False),
                  epochs=epochs, verbose=verbose)
@@ -243,13 +189,7 @@ def search(data_config: DataConfig, base: ClassifierConfig, splits: dict[str, Sp
     return best_hparams
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    from bt_pipeline.cli import add_common_arguments, keras_verbosity, parse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=20, help="epochs per execution")
@@ -264,27 +204,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default="tuning")
     parser.add_argument("--work-dir", default="tuning/work")
     parser.add_argument("--ship-to", default=str(SHIPPED_CLASSIFIER))
-    args = parse(parser, argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
                              image_size=args.image_size, seed=args.seed,
                              context_slices=args.context_slices)
     base = ClassifierConfig(image_size=args.image_size, epochs=args.retrain_epochs,
                             patience=args.patience, convs_per_block=args.convs_per_block,
-                            seed=args.seed)
+                            context_slices=args.context_slices, seed=args.seed)
     hparams_file = Path(args.retrain_from) if args.retrain_from else None
-    verbose = keras_verbosity()
-    try:
-        table = run_tuning(data_config, base, Path(args.out_dir), Path(args.work_dir),
-                           args.trials, args.epochs, args.executions, Path(args.ship_to), verbose,
-                           hparams_file)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    table = run_tuning(data_config, base, Path(args.out_dir), Path(args.work_dir),
+                       args.trials, args.epochs, args.executions, Path(args.ship_to),
+                       keras_verbosity(), hparams_file)
     if table is not None:
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         print(f"shipped classifier: {args.ship_to}; reports in {args.out_dir}/")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

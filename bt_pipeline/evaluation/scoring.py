@@ -26,8 +26,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bt_pipeline.data.preprocess import MASK_RESIZE, preprocess_mask, read_image, read_mask
-from bt_pipeline.models.losses import dice_score, iou_score
-from bt_pipeline.predict import TwoStagePredictor, to_grid
+from bt_pipeline.evaluation.metrics import dice_score, iou_score
+from bt_pipeline.inference.predictor import TwoStagePredictor, to_grid
 
 
 @dataclass
@@ -156,8 +156,8 @@ def input_size_ceiling(predictions: list[PatientPrediction], image_size: int,
                        mask_threshold: float = 0.5) -> dict[str, float]:
     """Pooled IoU over the tumour slices that a flawless U-Net working at ``image_size`` could
     reach: each truth mask is shrunk as training shrinks it (each way in ``MASK_RESIZE``),
-    brought back with :func:`~bt_pipeline.predict.to_grid` and cut at ``mask_threshold``,
-    exactly as a predicted map is. Returns ``{resize: IoU}``."""
+    brought back with :func:`~bt_pipeline.inference.predictor.to_grid` and cut at
+    ``mask_threshold``, exactly as a predicted map is. Returns ``{resize: IoU}``."""
     overlap = {resize: [0, 0] for resize in MASK_RESIZE}
     for prediction in predictions:
         for truth in prediction.truths:

@@ -1,6 +1,4 @@
-"""Evaluation report for the shipped models on the patient-level splits (``make evaluate``).
-
-    python -m bt_pipeline.evaluate [--splits val test] [--out reports/evaluation]
+"""Evaluation report for the shipped models on the patient-level splits (``bt evaluate``).
 
 Writes ``summary.md`` (the tables), ``patients.csv`` and ``slices.csv`` (every score), and
 PNG figures: the classifier's ROC curves and confusion matrices, the per-patient Dice
@@ -10,7 +8,6 @@ distribution, and the best and worst slices.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +15,11 @@ import pandas as pd
 from sklearn.metrics import roc_curve
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.classifier_metrics import classification_metrics
-from bt_pipeline.cli import add_model_arguments, load_predictor
 from bt_pipeline.config import DataConfig
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.data.preprocess import read_image
-from bt_pipeline.plotting import plt, save_figure
-from bt_pipeline.predict import TwoStagePredictor
-from bt_pipeline.report import draw_outline
-from bt_pipeline.reporting import markdown_table
-from bt_pipeline.segmentation_eval import (
+from bt_pipeline.evaluation.metrics import classification_metrics
+from bt_pipeline.evaluation.scoring import (
     PatientPrediction,
     input_size_ceiling,
     pipeline_volume,
@@ -36,9 +28,14 @@ from bt_pipeline.segmentation_eval import (
     summarise,
     sweep_thresholds,
 )
-
-#: Post-processing is adopted only if it lifts mean val Dice by at least this much.
-MIN_POSTPROCESS_GAIN = 0.005
+from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
+from bt_pipeline.inference.postprocess import (
+    PostprocessingChoice,
+    choose_postprocessing,
+    write_choice,
+)
+from bt_pipeline.inference.predictor import TwoStagePredictor
+from bt_pipeline.reports import draw_outline, plt, save_figure, write_summary
 
 
 def classifier_table(slices: pd.DataFrame, threshold: float) -> pd.DataFrame:
@@ -195,21 +192,6 @@ def _sweep_figure(sweep: pd.DataFrame, predictor: TwoStagePredictor, out: Path) 
     return save_figure(figure, out / "threshold_sweep.png")
 
 
-def choose_postprocessing(sweep: pd.DataFrame, classifier_threshold: float,
-                          mask_threshold: float = 0.5) -> tuple[int, bool, float]:
-    """Post-processing chosen on val: ``(min_component_pixels, keep_largest_3d, gain)``, the
-    gain in mean Dice over none. No post-processing unless it gains MIN_POSTPROCESS_GAIN."""
-    rows = sweep[np.isclose(sweep["classifier_threshold"], classifier_threshold)
-                 & np.isclose(sweep["mask_threshold"], mask_threshold)]
-    plain = (rows["min_component_pixels"] == 0) & ~rows["keep_largest_3d"].astype(bool)
-    baseline = rows.loc[plain, "dice_pipeline_mean"].iloc[0]
-    best = rows.loc[rows["dice_pipeline_mean"].idxmax()]
-    gain = float(best["dice_pipeline_mean"] - baseline)
-    if gain < MIN_POSTPROCESS_GAIN:
-        return 0, False, gain
-    return int(best["min_component_pixels"]), bool(best["keep_largest_3d"]), gain
-
-
 def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits: list[str],
                    out: Path) -> dict[str, pd.DataFrame]:
     manifest = read_manifest(data_config.manifest)
@@ -233,51 +215,56 @@ def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits
         sweep = sweep_thresholds(predictor, predictions["val"])
         write_text_atomic(out / "threshold_sweep.csv",
                           sweep.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
-        pixels, largest, gain = choose_postprocessing(sweep,
-                                                      predictor.classifier_config.threshold)
+        choice = choose_postprocessing(sweep, predictor.classifier_config.threshold, "val")
         tables["postprocessing_choice"] = pd.DataFrame([
-            {"setting": "min_component_pixels", "val_choice": pixels,
+            {"setting": "min_component_pixels", "val_choice": choice.min_component_pixels,
              "in_use": predictor.unet_config.min_component_pixels},
-            {"setting": "keep_largest_3d", "val_choice": largest,
+            {"setting": "keep_largest_3d", "val_choice": choice.keep_largest_3d,
              "in_use": predictor.unet_config.keep_largest_3d},
-            {"setting": "val_dice_gain_of_choice", "val_choice": round(gain, 4), "in_use": ""}])
+            {"setting": "val_dice_gain_of_choice", "val_choice": round(choice.gain, 4),
+             "in_use": ""}])
     figures = [_roc_figure(slices, tables["classifier"], out),
                _confusion_figure(tables["classifier"], out), _dice_figure(patients, out),
                _extremes_figure(predictor, slices, [p for s in splits for p in predictions[s]],
                                 root, out)]
     if "val" in splits:
         figures.append(_sweep_figure(sweep, predictor, out))
-    lines = ["# bt_pipeline evaluation", "",
-             f"Splits: {', '.join(splits)} (patient-level, from `{data_config.manifest}`). "
+    intro = [f"Splits: {', '.join(splits)} (patient-level, from `{data_config.manifest}`). "
              f"Classifier threshold {predictor.classifier_config.threshold:.4f} (chosen on val); "
              f"mask threshold {predictor.mask_threshold}; U-Nets {1 + len(predictor.extra_unets)}; "
              f"flip TTA {'on' if predictor.tta_flips else 'off'}; "
              f"{'bfloat16' if predictor.bfloat16 else 'float32'} compute. "
-             "Scored at each slice's original grid.",
-             ""]
-    for name, table in tables.items():
-        lines += [f"## {name}", "", markdown_table(table.round(4)), ""]
-    lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
-    write_text_atomic(out / "summary.md", "\n".join(lines) + "\n")
+             "Scored at each slice's original grid."]
+    write_summary(out / "summary.md", "bt_pipeline evaluation", intro, tables, figures)
     return tables
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=DataConfig.data_root)
     parser.add_argument("--manifest", default=DataConfig.manifest)
-    parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument("--splits", nargs="+", default=["val", "test"],
+                        choices=["train", "val", "test"])
     add_model_arguments(parser)
     parser.add_argument("--out", default="reports/evaluation")
-    args = parser.parse_args(argv)
+    parser.add_argument("--write-postprocessing", action="store_true",
+                        help="write the post-processing that val chose into the U-Net's JSON "
+                             "(needs val in --splits)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.write_postprocessing and "val" not in args.splits:
+        raise ValueError("--write-postprocessing chooses on val: add val to --splits")
     predictor = load_predictor(args)
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest)
     tables = run_evaluation(predictor, data_config, args.splits, Path(args.out))
     for name, table in tables.items():
         print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if args.write_postprocessing:
+        choice = tables["postprocessing_choice"].set_index("setting")["val_choice"]
+        config = write_choice(args.unet, PostprocessingChoice(
+            int(choice["min_component_pixels"]), bool(choice["keep_largest_3d"]),
+            float(choice["val_dice_gain_of_choice"]), "val"))
+        print(f"\n{args.unet.with_suffix('.json')}: min_component_pixels="
+              f"{config.min_component_pixels}, keep_largest_3d={config.keep_largest_3d}")
     print(f"\nreport: {Path(args.out) / 'summary.md'}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

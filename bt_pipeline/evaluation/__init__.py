@@ -1,0 +1,1 @@
+"""Evaluation: NumPy metrics, per-patient scoring, and the evaluation report."""

@@ -1,0 +1,143 @@
+"""Cross-validation report (``bt cv``): train a recipe's missing folds, score every fold's
+held-out patients exactly as ``bt evaluate`` scores a split, and write ``reports/cv/<recipe>/``.
+
+Each patient is scored by the fold U-Net that never trained on them, at 256x256, with the
+shipped U-Net's post-processing rule, so that recipes are compared under one rule. The gate is
+the shipped classifier, which trained on the manifest's train split: for those patients the
+pipeline figure is not held out, so the U-Net figure (every true tumour slice segmented) is the
+cross-validation's yardstick until each fold has a gate of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bt_pipeline.atomic import write_text_atomic
+from bt_pipeline.cli import keras_verbosity
+from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig, UNetConfig, load_json
+from bt_pipeline.data.manifest import N_FOLDS, read_manifest
+from bt_pipeline.evaluation.evaluate import by_slice_level
+from bt_pipeline.evaluation.scoring import predict_split, score_split, summarise
+from bt_pipeline.reports import write_summary
+from bt_pipeline.training.cross_validation import (
+    RECIPES,
+    fold_model,
+    fold_patients,
+    train_fold,
+)
+
+#: Per-patient scores whose mean, median and standard error the report gives.
+SCORES = ("dice_unet", "dice_pipeline")
+
+
+def score_fold(recipe: str, fold: int, manifest: pd.DataFrame, data_root: str,
+               runs_root: Path, classifier: Path, rule: UNetConfig):
+    """Per-patient and per-slice tables of fold ``fold``'s held-out patients."""
+    from bt_pipeline.inference.predictor import TwoStagePredictor
+
+    _, held_out = fold_patients(manifest, fold)
+    name = f"fold{fold}"
+    rows = manifest[manifest["patient_id"].isin(held_out)].assign(split=name)
+    predictor = TwoStagePredictor.load(classifier, fold_model(runs_root, recipe, fold))
+    predictor.unet_config = dataclasses.replace(
+        predictor.unet_config, min_component_pixels=rule.min_component_pixels,
+        keep_largest_3d=rule.keep_largest_3d)
+    return score_split(predictor, predict_split(predictor, rows, name, data_root), name)
+
+
+def mean_and_sem(patients: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
+    """Mean, median and standard error of the mean of each per-patient score."""
+    groups = [("all", patients)] if by is None else list(patients.groupby(by, sort=True))
+    rows = []
+    for key, group in groups:
+        row = {by or "patients": key, "n": len(group)}
+        for score in SCORES:
+            values = group[score].dropna()
+            row[f"{score}_mean"] = values.mean()
+            row[f"{score}_median"] = values.median()
+            row[f"{score}_sem"] = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 \
+                else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_difference(patients: pd.DataFrame, other: pd.DataFrame, score: str) -> dict:
+    """Mean per-patient difference ``patients - other`` on ``score`` over the patients both
+    scored, with its standard error (the yardstick for adopting a recipe)."""
+    both = patients.set_index("patient_id")[score].to_frame("a").join(
+        other.set_index("patient_id")[score].to_frame("b"), how="inner").dropna()
+    diff = both["a"] - both["b"]
+    sem = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    return {"score": score, "patients": len(diff), "mean_difference": diff.mean(), "sem": sem}
+
+
+def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out: Path,
+                 folds_missing: list[int], rule: UNetConfig) -> dict[str, pd.DataFrame]:
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "patients.csv", patients.to_csv(index=False, lineterminator="\n"))
+    write_text_atomic(out / "slices.csv", slices.to_csv(index=False, lineterminator="\n"))
+    pooled_patients = patients.assign(split="pooled")
+    pooled_slices = slices.assign(split="pooled")
+    tables = {
+        "pooled": mean_and_sem(patients),
+        "per_fold": pd.concat([summarise(patients, slices),
+                               summarise(pooled_patients, pooled_slices)], ignore_index=True),
+        "by_institution": mean_and_sem(patients, "institution"),
+        "by_slice_level": by_slice_level(pooled_slices),
+    }
+    missing = ", ".join(map(str, folds_missing)) or "none"
+    intro = [f"Recipe `{recipe}`: {patients['patient_id'].nunique()} held-out development "
+             f"patients scored, each by the fold U-Net that never trained on them (folds not "
+             f"yet trained: {missing}). Post-processing as the shipped U-Net: "
+             f"min_component_pixels={rule.min_component_pixels}, "
+             f"keep_largest_3d={rule.keep_largest_3d}. `dice_unet`: every true tumour slice "
+             "segmented (no gate); `dice_pipeline`: the shipped classifier gates, and it trained "
+             "on the manifest's train split, so that column is not held out. SEM: standard "
+             "error of the mean over patients."]
+    write_summary(out / "summary.md", f"Cross-validation: {recipe}", intro, tables)
+    return tables
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=DataConfig.data_root)
+    parser.add_argument("--manifest", default=DataConfig.manifest)
+    parser.add_argument("--recipe", default="baseline", choices=sorted(RECIPES))
+    parser.add_argument("--folds", type=int, nargs="+", default=list(range(N_FOLDS)))
+    parser.add_argument("--no-train", action="store_true",
+                        help="only score the folds already trained")
+    parser.add_argument("--precision", default="mixed_bfloat16",
+                        choices=["float32", "mixed_bfloat16"], help="training compute")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/cv"))
+    parser.add_argument("--classifier", type=Path, default=SHIPPED_CLASSIFIER)
+    parser.add_argument("--rule-from", type=Path, default=SHIPPED_UNET,
+                        help="U-Net whose JSON gives the post-processing rule")
+    parser.add_argument("--out", type=Path, default=Path("reports/cv"))
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = RECIPES[args.recipe](args.precision)
+    manifest = read_manifest(args.manifest)
+    rule = load_json(args.rule_from.with_suffix(".json"), UNetConfig)
+    results, missing = [], []
+    for fold in args.folds:
+        if not args.no_train:
+            train_fold(recipe, fold, args.data_dir, args.manifest, args.runs_dir,
+                       keras_verbosity())
+        if not fold_model(args.runs_dir, recipe.name, fold).is_file():
+            missing.append(fold)
+            continue
+        results.append(score_fold(recipe.name, fold, manifest, args.data_dir, args.runs_dir,
+                                  args.classifier, rule))
+    if not results:
+        raise FileNotFoundError(f"{args.runs_dir / recipe.name}: no fold is trained yet")
+    patients = pd.concat([p for p, _ in results], ignore_index=True)
+    slices = pd.concat([s for _, s in results], ignore_index=True)
+    tables = write_report(recipe.name, patients, slices, args.out / recipe.name, missing, rule)
+    for name, table in tables.items():
+        print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0

@@ -1,0 +1,51 @@
+"""``bt infer``: per-patient tumour detection and masks for folders of MR slices.
+
+Exit status: 0 all inputs processed; 1 some inputs skipped (listed in OUT/errors.csv and on
+stderr); 2 nothing could be processed, or the call itself was wrong; 3 internal error. Only the
+arguments are handled here, so ``--help`` answers without loading TensorFlow or pandas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bt_pipeline.atomic import write_text_atomic
+from bt_pipeline.cli import UsageError
+from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scan_dirs", nargs="+", type=Path, metavar="SCAN_DIR",
+                        help="a patient folder, or a folder of patient folders")
+    parser.add_argument("--out", type=Path, default=Path("predictions"))
+    add_model_arguments(parser)
+    parser.add_argument("--threshold", type=float, default=0.5, help="mask threshold")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--timing", type=Path, default=None,
+                        help="write wall-clock timings as JSON here (for benchmarks)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0.0 < args.threshold < 1.0:
+        raise UsageError("--threshold must be between 0 and 1")
+    from bt_pipeline.inference.pipeline import run_inference
+
+    predictor = load_predictor(args, args.threshold)
+    try:
+        result = run_inference(args.scan_dirs, args.out, predictor, progress=not args.quiet)
+    except OSError as exc:
+        print(f"error: cannot write outputs: {exc}", file=sys.stderr)
+        return 2
+    if args.timing is not None:
+        timing = {"first_patient_unix": result.first_patient_unix, "end_unix": time.time(),
+                  "slices": len(result.slices), "patients": len(result.patients)}
+        write_text_atomic(args.timing, json.dumps(timing) + "\n")
+    if result.patients.empty:
+        print("error: no slice could be processed", file=sys.stderr)
+    else:
+        print(f"report: {args.out / 'report.html'}")
+    return result.exit_code

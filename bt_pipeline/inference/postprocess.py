@@ -1,0 +1,104 @@
+"""Post-processing: the rules that turn U-Net probability maps into masks, the code that
+chooses them from held-out predictions, and the code that writes the choice into the U-Net's
+JSON, which inference then reads. No post-processing setting of a shipped model is set by hand.
+
+Rules, in order: threshold each slice's map; drop 8-connected components smaller than
+``min_component_pixels`` (0 = off); if ``keep_largest_3d``, keep only the largest 26-connected
+component of the patient's volume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from bt_pipeline.config import UNetConfig, load_json, save_json
+
+#: A rule is adopted only if it lifts the mean held-out pipeline Dice by at least this much.
+MIN_POSTPROCESS_GAIN = 0.005
+
+
+def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """uint8 {0, 1} copy of a binary mask without 8-connected components under ``min_pixels``."""
+    mask = mask.astype(np.uint8)
+    if min_pixels <= 0 or not mask.any():
+        return mask
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    keep = np.zeros(count, np.uint8)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_pixels
+    return keep[labels]
+
+
+def keep_largest_component_3d(volume: np.ndarray) -> np.ndarray:
+    """uint8 {0, 1} copy of a binary (slices, H, W) volume keeping only its largest
+    26-connected component (ties: the first found); an empty volume stays empty."""
+    labels, count = ndimage.label(volume, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return (labels > 0).astype(np.uint8)
+    sizes = np.bincount(labels.ravel())[1:]
+    return (labels == 1 + int(np.argmax(sizes))).astype(np.uint8)
+
+
+def slice_masks(maps: list[np.ndarray], threshold: float, min_pixels: int) -> list[np.ndarray]:
+    """uint8 {0, 1} masks from probability maps: threshold, then drop small components."""
+    return [remove_small_components(m > threshold, min_pixels) for m in maps]
+
+
+def finish_volume(masks: list[np.ndarray | None], largest_3d: bool) -> list[np.ndarray | None]:
+    """The volume rule on one patient's per-slice masks (None: not segmented). A volume whose
+    slices differ in size has no 3D neighbourhood and is left as it is."""
+    shapes = {m.shape for m in masks if m is not None}
+    if largest_3d and len(shapes) == 1:
+        shape = shapes.pop()
+        volume = keep_largest_component_3d(np.stack(
+            [m if m is not None else np.zeros(shape, np.uint8) for m in masks]))
+        masks = [v if m is not None else None for v, m in zip(volume, masks, strict=True)]
+    return masks
+
+
+@dataclasses.dataclass(frozen=True)
+class PostprocessingChoice:
+    """The rule chosen from a sweep, and the evidence for it."""
+
+    min_component_pixels: int
+    keep_largest_3d: bool
+    gain: float  # mean pipeline Dice of the best rule minus that of no post-processing
+    chosen_on: str  # which held-out patients the sweep scored
+
+
+def choose_postprocessing(sweep: pd.DataFrame, classifier_threshold: float, chosen_on: str,
+                          mask_threshold: float = 0.5) -> PostprocessingChoice:
+    """The rule with the best mean pipeline Dice in ``sweep`` (a table from
+    ``evaluation.scoring.sweep_thresholds`` over held-out patients) at the given thresholds;
+    no post-processing unless it gains MIN_POSTPROCESS_GAIN over none."""
+    rows = sweep[np.isclose(sweep["classifier_threshold"], classifier_threshold)
+                 & np.isclose(sweep["mask_threshold"], mask_threshold)]
+    plain = (rows["min_component_pixels"] == 0) & ~rows["keep_largest_3d"].astype(bool)
+    baseline = rows.loc[plain, "dice_pipeline_mean"].iloc[0]
+    best = rows.loc[rows["dice_pipeline_mean"].idxmax()]
+    gain = float(best["dice_pipeline_mean"] - baseline)
+    if gain < MIN_POSTPROCESS_GAIN:
+        return PostprocessingChoice(0, False, gain, chosen_on)
+    return PostprocessingChoice(int(best["min_component_pixels"]), bool(best["keep_largest_3d"]),
+                                gain, chosen_on)
+
+
+def write_choice(unet_path: str | Path, choice: PostprocessingChoice) -> UNetConfig:
+    """Write ``choice`` into the JSON beside ``unet_path`` (its config fields, and the evidence
+    under ``extra.postprocessing``); every other key is kept. Returns the new config."""
+    json_path = Path(unet_path).with_suffix(".json")
+    extra = json.loads(json_path.read_text()).get("extra", {})
+    config = dataclasses.replace(load_json(json_path, UNetConfig),
+                                 min_component_pixels=choice.min_component_pixels,
+                                 keep_largest_3d=choice.keep_largest_3d)
+    extra["postprocessing"] = {"chosen_on": choice.chosen_on,
+                               "mean_dice_gain": round(choice.gain, 4),
+                               "min_gain_to_adopt": MIN_POSTPROCESS_GAIN}
+    save_json(config, json_path, extra=extra)
+    return config

@@ -1,0 +1,60 @@
+"""Cross-validation folds: who trains and who is held out, finished folds kept, bf16 training
+shipping a float32 model."""
+
+import keras
+import numpy as np
+import pandas as pd
+
+from bt_pipeline.config import DataConfig, UNetConfig
+from bt_pipeline.data.manifest import NO_FOLD, read_manifest
+from bt_pipeline.training.cross_validation import (
+    Recipe,
+    fold_dir,
+    fold_patients,
+    inner_split,
+    train_fold,
+)
+
+
+def test_each_fold_holds_out_its_patients_and_never_a_test_patient(synthetic_manifest):
+    manifest = read_manifest(synthetic_manifest)
+    per_patient = manifest.drop_duplicates("patient_id").set_index("patient_id")
+    development = set(per_patient.index[per_patient["fold"] != NO_FOLD])
+    held_out_once = []
+    for fold in range(5):
+        train, held_out = fold_patients(manifest, fold)
+        assert not set(train) & set(held_out)
+        assert set(train) | set(held_out) == development
+        held_out_once += held_out
+    assert sorted(held_out_once) == sorted(development)
+    train, _ = fold_patients(manifest, 0)
+    fit, val = inner_split(manifest, train, 0.25, seed=1)
+    assert sorted(fit + val) == sorted(train) and val and not set(fit) & set(val)
+    assert inner_split(manifest, train, 0.0, seed=1) == (sorted(train), [])
+
+
+def test_finished_folds_are_kept_and_bf16_training_ships_float32(synthetic_root,
+                                                                 synthetic_manifest, tmp_path):
+    recipe = Recipe("tiny", UNetConfig(image_size=32, depth=2, base_filters=4, epochs=1, seed=1,
+                                       precision="mixed_bfloat16"),
+                    DataConfig(image_size=32, batch_size=8, cache_dir="", seed=1), 0.25)
+    runs = tmp_path / "runs"
+    first = train_fold(recipe, 0, str(synthetic_root), str(synthetic_manifest), runs, verbose=0)
+    stamp = first.stat().st_mtime_ns
+    # a fold killed before it shipped leaves a run folder and no model: it is trained on rerun
+    fold_dir(runs, "tiny", 1).mkdir(parents=True)
+    for fold in (0, 1):
+        train_fold(recipe, fold, str(synthetic_root), str(synthetic_manifest), runs, verbose=0)
+    assert first.stat().st_mtime_ns == stamp  # fold 0 was not trained again
+    assert (fold_dir(runs, "tiny", 1) / "unet.keras").is_file()
+    log = pd.read_csv(fold_dir(runs, "tiny", 0) / "log.csv")
+    assert len(log) == 1
+
+    model = keras.saving.load_model(first, compile=False)
+    assert {layer.dtype_policy.name for layer in model.layers[1:]} == {"float32"}
+    batch = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    out = model.predict(batch, verbose=0)
+    assert out.dtype == np.float32 and out.shape == (2, 32, 32, 1)
+    trained = keras.saving.load_model(fold_dir(runs, "tiny", 0) / "best.keras", compile=False)
+    assert trained.layers[1].dtype_policy.name == "mixed_bfloat16"  # it did train in bf16
+    np.testing.assert_allclose(out, trained.predict(batch, verbose=0), atol=0.02)

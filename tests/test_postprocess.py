@@ -1,0 +1,122 @@
+"""Post-processing rules, the choice among them, and the choice written into a model's JSON."""
+
+import json
+
+import pandas as pd
+import pytest
+
+
+def test_postprocessing_is_adopted_only_when_it_helps_on_val():
+    from bt_pipeline.inference.postprocess import choose_postprocessing
+
+    def sweep(dice_by_setting):
+        return pd.DataFrame([{"mask_threshold": 0.5, "classifier_threshold": 0.3,
+                              "min_component_pixels": px, "keep_largest_3d": largest,
+                              "dice_pipeline_mean": d}
+                             for (px, largest), d in dice_by_setting.items()])
+
+    def rule(table):
+        choice = choose_postprocessing(table, 0.3, "val")
+        return choice.min_component_pixels, choice.keep_largest_3d, choice.gain
+
+    assert rule(sweep({(0, False): 0.80, (50, False): 0.83, (100, False): 0.82,
+                       (0, True): 0.81})) == (50, False, pytest.approx(0.03))
+    assert rule(sweep({(0, False): 0.80, (50, False): 0.81,
+                       (0, True): 0.82})) == (0, True, pytest.approx(0.02))
+    assert rule(sweep({(0, False): 0.80, (50, False): 0.802, (0, True): 0.803}))[:2] == (0, False)
+    assert rule(sweep({(0, False): 0.80, (50, False): 0.70}))[:2] == (0, False)
+
+
+def test_only_the_largest_3d_component_is_kept():
+    import numpy as np
+
+    from bt_pipeline.inference.postprocess import keep_largest_component_3d
+
+    volume = np.zeros((4, 10, 10), np.uint8)
+    volume[0:2, 1:4, 1:4] = 1  # 18 voxels over two slices
+    volume[2, 4, 4] = 1  # touches the block only diagonally across slices: 26-connected
+    volume[3, 7:9, 7:9] = 1  # 4 voxels, apart
+    kept = keep_largest_component_3d(volume)
+    assert kept.dtype == np.uint8 and kept.sum() == 19 and kept[3].sum() == 0
+    assert keep_largest_component_3d(np.zeros((2, 5, 5), bool)).sum() == 0
+    single = np.zeros((1, 5, 5), bool)
+    single[0, 1, 1] = True
+    assert keep_largest_component_3d(single).sum() == 1
+
+
+def test_largest_3d_component_rule_applies_to_gated_volumes(tiny_models):
+    import dataclasses
+
+    import numpy as np
+
+    from bt_pipeline.inference.predictor import TwoStagePredictor
+
+    predictor = TwoStagePredictor.load(*tiny_models)
+    keep = dataclasses.replace(predictor, unet_config=dataclasses.replace(
+        predictor.unet_config, keep_largest_3d=True))
+    maps = [np.zeros((8, 8), np.float32) for _ in range(3)]
+    maps[0][1:4, 1:4] = 0.9  # the big component
+    maps[2][6:8, 6:8] = 0.9  # a small one, two slices away
+    plain = predictor.volume_masks(maps)
+    assert [int(m.sum()) for m in plain] == [9, 0, 4]
+    assert [int(m.sum()) for m in keep.volume_masks(maps)] == [9, 0, 0]
+    gated = keep.volume_masks([None, maps[1], maps[2]])  # slice 0 not let through
+    assert gated[0] is None and int(gated[2].sum()) == 4
+
+
+def test_small_components_are_removed():
+    import numpy as np
+
+    from bt_pipeline.inference.postprocess import remove_small_components
+
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:4, 2:4] = 1  # 4 px
+    mask[10:16, 10:16] = 1  # 36 px
+    kept = remove_small_components(mask, 10)
+    assert kept.sum() == 36 and kept[2, 2] == 0
+    assert remove_small_components(mask, 0).sum() == 40
+
+
+
+def test_a_trained_unet_gets_its_postprocessing_written_by_code(synthetic_root,
+                                                                  synthetic_manifest, tiny_models,
+                                                                  tmp_path):
+    """train_unet ships a U-Net, `bt evaluate --write-postprocessing` chooses on val and writes
+    the rule into its JSON: every key of the JSON is one that code writes, and inference
+    applies the rule that was written."""
+    from bt_pipeline.cli import main
+    from bt_pipeline.config import DataConfig, UNetConfig, to_dict
+    from bt_pipeline.inference.predictor import TwoStagePredictor
+    from bt_pipeline.training.train_unet import train_unet
+
+    data = DataConfig(data_root=str(synthetic_root), manifest=str(synthetic_manifest),
+                      image_size=32, batch_size=8, cache_dir="")
+    config = UNetConfig(image_size=32, depth=2, base_filters=4, epochs=1, seed=3)
+    unet = tmp_path / "unet.keras"
+    train_unet(data, config, tmp_path / "run", unet, verbose=0)
+    assert main(["evaluate", "--data-dir", str(synthetic_root), "--manifest",
+                 str(synthetic_manifest), "--splits", "val", "--classifier", str(tiny_models[0]),
+                 "--unet", str(unet), "--out", str(tmp_path / "report"),
+                 "--write-postprocessing"]) == 0
+    written = json.loads(unet.with_suffix(".json").read_text())
+    config_keys = set(to_dict(config))
+    assert set(written) == config_keys | {"extra"}
+    assert set(written["extra"]) == {"data", "parameters", "epochs_run_this_call",
+                                     "wall_seconds_this_call", "best_val_dice",
+                                     "postprocessing"}
+    assert set(written["extra"]["postprocessing"]) == {"chosen_on", "mean_dice_gain",
+                                                        "min_gain_to_adopt"}
+    choice = pd.read_csv(tmp_path / "report" / "threshold_sweep.csv")
+    assert not choice.empty
+    loaded = TwoStagePredictor.load(tiny_models[0], unet)
+    assert loaded.unet_config.keep_largest_3d == written["keep_largest_3d"]
+    assert loaded.unet_config.min_component_pixels == written["min_component_pixels"]
+    # inference applies the rule that was written: a 144 px blob and a stray 4 px one
+    import numpy as np
+
+    maps = [np.zeros((16, 16), np.float32) for _ in range(3)]
+    maps[0][1:13, 1:13] = 0.9
+    maps[2][14:16, 14:16] = 0.9
+    pixels, largest = written["min_component_pixels"], written["keep_largest_3d"]
+    stray = 4 if pixels <= 4 and not largest else 0
+    assert [int(m.sum()) for m in loaded.volume_masks(maps)] == [144, 0, stray]
