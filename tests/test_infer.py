@@ -50,8 +50,13 @@ def test_full_output_contract(tiny_models, synthetic_root, tmp_path):
     assert list(slices.columns) == SLICE_COLUMNS
     assert list(patients.columns) == PATIENT_COLUMNS + ["dice", "iou"]
     assert len(patients) == 8 and len(slices) == 8 * 9
-    assert set(slices["tumor_predicted"]) <= {0, 1}
-    assert slices["tumor_probability"].between(0, 1).all()
+    assert set(slices["classifier_positive"]) <= {0, 1}
+    assert slices["classifier_probability"].between(0, 1).all()
+    # the answer column is the final mask, never the gate
+    assert (slices["tumor_detected"] == (slices["mask_pixels"] > 0)).all()
+    per_patient = slices.groupby("patient_id")["tumor_detected"].sum()
+    assert (patients.set_index("patient_id")["n_tumor_slices"] == per_patient).all()
+    assert patients["tumor_volume_ml"].isna().all()  # no spacing given: no volume
     assert patients["dice"].between(0, 1).all() and patients["iou"].between(0, 1).all()
     assert patients["dice"].mean() > 0.5  # the tiny models learnt the synthetic lesions
     for row in slices.itertuples():
@@ -258,3 +263,53 @@ def test_a_25d_model_gets_the_neighbours_training_gave_it(synthetic_root, synthe
     ship_model(build_unet(32, 2, 4, channels=6), tmp_path / "even.keras", unet_config, facts)
     with pytest.raises(ModelLoadError, match="takes input .32, 32, 6. but its config describes"):
         TwoStagePredictor.load(tmp_path / "classifier.keras", tmp_path / "even.keras")
+
+
+def test_volume_in_ml_is_voxel_count_times_voxel_volume(tiny_models, synthetic_root, tmp_path):
+    out = tmp_path / "out"
+    assert _run(tiny_models, synthetic_root, "--out", out, "--spacing", "0.5", "0.8", "2.5") == 0
+    patients = pd.read_csv(out / "patients.csv")
+    expected = patients["tumor_pixels"] * 0.5 * 0.8 * 2.5 / 1000
+    assert patients["tumor_volume_ml"].to_numpy() == pytest.approx(expected.to_numpy(), abs=1e-4)
+    assert _run(tiny_models, synthetic_root, "--out", out, "--spacing", "0", "1", "1") == 2
+
+
+def test_viewer_shows_every_slice_with_its_gate_and_findings(tiny_models, synthetic_root,
+                                                             tmp_path):
+    import json
+    import re
+
+    out = tmp_path / "out"
+    assert _run(tiny_models, synthetic_root, "--out", out) == 0
+    slices = pd.read_csv(out / "slices.csv")
+    patient = slices["patient_id"].iloc[0]
+    page = (out / patient / "viewer.html").read_text()
+    assert "http://" not in page and "https://" not in page  # works with no network
+    data = json.loads(re.search(r"const DATA = (.*);\n", page).group(1).replace("<\\/", "</"))
+    rows = slices[slices["patient_id"] == patient]
+    assert [s["n"] for s in data["slices"]] == list(rows["slice"])  # every slice, in order
+    assert [s["gate"] for s in data["slices"]] == list(rows["classifier_positive"].astype(bool))
+    assert [s["px"] for s in data["slices"]] == list(rows["mask_pixels"])
+    assert data["summary"]["has_truth"] and "ground-truth outline" in page
+    for entry in data["slices"]:
+        drawn, truth = entry["px"] > 0, entry["truth_px"] > 0
+        assert entry["finding"] == {(True, True): "hit", (False, True): "miss",
+                                    (True, False): "false alarm"}.get((drawn, truth), "")
+    index = (out / "report.html").read_text()
+    assert f"{patient}/viewer.html" in index
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium (Debian package)")
+def test_viewer_runs_in_a_real_browser(tiny_models, synthetic_root, tmp_path):
+    """Headless Chromium loads the viewer with no network and its script fills in the slice."""
+    import subprocess
+
+    out = tmp_path / "out"
+    assert _run(tiny_models, synthetic_root, "--out", out) == 0
+    viewer = next(out.glob("*/viewer.html"))
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", f"file://{viewer}#slice=3"],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "slice 3 (3 of 9)" in dom and "classifier probability" in dom

@@ -40,7 +40,7 @@ from bt_pipeline.reports import draw_outline, plt, save_figure, write_summary
 
 def classifier_table(slices: pd.DataFrame, threshold: float) -> pd.DataFrame:
     rows = [{"split": split, **classification_metrics(group["has_tumor"],
-                                                       group["tumor_probability"], threshold)}
+                                                       group["classifier_probability"], threshold)}
             for split, group in slices.groupby("split", sort=False)]
     return pd.DataFrame(rows)
 
@@ -74,7 +74,8 @@ def by_slice_level(slices: pd.DataFrame) -> pd.DataFrame:
     tumour["level"] = pd.cut(position, [-0.01, 1 / 3, 2 / 3, 1.01],
                              labels=["lower third", "middle third", "upper third"])
     return (tumour.groupby(["split", "level"], observed=True, sort=False)
-            .agg(tumour_slices=("slice", "size"), sensitivity=("tumor_predicted", "mean"),
+            .agg(tumour_slices=("slice", "size"),
+                 classifier_sensitivity=("classifier_positive", "mean"),
                  iou_unet_mean=("iou_unet", "mean"), iou_pipeline_mean=("iou_pipeline", "mean"))
             .reset_index())
 
@@ -95,7 +96,7 @@ def input_size_table(predictor: TwoStagePredictor,
 def _roc_figure(slices: pd.DataFrame, table: pd.DataFrame, out: Path) -> str:
     figure, axis = plt.subplots(figsize=(5, 5))
     for split, group in slices.groupby("split", sort=False):
-        fpr, tpr, _ = roc_curve(group["has_tumor"], group["tumor_probability"])
+        fpr, tpr, _ = roc_curve(group["has_tumor"], group["classifier_probability"])
         auc = table.set_index("split").loc[split, "auc"]
         axis.plot(fpr, tpr, label=f"{split} (AUC {auc:.3f})")
     axis.plot([0, 1], [0, 1], color="#aaa", linestyle=":")

@@ -70,7 +70,7 @@ def score_patient(predictor: TwoStagePredictor, prediction: PatientPrediction):
         slice_rows.append({
             "patient_id": row.patient_id, "institution": row.institution, "slice": row.slice,
             "n_slices": row.n_slices, "has_tumor": int(has_tumour[k]),
-            "tumor_probability": float(probabilities[k]), "tumor_predicted": int(gate[k]),
+            "classifier_probability": float(probabilities[k]), "classifier_positive": int(gate[k]),
             "truth_pixels": int(truths[k].sum()),
             "unet_pixels": int(unet_masks[k].sum()),
             "pipeline_pixels": int(pipeline_masks[k].sum()),

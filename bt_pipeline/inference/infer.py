@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("predictions"))
     add_model_arguments(parser)
     parser.add_argument("--threshold", type=float, default=0.5, help="mask threshold")
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                        help="voxel size in mm (in-plane column, row, slice), when known: "
+                             "gives tumor_volume_ml")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--timing", type=Path, default=None,
                         help="write wall-clock timings as JSON here (for benchmarks)")
@@ -32,11 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 0.0 < args.threshold < 1.0:
         raise UsageError("--threshold must be between 0 and 1")
+    if args.spacing is not None and min(args.spacing) <= 0:
+        raise UsageError("--spacing needs three sizes above 0 mm")
     from bt_pipeline.inference.pipeline import run_inference
 
     predictor = load_predictor(args, args.threshold)
     try:
-        result = run_inference(args.scan_dirs, args.out, predictor, progress=not args.quiet)
+        result = run_inference(args.scan_dirs, args.out, predictor, progress=not args.quiet,
+                               spacing=None if args.spacing is None else tuple(args.spacing))
     except OSError as exc:
         print(f"error: cannot write outputs: {exc}", file=sys.stderr)
         return 2

@@ -1,8 +1,11 @@
-"""Per-patient outputs people can read: an overview PNG, a NIfTI mask volume, an HTML page."""
+"""Per-patient outputs people can read: an overview PNG, a NIfTI mask volume, a slice viewer,
+and the run's HTML index page."""
 
 from __future__ import annotations
 
+import base64
 import html
+import json
 import os
 from pathlib import Path
 
@@ -14,15 +17,22 @@ import pandas as pd
 from bt_pipeline.atomic import write_text_atomic, write_with
 from bt_pipeline.reports import draw_outline
 
-PREDICTED_BGR = (0, 0, 255)  # red
-TRUTH_BGR = (0, 255, 0)  # green
+# Okabe-Ito orange and sky blue: told apart with every common colour-vision deficiency.
+PREDICTED_RGB = (230, 159, 0)
+TRUTH_RGB = (86, 180, 233)
 TILE = 192
+FLAIR = 1  # channel of the FLAIR sequence in a slice (pre-contrast, FLAIR, post-contrast)
+
+
+def flair_gray(image_rgb: np.ndarray) -> np.ndarray:
+    """The FLAIR channel of a uint8 RGB slice as a 3-channel grayscale image."""
+    return np.repeat(image_rgb[..., FLAIR:FLAIR + 1], 3, axis=-1)
 
 
 def _tile(image_rgb: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None,
           label: str) -> np.ndarray:
-    tile = np.ascontiguousarray(image_rgb[..., ::-1])
-    for mask, colour in ((truth, TRUTH_BGR), (predicted, PREDICTED_BGR)):
+    tile = flair_gray(image_rgb)
+    for mask, colour in ((truth, TRUTH_RGB), (predicted, PREDICTED_RGB)):
         if mask is not None and mask.any():
             tile = draw_outline(tile, mask, colour)
     tile = cv2.resize(tile, (TILE, TILE), interpolation=cv2.INTER_AREA)
@@ -32,30 +42,33 @@ def _tile(image_rgb: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None
 
 def write_overview(path: str | os.PathLike, images: list[np.ndarray], masks: list[np.ndarray],
                    truths: list[np.ndarray] | None, numbers: list[int],
-                   max_tiles: int = 16) -> None:
-    """A grid of the slices with predicted (red) or true (green) tumour, outlines drawn.
+                   max_tiles: int = 48) -> None:
+    """A grid of the slices with a predicted or a true tumour on the FLAIR channel, outlines
+    drawn (orange: predicted, blue: ground truth). Beyond ``max_tiles`` slices the first ones
+    are shown and the banner says how many of how many; every slice is in the viewer.
 
     With no tumour anywhere, a few evenly spaced slices are shown under a banner saying so.
     """
-    shown = [i for i in range(len(images))
-             if masks[i].any() or (truths is not None and truths[i].any())]
-    banner = None
-    if not shown:
+    flagged = [i for i in range(len(images))
+               if masks[i].any() or (truths is not None and truths[i].any())]
+    shown = flagged[:max_tiles]
+    if not flagged:
         shown = sorted(set(np.linspace(0, len(images) - 1, num=min(4, len(images))).astype(int)))
         banner = "no tumour detected"
-    if len(shown) > max_tiles:
-        shown = [shown[i] for i in np.linspace(0, len(shown) - 1, max_tiles).astype(int)]
+    else:
+        banner = "orange: predicted" + ("   blue: ground truth" if truths else "")
+        if len(shown) < len(flagged):
+            banner += f"   showing {len(shown)} of {len(flagged)} slices (all: viewer.html)"
     tiles = [_tile(images[i], masks[i], truths[i] if truths else None, f"#{numbers[i]}")
              for i in shown]
-    columns = min(4, len(tiles))
+    columns = min(6, len(tiles))
     while len(tiles) % columns:
         tiles.append(np.zeros_like(tiles[0]))
     grid = np.vstack([np.hstack(tiles[r:r + columns]) for r in range(0, len(tiles), columns)])
     legend = np.zeros((22, grid.shape[1], 3), np.uint8)
-    text = banner or "red: predicted" + ("   green: ground truth" if truths else "")
-    cv2.putText(legend, text, (6, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
+    cv2.putText(legend, banner, (6, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1)
     canvas = np.vstack([legend, grid])
-    write_with(path, lambda tmp: _imwrite(tmp, canvas), suffix=".png")
+    write_with(path, lambda tmp: _imwrite(tmp, canvas[..., ::-1]), suffix=".png")
 
 
 def _imwrite(path: Path, array: np.ndarray) -> None:
@@ -81,27 +94,171 @@ def write_mask_volume(path: str | os.PathLike, masks: list[np.ndarray]) -> None:
 
 def write_html_report(path: Path, patients: pd.DataFrame, problems: pd.DataFrame,
                       title: str = "bt_pipeline report") -> None:
-    """One page: the per-patient table, every overview image, and the skipped inputs."""
+    """The run's index page: the per-patient table (each patient linked to its slice viewer),
+    every overview image, and the inputs that were not used."""
     esc = html.escape
     detected = int(patients["tumor_detected"].sum()) if "tumor_detected" in patients else 0
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
              "img{max-width:100%;margin:.5em 0}</style></head><body>",
+             "<p>Research use only: not a medical device and not for clinical decisions.</p>",
              f"<h1>{esc(title)}</h1>",
              f"<p>{len(patients)} patient(s); {detected} with tumour detected. Files: "
              "<a href='patients.csv'>patients.csv</a>, <a href='slices.csv'>slices.csv</a>, "
              "<a href='errors.csv'>errors.csv</a>.</p>"]
     if not patients.empty:
         table = patients.copy()
-        table["patient_id"] = [f"<a href='#{esc(p)}'>{esc(p)}</a>" for p in table["patient_id"]]
+        table["patient_id"] = [f"<a href='{esc(p)}/viewer.html'>{esc(p)}</a>"
+                               for p in table["patient_id"]]
         parts.append(table.to_html(index=False, escape=False, float_format=lambda v: f"{v:.3f}"))
     if not problems.empty:
         parts.append(f"<h2>Inputs not used ({len(problems)})</h2>")
         parts.append(problems.to_html(index=False))
     for patient in patients["patient_id"] if not patients.empty else []:
         pid = esc(patient)
-        parts.append(f"<h2 id='{pid}'>{pid}</h2><p><a href='{pid}/mask.nii.gz'>mask.nii.gz</a>"
-                     f"</p><img src='{pid}/overview.png' alt='overview of {pid}'>")
+        parts.append(f"<h2 id='{pid}'>{pid}</h2><p><a href='{pid}/viewer.html'>every slice "
+                     f"(viewer)</a> · <a href='{pid}/mask.nii.gz'>mask.nii.gz</a></p>"
+                     f"<img src='{pid}/overview.png' alt='overview of {pid}'>")
     parts.append("</body></html>")
     write_text_atomic(path, "\n".join(parts) + "\n")
+
+
+def _png_base64(array: np.ndarray) -> str:
+    """A uint8 image (gray, RGB or RGBA) as base64 PNG text for a data: URL."""
+    if array.ndim == 3:
+        order = cv2.COLOR_RGBA2BGRA if array.shape[2] == 4 else cv2.COLOR_RGB2BGR
+        array = cv2.cvtColor(array, order)
+    ok, encoded = cv2.imencode(".png", array)
+    if not ok:
+        raise OSError("could not encode a PNG for the viewer")
+    return base64.b64encode(encoded.tobytes()).decode("ascii")
+
+
+def _outline_layer(predicted: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
+    """Transparent RGBA image holding only the outlines (truth below, prediction on top)."""
+    layer = np.zeros((*predicted.shape[:2], 4), np.uint8)
+    for mask, colour in ((truth, TRUTH_RGB), (predicted, PREDICTED_RGB)):
+        if mask is not None and mask.any():
+            layer = draw_outline(layer, mask, (*colour, 255), thickness=1)
+    return layer
+
+
+def slice_finding(predicted: bool, truth: bool | None) -> str:
+    """What one slice shows against its ground truth: hit, miss, false alarm or ''."""
+    if truth is None:
+        return ""
+    return {(True, True): "hit", (False, True): "miss", (True, False): "false alarm"}.get(
+        (predicted, truth), "")
+
+
+def write_viewer(path: str | os.PathLike, patient: dict, images: list[np.ndarray],
+                 masks: list[np.ndarray], truths: list[np.ndarray] | None, numbers: list[int],
+                 probabilities: np.ndarray, gate_threshold: float,
+                 spacing: tuple[float, float, float] | None = None) -> None:
+    """One patient's self-contained HTML viewer: every slice on a slider, the FLAIR channel in
+    grayscale under the outlines (opacity adjustable), the classifier's probability and gate
+    per slice, the tumour volume, and misses and false alarms where ground truth exists. No
+    network access: images and script are inside the page."""
+    slices = []
+    for k, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        truth = truths[k] if truths is not None else None
+        found = slice_finding(bool(mask.any()), None if truth is None else bool(truth.any()))
+        slices.append({
+            "n": int(numbers[k]), "p": round(float(probabilities[k]), 4),
+            "gate": bool(probabilities[k] >= gate_threshold), "px": int(mask.sum()),
+            "truth_px": None if truth is None else int(truth.sum()),
+            "finding": found,
+            "flair": _png_base64(image[..., FLAIR]),
+            "overlay": _png_base64(_outline_layer(mask, truth)),
+        })
+    volume = patient.get("tumor_volume_ml")
+    summary = {
+        "patient": patient["patient_id"], "slices": len(slices),
+        "tumour_slices": patient["n_tumor_slices"], "pixels": patient["tumor_pixels"],
+        "volume_ml": None if volume is None or pd.isna(volume) else round(float(volume), 2),
+        "dice": None if pd.isna(patient.get("dice", float("nan"))) else round(patient["dice"], 3),
+        "spacing": None if spacing is None else [float(v) for v in spacing],
+        "has_truth": truths is not None, "gate_threshold": round(float(gate_threshold), 4),
+        "predicted_rgb": PREDICTED_RGB, "truth_rgb": TRUTH_RGB,
+    }
+    page = (VIEWER_TEMPLATE.replace("{{TITLE}}", html.escape(patient["patient_id"]))
+            .replace("{{DATA}}", json.dumps({"summary": summary, "slices": slices})
+                     .replace("</", "<\\/")))
+    write_text_atomic(path, page)
+
+
+VIEWER_TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{TITLE}} - bt_pipeline viewer</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:1.2em;background:#111;color:#eee}
+#stage{position:relative;width:512px;height:512px}
+#stage img{position:absolute;left:0;top:0;width:512px;height:512px;image-rendering:pixelated}
+.row{display:flex;gap:1.5em;align-items:flex-start}
+input[type=range]{width:512px}
+#strip{display:flex;width:512px;height:10px;margin-top:2px}
+#strip div{flex:1;border-right:1px solid #111}
+.key{display:inline-block;width:1.6em;height:.35em;vertical-align:middle;margin-right:.3em}
+table{border-collapse:collapse}td{padding:2px 8px}
+.warn{color:#f0e442}
+</style></head><body>
+<h1 id="title"></h1><p id="facts"></p>
+<div class="row"><div>
+<div id="stage"><img id="flair" alt="FLAIR slice"><img id="overlay" alt="outlines"></div>
+<input id="slider" type="range" min="0" value="0" aria-label="slice">
+<div id="strip" title="slices: orange = mask drawn, blue = ground truth only (miss)"></div>
+<label>outline opacity <input id="opacity" type="range" min="0" max="100" value="100"></label>
+</div><div>
+<h2 id="slicetitle"></h2><table id="sliceinfo"></table>
+<h3>Legend</h3><p id="legend"></p>
+<p>Keys: left/right arrows move one slice. Background: the FLAIR channel in grayscale.</p>
+</div></div>
+<script>
+const DATA = {{DATA}};
+const S = DATA.summary, slices = DATA.slices;
+const rgb = c => `rgb(${c[0]},${c[1]},${c[2]})`;
+document.getElementById("title").textContent = S.patient;
+const volume = S.volume_ml === null ? "volume unknown (no voxel spacing given)"
+  : `tumour volume ${S.volume_ml} mL (voxels ${S.spacing.join(" x ")} mm, as given)`;
+document.getElementById("facts").textContent = `${S.slices} slices; mask drawn on ` +
+  `${S.tumour_slices}; ${S.pixels} px; ${volume}` + (S.dice === null ? "" : `; Dice ${S.dice}`) +
+  `; classifier gate at P >= ${S.gate_threshold}`;
+document.getElementById("legend").innerHTML =
+  `<span class="key" style="background:${rgb(S.predicted_rgb)}"></span>predicted outline<br>` +
+  (S.has_truth ? `<span class="key" style="background:${rgb(S.truth_rgb)}"></span>` +
+   "ground-truth outline" : "no ground truth given");
+const slider = document.getElementById("slider"), strip = document.getElementById("strip");
+slider.max = slices.length - 1;
+for (const s of slices) {
+  const d = document.createElement("div");
+  d.style.background = s.px > 0 ? rgb(S.predicted_rgb)
+    : (s.truth_px ? rgb(S.truth_rgb) : "#333");
+  strip.appendChild(d);
+}
+function show(i) {
+  const s = slices[i];
+  slider.value = i;
+  document.getElementById("flair").src = "data:image/png;base64," + s.flair;
+  document.getElementById("overlay").src = "data:image/png;base64," + s.overlay;
+  document.getElementById("slicetitle").textContent = `slice ${s.n} (${i + 1} of ${slices.length})`;
+  const rows = [["classifier probability", s.p.toFixed(4)],
+    ["passed the gate", s.gate ? "yes" : "no"], ["mask pixels", s.px]];
+  if (s.truth_px !== null) rows.push(["ground-truth pixels", s.truth_px]);
+  if (s.finding) rows.push(["finding", s.finding]);
+  document.getElementById("sliceinfo").innerHTML = rows.map(([k, v]) =>
+    `<tr><td>${k}</td><td class="${v === "miss" || v === "false alarm" ? "warn" : ""}">` +
+    `${v}</td></tr>`).join("");
+}
+slider.addEventListener("input", () => show(+slider.value));
+document.getElementById("opacity").addEventListener("input", e =>
+  document.getElementById("overlay").style.opacity = e.target.value / 100);
+document.addEventListener("keydown", e => {
+  if (e.key === "ArrowRight") show(Math.min(slices.length - 1, +slider.value + 1));
+  if (e.key === "ArrowLeft") show(Math.max(0, +slider.value - 1));
+});
+const hash = /slice=(\\d+)/.exec(location.hash);
+const largest = slices.reduce((b, s, i) => s.px > slices[b].px ? i : b, 0);
+const wanted = hash ? slices.findIndex(s => s.n === +hash[1]) : -1;
+show(wanted >= 0 ? wanted : largest);
+</script></body></html>
+"""

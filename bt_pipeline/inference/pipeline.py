@@ -24,11 +24,14 @@ from bt_pipeline.inference.outputs import (
     write_mask_png,
     write_mask_volume,
     write_overview,
+    write_viewer,
 )
 
-SLICE_COLUMNS = ["patient_id", "slice", "image", "tumor_probability", "tumor_predicted",
-                 "mask_pixels"]
-PATIENT_COLUMNS = ["patient_id", "n_slices", "n_tumor_slices", "tumor_detected", "tumor_pixels"]
+#: The output tables' columns (README "Reading the outputs" defines each).
+SLICE_COLUMNS = ["patient_id", "slice", "image", "classifier_probability", "classifier_positive",
+                 "tumor_detected", "mask_pixels"]
+PATIENT_COLUMNS = ["patient_id", "n_slices", "n_tumor_slices", "tumor_detected", "tumor_pixels",
+                   "tumor_volume_ml"]
 ERROR_COLUMNS = ["path", "patient_id", "problem", "skipped"]
 
 
@@ -92,7 +95,7 @@ def _load_patient(scan: PatientScan, pool: ThreadPoolExecutor, problems: list[In
 
 
 def _write_patient(out: Path, scan: PatientScan, slices, probabilities, masks, threshold,
-                   pool: ThreadPoolExecutor):
+                   pool: ThreadPoolExecutor, spacing: tuple[float, float, float] | None):
     folder = out / scan.patient_id
     list(pool.map(lambda pair: write_mask_png(
         folder / f"{pair[0].image_path.stem}_mask.png", pair[1]), zip(slices, masks, strict=True)))
@@ -101,19 +104,35 @@ def _write_patient(out: Path, scan: PatientScan, slices, probabilities, masks, t
     write_mask_volume(folder / "mask.nii.gz", masks)
     write_overview(folder / "overview.png", [s.image for s in slices], masks,
                    truths if has_truth else None, [s.number for s in slices])
+    # classifier_*: what the stage-1 gate said; tumor_detected: whether the final mask (after
+    # the U-Net and post-processing) is non-empty, which is the answer.
     slice_rows = [{"patient_id": scan.patient_id, "slice": s.number,
                    "image": s.image_path.relative_to(scan.folder.parent).as_posix(),
-                   "tumor_probability": round(float(p), 6), "tumor_predicted": int(p >= threshold),
-                   "mask_pixels": int(m.sum())}
+                   "classifier_probability": round(float(p), 6),
+                   "classifier_positive": int(p >= threshold),
+                   "tumor_detected": int(m.any()), "mask_pixels": int(m.sum())}
                   for s, p, m in zip(slices, probabilities, masks, strict=True)]
+    pixels = int(sum(r["mask_pixels"] for r in slice_rows))
     patient = {"patient_id": scan.patient_id, "n_slices": len(slices),
-               "n_tumor_slices": int(sum(r["mask_pixels"] > 0 for r in slice_rows)),
-               "tumor_pixels": int(sum(r["mask_pixels"] for r in slice_rows))}
+               "n_tumor_slices": int(sum(r["tumor_detected"] for r in slice_rows)),
+               "tumor_pixels": pixels,
+               "tumor_volume_ml": tumour_volume_ml(pixels, spacing)}
     patient["tumor_detected"] = int(patient["n_tumor_slices"] > 0)
     if has_truth:
         patient["dice"] = dice_score(np.stack(truths), np.stack(masks))
         patient["iou"] = iou_score(np.stack(truths), np.stack(masks))
+    write_viewer(folder / "viewer.html", patient, [s.image for s in slices], masks,
+                 truths if has_truth else None, [s.number for s in slices], probabilities,
+                 threshold, spacing)
     return patient, slice_rows
+
+
+def tumour_volume_ml(pixels: int, spacing: tuple[float, float, float] | None) -> float:
+    """Tumour volume in millilitres from a voxel count and the voxel size (x, y, z) in mm;
+    NaN (an empty cell in the tables) when the spacing is unknown."""
+    if spacing is None:
+        return float("nan")
+    return pixels * float(np.prod(spacing)) / 1000.0
 
 
 def _check_out_dir(scan_dirs: list[Path], out: Path) -> None:
@@ -126,8 +145,10 @@ def _check_out_dir(scan_dirs: list[Path], out: Path) -> None:
 
 
 def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = True,
-                  report=print) -> InferenceResult:
-    """Run both stages over every patient found in ``scan_dirs`` and write the outputs."""
+                  report=print, spacing: tuple[float, float, float] | None = None
+                  ) -> InferenceResult:
+    """Run both stages over every patient found in ``scan_dirs`` and write the outputs.
+    ``spacing`` is the voxel size (x, y, z) in mm, when known, for tumour volumes."""
     _check_out_dir(scan_dirs, out)
     patients, problems = scan_inputs(scan_dirs)
     for problem in problems:
@@ -151,7 +172,7 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
                 continue
             probabilities, masks = predictor.predict([s.image for s in slices])
             patient, rows = _write_patient(out, scan, slices, probabilities, masks, threshold,
-                                           pool)
+                                           pool, spacing)
             patient_rows.append(patient)
             slice_rows.extend(rows)
             first = first if first is not None else time.time()
@@ -172,7 +193,7 @@ def _write_tables(out: Path, result: InferenceResult) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "slices.csv", result.slices.to_csv(index=False, lineterminator="\n"))
     write_text_atomic(out / "patients.csv", result.patients.to_csv(
-        index=False, lineterminator="\n", float_format="%.4f"))
+        index=False, lineterminator="\n", float_format="%.4f", na_rep=""))
     errors = pd.DataFrame([p.__dict__ for p in result.problems], columns=ERROR_COLUMNS)
     write_text_atomic(out / "errors.csv", errors.to_csv(index=False, lineterminator="\n"))
     write_html_report(out / "report.html", result.patients, errors)

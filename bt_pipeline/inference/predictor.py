@@ -94,7 +94,7 @@ class TwoStagePredictor:
     tta_flips: bool = False
     #: Run the U-Net(s) in bfloat16 (weights and outputs stay float32; see cpu_has_bfloat16).
     #: The classifier stays float32: it is cheap, and its val-chosen threshold sits where a
-    #: bfloat16 rounding flipped a slice (``make bench``, README "Speed").
+    #: bfloat16 rounding flipped a slice (``make bench``, docs/speed.md).
     bfloat16: bool = False
     _classify: object = field(init=False, repr=False, compare=False)
     _segments: tuple = field(init=False, repr=False, compare=False)

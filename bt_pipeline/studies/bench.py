@@ -173,7 +173,7 @@ OTHER_BATCH_SIZES = (1, 8, 64)
 
 def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
               seconds: float = 4.0, batch_size: int = 32) -> dict[str, float]:
-    """Everything ``make bench`` reports, as ``name -> value``; see README "Speed"."""
+    """Everything ``make bench`` reports, as ``name -> value``; see docs/speed.md."""
     results: dict[str, float] = {"matmul_peak_gflops": matmul_peak_gflops()}
     peak = results["matmul_peak_gflops"] * 1e9
     predictor = TwoStagePredictor.load()

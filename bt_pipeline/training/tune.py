@@ -4,7 +4,7 @@ retrain and ship the best (training/train_classifier.py).
 The objective is validation accuracy only; test patients are never looked at until the
 shipped model is scored. Re-running the command resumes the search from ``--work-dir``.
 For chief/worker tuning set ``KERASTUNER_TUNER_ID``, ``KERASTUNER_ORACLE_IP`` and
-``KERASTUNER_ORACLE_PORT`` (see README); every process runs this same command.
+``KERASTUNER_ORACLE_PORT`` (docs/training.md); every process runs this same command.
 """
 
 from __future__ import annotations
