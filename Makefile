@@ -28,7 +28,7 @@ EXP_IMAGE_SIZE ?= 64
 EXP_BASE_FILTERS ?= 8
 
 .PHONY: install data manifest eda test test-quick test-slow lint tune tune-distributed \
-        train-unet postprocess cv demo evaluate experiments bench bench-loader bench-infer clean
+        train-unet postprocess cv demo screenshot evaluate experiments bench bench-loader bench-infer clean
 
 install: $(VENV)/.installed
 
@@ -122,6 +122,18 @@ demo: install
 	$(PY) -m bt_pipeline infer $$($(PY) -m bt_pipeline patients --split test \
 		--data-dir $(KAGGLE_ROOT)) --out predictions/demo
 	@echo "open predictions/demo/report.html"
+
+# docs/viewer.png: the slice viewer of one real test patient, rendered by headless Chromium
+# (Debian package chromium; CHROMIUM=... to use another binary).
+CHROMIUM ?= chromium
+SCREENSHOT_PATIENT ?= TCGA_CS_4941_19960909
+screenshot: install
+	$(PY) -m bt_pipeline infer $(KAGGLE_ROOT)/$(SCREENSHOT_PATIENT) --out runs/screenshot \
+		--spacing 0.94 0.94 3.0 --quiet
+	$(CHROMIUM) --headless --no-sandbox --disable-gpu --no-first-run \
+		--disable-background-networking --disable-component-update --disable-sync \
+		--hide-scrollbars --window-size=1100,720 --screenshot=$(CURDIR)/docs/viewer.png \
+		file://$(CURDIR)/runs/screenshot/$(SCREENSHOT_PATIENT)/viewer.html
 
 evaluate: install
 	$(PY) -m bt_pipeline evaluate --data-dir $(KAGGLE_ROOT) --splits val test
