@@ -68,6 +68,7 @@ def command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     getattr(module, f"add_arguments{suffix}")(parser)
     parser.add_argument("--debug", action="store_true",
                         help="on an internal error, print the traceback")
+    parser.add_argument("--version", action="version", version=f"bt_pipeline {__version__}")
     return parser, getattr(module, f"run{suffix}")
 
 
@@ -127,15 +128,32 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TensorFlow threads (default: all cores)")
 
 
+def quiet_tensorflow(threads: int | None = None) -> None:
+    """Import TensorFlow and start its runtime with stderr closed at the OS level: its C++
+    start-up lines (oneDNN notice, CUDA probing, absl) are not meant for users and no setting
+    silences all of them. A Python exception still surfaces, after stderr is back. ``threads``
+    caps TensorFlow's thread pools, which is only possible before the runtime starts."""
+    if "tensorflow" in sys.modules:
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow as tf
+
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        tf.constant(0.0) + 1.0  # the first op starts the runtime, which probes for a GPU
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def apply_threads(args: argparse.Namespace) -> None:
     """Apply --threads before any TensorFlow work: two trainings sharing a small CPU run faster
     with one thread each than fighting over every core."""
-    threads = getattr(args, "threads", None)
-    if threads:
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    quiet_tensorflow(getattr(args, "threads", None))
 
 
 def keras_verbosity() -> int | str:

@@ -161,21 +161,42 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def from_dict(data: dict[str, Any], cls: type[T] | None = None) -> T:
-    """Rebuild a config from :func:`to_dict` output; unknown keys are an error."""
+    """Rebuild a config from :func:`to_dict` output. Raises ValueError for anything else: not
+    an object, another config type, an unknown field, or a value of the wrong type."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     data = dict(data)
     tag = data.pop("type", None)
     if cls is None:
         if tag not in _CONFIG_TYPES:
             raise ValueError(f"unknown config type {tag!r}")
         cls = _CONFIG_TYPES[tag]
+    elif tag is not None and tag != cls.__name__:
+        raise ValueError(f"this is a {tag}, not a {cls.__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
     for name, value in data.items():
-        if isinstance(value, list):  # JSON has no tuples
-            data[name] = tuple(value)
+        data[name] = _checked(cls.__name__, name, fields[name].type, value)
     return cls(**data)
+
+
+#: The JSON types each annotated field type accepts (bool is not taken for a number).
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _checked(owner: str, name: str, annotation: str, value: Any) -> Any:
+    """``value`` as the field's type (lists become tuples), or ValueError naming the field."""
+    if annotation.startswith("tuple["):
+        inner = annotation[len("tuple["):-len(", ...]")]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{owner}.{name}: expected a list, got {value!r}")
+        return tuple(_checked(owner, name, inner, item) for item in value)
+    wanted = _JSON_TYPES.get(annotation, (object,))
+    if isinstance(value, bool) and bool not in wanted or not isinstance(value, wanted):
+        raise ValueError(f"{owner}.{name}: expected {annotation}, got {value!r}")
+    return float(value) if annotation == "float" else value
 
 
 def save_json(config: Any, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
@@ -189,7 +210,8 @@ def save_json(config: Any, path: str | os.PathLike, extra: dict[str, Any] | None
 def load_json(path: str | os.PathLike, cls: type[T] | None = None) -> T:
     """Read a config written by :func:`save_json` (its ``extra`` block is ignored)."""
     data = json.loads(Path(path).read_text())
-    data.pop("extra", None)
+    if isinstance(data, dict):
+        data.pop("extra", None)
     return from_dict(data, cls)
 
 

@@ -31,6 +31,21 @@ def synthetic_root(tmp_path_factory) -> Path:
                                   n_slices=9, size=64, seed=0)
 
 
+def _checksums(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {os.fsdecode(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _inputs_stay_byte_identical(synthetic_root):
+    """Every test reads the shared synthetic patients; none may change a byte of them."""
+    before = _checksums(synthetic_root)
+    yield
+    assert _checksums(synthetic_root) == before, "a test run modified its input files"
+
+
 @pytest.fixture(scope="session")
 def synthetic_manifest(synthetic_root, tmp_path_factory) -> Path:
     from bt_pipeline.data.manifest import build_manifest, write_manifest

@@ -94,7 +94,7 @@ def test_oversized_inputs_are_refused_clearly(tmp_path, case):
     path = tmp_path / "TCGA_CS_0001_20000101_1.tif"
     if case == "too_wide":
         cv2.imwrite(str(path), np.zeros((40, 2100, 3), np.uint8))
-        reason = "outside"
+        reason = "over the 2048 px limit"
     else:
         with open(path, "wb") as handle:  # sparse: costs no disk
             handle.truncate(65 * 1024 * 1024)

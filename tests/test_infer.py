@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from bt_pipeline.infer import main
-from bt_pipeline.inference.pipeline import PATIENT_COLUMNS, SLICE_COLUMNS
+from bt_pipeline.inference.pipeline import PATIENT_COLUMNS, SLICE_COLUMNS, TRUTH_COLUMNS
 
 
 def _tree_snapshot(root):
@@ -48,7 +48,7 @@ def test_full_output_contract(tiny_models, synthetic_root, tmp_path):
     slices = pd.read_csv(out / "slices.csv")
     patients = pd.read_csv(out / "patients.csv")
     assert list(slices.columns) == SLICE_COLUMNS
-    assert list(patients.columns) == PATIENT_COLUMNS + ["dice", "iou"]
+    assert list(patients.columns) == PATIENT_COLUMNS + TRUTH_COLUMNS
     assert len(patients) == 8 and len(slices) == 8 * 9
     assert set(slices["classifier_positive"]) <= {0, 1}
     assert slices["classifier_probability"].between(0, 1).all()

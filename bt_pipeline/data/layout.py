@@ -12,6 +12,7 @@ are ground truth and never input. Loose files at the top of a folder of patients
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,12 @@ def institution_of(patient_id: str) -> str:
     return match.group("institution") if match else "unknown"
 
 
+def printable(path: str | Path) -> str:
+    """``path`` as valid UTF-8 text: bytes that are not UTF-8 (a name from another system's
+    encoding) are shown as backslash escapes, so the path can be printed and written to a CSV."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 @dataclass(frozen=True)
 class InputProblem:
     """One file or folder that was skipped or ignored, and why."""
@@ -68,6 +75,10 @@ class InputProblem:
     problem: str
     skipped: bool = True  # False: not an input at all (a stray file), so exit status unaffected
 
+    def __post_init__(self):
+        object.__setattr__(self, "path", printable(self.path))
+        object.__setattr__(self, "patient_id", printable(self.patient_id))
+
     def line(self) -> str:
         verb = "skipped" if self.skipped else "ignored"
         return f"{verb}: {self.path}: {self.problem}"
@@ -75,45 +86,71 @@ class InputProblem:
 
 @dataclass
 class PatientScan:
-    patient_id: str
+    patient_id: str  # the folder's name, printable (see :func:`printable`)
     folder: Path
     slices: list[tuple[int, Path, Path | None]] = field(default_factory=list)  # n, image, mask
 
 
 def _scan_patient(folder: Path, problems: list[InputProblem]) -> PatientScan:
-    scan = PatientScan(folder.name, folder)
-    images: dict[str, tuple[int, Path]] = {}
+    scan = PatientScan(printable(folder.name), folder)
+    images: dict[int, Path] = {}
     masks: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         name = slice_name(path)
         if path.is_dir() or name is None:
-            problems.append(InputProblem(str(path), folder.name,
+            problems.append(InputProblem(str(path), scan.patient_id,
                                          "not a slice (<patient>_<n>.tif|.tiff|.png)", False))
         elif name.is_mask:
             masks[name.stem] = path
+        elif name.number in images:
+            problems.append(InputProblem(str(path), scan.patient_id,
+                                         f"duplicate slice number {name.number} (the slice used "
+                                         f"is {printable(images[name.number].name)})"))
         else:
-            images[name.stem] = (name.number, path)
+            images[name.number] = path
+    used = {slice_name(path).stem for path in images.values()}
     for stem, mask in sorted(masks.items()):
-        if stem not in images:
-            problems.append(InputProblem(str(mask), folder.name, "mask with no image"))
-    scan.slices = sorted((n, path, masks.get(stem)) for stem, (n, path) in images.items())
+        if stem not in used:
+            problems.append(InputProblem(str(mask), scan.patient_id, "mask with no image"))
+    scan.slices = [(n, path, _mask_of(path, masks)) for n, path in sorted(images.items())]
     if not scan.slices:
-        problems.append(InputProblem(str(folder), folder.name, "no slices in patient folder"))
+        problems.append(InputProblem(str(folder), scan.patient_id, "no slices in patient folder"))
     return scan
 
 
+def _mask_of(image: Path, masks: dict[str, Path]) -> Path | None:
+    """The mask beside ``image``: same stem, the image's own suffix first."""
+    same = mask_path_for(image)
+    return same if same in masks.values() else masks.get(slice_name(image).stem)
+
+
+def _holds_slices(folder: Path) -> bool:
+    return any(slice_name(p) is not None and p.is_file() for p in folder.iterdir())
+
+
 def scan_inputs(scan_dirs: list[Path]) -> tuple[list[PatientScan], list[InputProblem]]:
-    """Patients (with at least one slice) and the problems met on the way."""
+    """Patients (with at least one slice) and the problems met on the way.
+
+    A SCAN_DIR with sub-folders holding slices is a folder of patients: images lying at its top
+    are reported and passed over. Otherwise it is one patient's folder."""
     patients: list[PatientScan] = []
     problems: list[InputProblem] = []
-    for scan_dir in scan_dirs:
+    for scan_dir in (Path(os.path.abspath(d)) for d in scan_dirs):  # "." has a name too
         if not scan_dir.is_dir():
             problems.append(InputProblem(str(scan_dir), "", "not a directory"))
             continue
         entries = sorted(scan_dir.iterdir())
-        has_slices = any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in entries)
-        folders = [scan_dir] if has_slices else [p for p in entries if p.is_dir()]
-        if not folders:
+        folders = [p for p in entries if p.is_dir() and _holds_slices(p)]
+        if folders:
+            for stray in (p for p in entries if p.is_file() and slice_name(p) is not None):
+                problems.append(InputProblem(str(stray), "", "an image at the top of a folder "
+                                             "of patients; slices belong in a patient folder"))
+            for empty in (p for p in entries if p.is_dir() and p not in folders):
+                problems.append(InputProblem(str(empty), printable(empty.name),
+                                             "no slices in patient folder"))
+        elif _holds_slices(scan_dir):
+            folders = [scan_dir]
+        else:
             problems.append(InputProblem(str(scan_dir), "", "no slices or patient folders"))
         for folder in folders:
             scan = _scan_patient(folder, problems)

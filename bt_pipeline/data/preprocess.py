@@ -13,6 +13,7 @@ and makes a slice's values depend on how much brain it happens to show.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import cv2
@@ -38,6 +39,30 @@ class SliceReadError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
+def _check_header(path: Path) -> None:
+    """Refuse, from the file header alone, a slice that declares sides over MAX_SIDE or more
+    than one page: a small compressed file can declare a huge image, and decoding it first
+    would cost gigabytes. Headers Pillow cannot parse are left to the decoder's own checks."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's remarks on odd tags are not ours to print
+            with Image.open(path) as image:
+                width, height = image.size
+                pages = getattr(image, "n_frames", 1)
+    except Image.DecompressionBombError as exc:
+        raise SliceReadError(path, "declares an image too large to decode") from exc
+    except Exception:  # noqa: BLE001 - unparsable header: the decoder reports it
+        return
+    if max(width, height) > MAX_SIDE:
+        raise SliceReadError(path, f"declares size {width}x{height}, over the {MAX_SIDE} px "
+                                   "limit (not decoded)")
+    if pages > 1:
+        raise SliceReadError(path, f"multi-page image ({pages} pages); one slice per file is "
+                                   "expected")
+
+
 def _decode(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
@@ -47,6 +72,7 @@ def _decode(path: str | os.PathLike) -> np.ndarray:
         raise SliceReadError(path, "empty file")
     if size > MAX_FILE_BYTES:
         raise SliceReadError(path, f"file too large ({size} bytes)")
+    _check_header(path)
     try:
         raw = np.fromfile(path, dtype=np.uint8)
         array = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)

@@ -21,7 +21,8 @@ from bt_pipeline.inference.model_options import add_model_arguments, load_predic
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scan_dirs", nargs="+", type=Path, metavar="SCAN_DIR",
                         help="a patient folder, or a folder of patient folders")
-    parser.add_argument("--out", type=Path, default=Path("predictions"))
+    parser.add_argument("--out", default="predictions",
+                        help="output folder: new, empty, or an earlier run's (replaced whole)")
     add_model_arguments(parser)
     parser.add_argument("--threshold", type=float, default=0.5, help="mask threshold")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.out.strip():
+        raise UsageError("--out is empty; give the folder the outputs should go to")
+    out = Path(args.out)
     if not 0.0 < args.threshold < 1.0:
         raise UsageError("--threshold must be between 0 and 1")
     if args.spacing is not None and min(args.spacing) <= 0:
@@ -41,8 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
     predictor = load_predictor(args, args.threshold)
     try:
-        result = run_inference(args.scan_dirs, args.out, predictor, progress=not args.quiet,
-                               spacing=None if args.spacing is None else tuple(args.spacing))
+        result = run_inference(args.scan_dirs, out, predictor, progress=not args.quiet,
+                               spacing=None if args.spacing is None else tuple(args.spacing),
+                               options=_recorded_options(args))
     except OSError as exc:
         print(f"error: cannot write outputs: {exc}", file=sys.stderr)
         return 2
@@ -53,5 +58,12 @@ def run(args: argparse.Namespace) -> int:
     if result.patients.empty:
         print("error: no slice could be processed", file=sys.stderr)
     else:
-        print(f"report: {args.out / 'report.html'}")
+        print(f"report: {out / 'report.html'}")
     return result.exit_code
+
+
+def _recorded_options(args: argparse.Namespace) -> dict:
+    """The call's options as run.json records them (paths as text)."""
+    return {key: (str(value) if isinstance(value, Path) else
+                  [str(v) for v in value] if isinstance(value, list) else value)
+            for key, value in sorted(vars(args).items()) if key not in ("scan_dirs", "debug")}

@@ -29,6 +29,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_predictor(args: argparse.Namespace, mask_threshold: float = 0.5):
     """The TwoStagePredictor that :func:`add_model_arguments`' options describe (auto
     precision looks at the CPU's flags)."""
+    from bt_pipeline.cli import quiet_tensorflow
+
+    quiet_tensorflow()
     from bt_pipeline.inference.predictor import TwoStagePredictor
     from bt_pipeline.models.precision import cpu_has_bfloat16
 

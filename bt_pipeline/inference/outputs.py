@@ -72,8 +72,11 @@ def write_overview(path: str | os.PathLike, images: list[np.ndarray], masks: lis
 
 
 def _imwrite(path: Path, array: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), array):
-        raise OSError(f"{path}: could not write image")
+    """Encode in memory, write with Python: OpenCV's own file writer cannot take every path."""
+    ok, encoded = cv2.imencode(path.suffix or ".png", array)
+    if not ok:
+        raise OSError(f"{path}: could not encode image")
+    path.write_bytes(encoded.tobytes())
 
 
 def write_mask_png(path: str | os.PathLike, mask: np.ndarray) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import platform
+import signal
 import sys
 import time
 from collections import Counter
@@ -15,10 +19,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.cli import UsageError
-from bt_pipeline.data.layout import InputProblem, PatientScan, scan_inputs
+from bt_pipeline.data.layout import InputProblem, PatientScan, printable, scan_inputs
 from bt_pipeline.data.preprocess import SliceReadError, read_image, read_mask
 from bt_pipeline.evaluation.metrics import dice_score, iou_score
+from bt_pipeline.inference.output_folder import OutputFolder, check_no_overlap
 from bt_pipeline.inference.outputs import (
     write_html_report,
     write_mask_png,
@@ -32,6 +36,7 @@ SLICE_COLUMNS = ["patient_id", "slice", "image", "classifier_probability", "clas
                  "tumor_detected", "mask_pixels"]
 PATIENT_COLUMNS = ["patient_id", "n_slices", "n_tumor_slices", "tumor_detected", "tumor_pixels",
                    "tumor_volume_ml"]
+TRUTH_COLUMNS = ["dice", "iou", "dice_note"]
 ERROR_COLUMNS = ["path", "patient_id", "problem", "skipped"]
 
 
@@ -41,6 +46,7 @@ class InferenceResult:
     slices: pd.DataFrame
     problems: list[InputProblem]
     first_patient_unix: float | None  # wall clock when the first patient's outputs were written
+    interrupted: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -66,7 +72,12 @@ def _read_slice(entry) -> LoadedSlice:
         try:
             truth = read_mask(mask_path)
         except SliceReadError as exc:
-            problem = str(exc)
+            problem = exc.reason
+        else:
+            if truth.shape != image.shape[:2]:
+                problem = (f"mask size {truth.shape[1]}x{truth.shape[0]} differs from its "
+                           f"slice's {image.shape[1]}x{image.shape[0]}")
+                truth = None
     return LoadedSlice(number, image_path, image, mask_path, truth, problem)
 
 
@@ -82,7 +93,7 @@ def _load_patient(scan: PatientScan, pool: ThreadPoolExecutor, problems: list[In
     for s in slices:
         if s.problem:
             problems.append(InputProblem(str(s.mask_path), scan.patient_id,
-                                         s.problem.split(": ", 1)[-1] + " (no ground truth used)"))
+                                         f"{s.problem} (slice segmented; no ground truth used)"))
     if slices:
         shape = Counter(s.image.shape for s in slices).most_common(1)[0][0]
         for s in [s for s in slices if s.image.shape != shape]:
@@ -98,16 +109,18 @@ def _write_patient(out: Path, scan: PatientScan, slices, probabilities, masks, t
                    pool: ThreadPoolExecutor, spacing: tuple[float, float, float] | None):
     folder = out / scan.patient_id
     list(pool.map(lambda pair: write_mask_png(
-        folder / f"{pair[0].image_path.stem}_mask.png", pair[1]), zip(slices, masks, strict=True)))
+        folder / f"{printable(pair[0].image_path.stem)}_mask.png", pair[1]),
+        zip(slices, masks, strict=True)))
     truths = [s.truth for s in slices]
     has_truth = all(t is not None for t in truths)
+    truth_files = sum(s.mask_path is not None for s in slices)
     write_mask_volume(folder / "mask.nii.gz", masks)
     write_overview(folder / "overview.png", [s.image for s in slices], masks,
                    truths if has_truth else None, [s.number for s in slices])
     # classifier_*: what the stage-1 gate said; tumor_detected: whether the final mask (after
     # the U-Net and post-processing) is non-empty, which is the answer.
     slice_rows = [{"patient_id": scan.patient_id, "slice": s.number,
-                   "image": s.image_path.relative_to(scan.folder.parent).as_posix(),
+                   "image": printable(s.image_path.relative_to(scan.folder.parent).as_posix()),
                    "classifier_probability": round(float(p), 6),
                    "classifier_positive": int(p >= threshold),
                    "tumor_detected": int(m.any()), "mask_pixels": int(m.sum())}
@@ -121,6 +134,12 @@ def _write_patient(out: Path, scan: PatientScan, slices, probabilities, masks, t
     if has_truth:
         patient["dice"] = dice_score(np.stack(truths), np.stack(masks))
         patient["iou"] = iou_score(np.stack(truths), np.stack(masks))
+        patient["dice_note"] = ""
+    elif truth_files:  # some ground truth given, not usable for every slice: say so
+        usable = sum(t is not None for t in truths)
+        patient.update(dice=float("nan"), iou=float("nan"),
+                       dice_note=f"unavailable: ground truth usable for {usable} of "
+                                 f"{len(slices)} slices (see errors.csv)")
     write_viewer(folder / "viewer.html", patient, [s.image for s in slices], masks,
                  truths if has_truth else None, [s.number for s in slices], probabilities,
                  threshold, spacing)
@@ -135,58 +154,108 @@ def tumour_volume_ml(pixels: int, spacing: tuple[float, float, float] | None) ->
     return pixels * float(np.prod(spacing)) / 1000.0
 
 
-def _check_out_dir(scan_dirs: list[Path], out: Path) -> None:
-    resolved = out.resolve()
-    for scan_dir in scan_dirs:
-        base = scan_dir.resolve()
-        if resolved == base or base in resolved.parents:
-            raise UsageError(f"--out {out} is inside the input folder {scan_dir}; "
-                             "inputs are never written to, choose another --out")
-
-
 def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = True,
-                  report=print, spacing: tuple[float, float, float] | None = None
-                  ) -> InferenceResult:
-    """Run both stages over every patient found in ``scan_dirs`` and write the outputs.
-    ``spacing`` is the voxel size (x, y, z) in mm, when known, for tumour volumes."""
-    _check_out_dir(scan_dirs, out)
+                  report=print, spacing: tuple[float, float, float] | None = None,
+                  options: dict | None = None) -> InferenceResult:
+    """Run both stages over every patient found in ``scan_dirs`` and write the outputs into
+    ``out`` as one run (see :mod:`output_folder`). ``spacing`` is the voxel size (x, y, z) in
+    mm, when known, for tumour volumes; ``options`` are recorded in ``run.json``."""
+    folder = OutputFolder(out)
     patients, problems = scan_inputs(scan_dirs)
+    check_no_overlap(folder.out, [*scan_dirs, *(scan.folder for scan in patients)])
     for problem in problems:
         print(problem.line(), file=sys.stderr)
-    seen: set[str] = set()
-    patient_rows, slice_rows, first = [], [], None
-    threshold = predictor.classifier_config.threshold
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for scan in tqdm(patients, desc="patients", unit="patient", disable=not progress):
-            if scan.patient_id in seen:
-                problems.append(InputProblem(str(scan.folder), scan.patient_id,
-                                             "duplicate patient id"))
-                print(problems[-1].line(), file=sys.stderr)
-                continue
-            seen.add(scan.patient_id)
-            before = len(problems)
-            slices = _load_patient(scan, pool, problems)
-            for problem in problems[before:]:
-                print(problem.line(), file=sys.stderr)
-            if not slices:
-                continue
-            probabilities, masks = predictor.predict([s.image for s in slices])
-            patient, rows = _write_patient(out, scan, slices, probabilities, masks, threshold,
-                                           pool, spacing)
-            patient_rows.append(patient)
-            slice_rows.extend(rows)
-            first = first if first is not None else time.time()
-    result = InferenceResult(
-        pd.DataFrame(patient_rows, columns=PATIENT_COLUMNS + (
-            ["dice", "iou"] if any("dice" in p for p in patient_rows) else [])),
-        pd.DataFrame(slice_rows, columns=SLICE_COLUMNS), problems, first)
-    _write_tables(out, result)
+    started = time.time()
+    with folder, _sigterm_as_interrupt():
+        result = _run_patients(patients, problems, folder.staging, predictor, progress, spacing)
+        if result.patients.empty:
+            return result  # nothing processed: an earlier OUT stays as it was
+        _write_tables(folder.staging, result)
+        folder.commit(_manifest(scan_dirs, predictor, options, result, started))
+    if result.interrupted:
+        raise KeyboardInterrupt
     for row in result.patients.itertuples(index=False):
         truth = f", dice {row.dice:.3f}" if "dice" in result.patients and not np.isnan(row.dice) \
             else ""
         report(f"{row.patient_id}: {'TUMOUR' if row.tumor_detected else 'no tumour'} "
                f"({row.n_tumor_slices}/{row.n_slices} slices, {row.tumor_pixels} px{truth})")
     return result
+
+
+def _run_patients(patients: list[PatientScan], problems: list[InputProblem], out: Path,
+                  predictor, progress: bool, spacing) -> InferenceResult:
+    """Both stages over each patient, outputs into ``out``; stops early (``interrupted``) on
+    Ctrl-C or SIGTERM, keeping what was finished."""
+    seen: set[str] = set()
+    patient_rows, slice_rows, first, interrupted = [], [], None, False
+    threshold = predictor.classifier_config.threshold
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        try:
+            for scan in tqdm(patients, desc="patients", unit="patient", disable=not progress):
+                if scan.patient_id in seen:
+                    problems.append(InputProblem(str(scan.folder), scan.patient_id,
+                                                 "duplicate patient id"))
+                    print(problems[-1].line(), file=sys.stderr)
+                    continue
+                seen.add(scan.patient_id)
+                before = len(problems)
+                slices = _load_patient(scan, pool, problems)
+                for problem in problems[before:]:
+                    print(problem.line(), file=sys.stderr)
+                if not slices:
+                    continue
+                probabilities, masks = predictor.predict([s.image for s in slices])
+                patient, rows = _write_patient(out, scan, slices, probabilities, masks,
+                                               threshold, pool, spacing)
+                patient_rows.append(patient)
+                slice_rows.extend(rows)
+                first = first if first is not None else time.time()
+        except KeyboardInterrupt:
+            interrupted = True
+    with_truth = any("dice" in p for p in patient_rows)
+    return InferenceResult(
+        pd.DataFrame(patient_rows, columns=PATIENT_COLUMNS + (TRUTH_COLUMNS if with_truth else [])),
+        pd.DataFrame(slice_rows, columns=SLICE_COLUMNS), problems, first, interrupted)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops the run like Ctrl-C: finished patients are kept and marked interrupted."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _manifest(scan_dirs: list[Path], predictor, options: dict | None, result: InferenceResult,
+              started: float) -> dict:
+    """``run.json``: what this run read, with which models and options, and how it ended."""
+    import keras
+    import tensorflow as tf
+
+    from bt_pipeline import __version__
+
+    return {
+        "status": "interrupted" if result.interrupted else "complete",
+        "started_unix": round(started, 3), "finished_unix": round(time.time(), 3),
+        "inputs": [printable(p.absolute()) for p in scan_dirs],
+        "models": {"classifier_config": dataclasses.asdict(predictor.classifier_config),
+                   "unet_config": dataclasses.asdict(predictor.unet_config),
+                   "extra_unets": len(predictor.extra_unets)},
+        "options": options or {},
+        "versions": {"bt_pipeline": __version__, "tensorflow": tf.__version__,
+                     "keras": keras.__version__, "python": platform.python_version()},
+        "patients": len(result.patients), "slices": len(result.slices),
+        "inputs_skipped": sum(p.skipped for p in result.problems),
+    }
 
 
 def _write_tables(out: Path, result: InferenceResult) -> None:
