@@ -56,6 +56,18 @@ class DataConfig:
     max_rotation_deg: float = 10.0
     max_scale: float = 0.08
     intensity_jitter: float = 0.1
+    # Further augmentations, 0 = off (nnU-Net's 2D list; see data/augment.py): gamma drawn from
+    # [1 - gamma_range, 1 + gamma_range]; Gaussian noise of standard deviation up to noise_std;
+    # Gaussian blur of sigma up to blur_sigma px; simulated low resolution (down by a factor
+    # down to low_res_scale, then back up); each applied to an image with probability
+    # extra_augment_p. missing_sequence_p: probability that the pre-contrast or post-contrast
+    # channel, or both, is replaced by FLAIR, as the dataset does where a sequence is missing.
+    gamma_range: float = 0.0
+    noise_std: float = 0.0
+    blur_sigma: float = 0.0
+    low_res_scale: float = 0.0
+    extra_augment_p: float = 0.15
+    missing_sequence_p: float = 0.0
     # Total Variation denoising weight of the input slices (0 = off); see preprocess_image.
     tv_weight: float = 0.0
     # 2.5D input: this many neighbouring slices on each side (same patient, edge slices
@@ -126,6 +138,10 @@ class UNetConfig:
     # e.g. with loss "lovasz_per_image"); "" = random initialisation from ``seed``.
     init_from: str = ""
     learning_rate: float = 1e-3
+    # "plateau": the learning rate is halved when val Dice stalls, early stopping on val, the
+    # best epoch ships. "cosine": a fixed schedule, the rate decays along a cosine to 0 over
+    # ``epochs``, no validation set is needed, the last epoch ships.
+    schedule: str = "plateau"
     # Exponential moving average of the weights (Polyak averaging; Keras' optimizer ``use_ema``)
     # with this momentum, e.g. 0.99; 0 = off. Validation, the best checkpoint and the shipped
     # model then use the averaged weights, while each training step updates the raw ones.

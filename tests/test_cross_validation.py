@@ -1,5 +1,7 @@
 """Cross-validation folds: who trains and who is held out, finished folds kept, bf16 training
-shipping a float32 model."""
+shipping a float32 model, a fixed schedule without validation."""
+
+import json
 
 import keras
 import numpy as np
@@ -58,3 +60,21 @@ def test_finished_folds_are_kept_and_bf16_training_ships_float32(synthetic_root,
     trained = keras.saving.load_model(fold_dir(runs, "tiny", 0) / "best.keras", compile=False)
     assert trained.layers[1].dtype_policy.name == "mixed_bfloat16"  # it did train in bf16
     np.testing.assert_allclose(out, trained.predict(batch, verbose=0), atol=0.02)
+
+
+def test_a_fixed_schedule_trains_without_validation_and_ships_the_last_epoch(
+        synthetic_root, synthetic_manifest, tmp_path):
+    recipe = Recipe("fixed-tiny", UNetConfig(image_size=32, depth=2, base_filters=4, epochs=2,
+                                             seed=1, schedule="cosine", loss="bce_dice"),
+                    DataConfig(image_size=32, batch_size=8, cache_dir="", seed=1,
+                               missing_sequence_p=0.5, gamma_range=0.3), 0.0)
+    runs = tmp_path / "runs"
+    shipped = train_fold(recipe, 0, str(synthetic_root), str(synthetic_manifest), runs,
+                         verbose=0)
+    run = fold_dir(runs, "fixed-tiny", 0)
+    assert shipped.is_file() and not (run / "best.keras").exists()
+    log = pd.read_csv(run / "log.csv")
+    assert len(log) == 2 and log["val_loss"].isna().all()  # nothing was validated
+    written = json.loads(shipped.with_suffix(".json").read_text())
+    assert written["schedule"] == "cosine" and "best_val_dice" not in written["extra"]
+    assert written["extra"]["data"]["missing_sequence_p"] == 0.5

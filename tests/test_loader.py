@@ -142,3 +142,41 @@ def test_with_context_of_a_short_volume():
     assert out.shape == (2, 2, 2, 15)
     assert list(out[0, 0, 0, ::3]) == [0, 0, 0, 1, 1] and list(out[1, 0, 0, ::3]) == [0, 0, 1, 1, 1]
     assert with_context(volume, 0) is volume
+
+
+def test_missing_sequence_augmentation_puts_flair_in_place_of_pre_or_post():
+    import tensorflow as tf
+
+    from bt_pipeline.data.augment import missing_sequences
+
+    rng = np.random.default_rng(0)
+    image = tf.constant(rng.random((64, 8, 8, 9), dtype=np.float32))  # 2.5D: 3 slices x RGB
+    out = missing_sequences(image, tf.constant([1, 2]), probability=1.0).numpy()
+    slices, original = out.reshape(64, 8, 8, 3, 3), image.numpy().reshape(64, 8, 8, 3, 3)
+    np.testing.assert_array_equal(slices[..., 1], original[..., 1])  # FLAIR kept
+    pre_is_flair = np.all(slices[..., 0] == original[..., 1], axis=(1, 2, 3))
+    post_is_flair = np.all(slices[..., 2] == original[..., 1], axis=(1, 2, 3))
+    assert (pre_is_flair | post_is_flair).all()  # every image lost at least one sequence
+    assert pre_is_flair.any() and post_is_flair.any() and (pre_is_flair & post_is_flair).any()
+    assert (~pre_is_flair).any() and (~post_is_flair).any()
+    untouched = missing_sequences(image, tf.constant([1, 2]), probability=0.0).numpy()
+    np.testing.assert_array_equal(untouched, image.numpy())
+
+
+def test_intensity_augmentations_stay_in_range_and_keep_masks_aligned(config):
+    import dataclasses
+
+    import tensorflow as tf
+
+    strong = dataclasses.replace(config, gamma_range=0.3, noise_std=0.05, blur_sigma=1.0,
+                                 low_res_scale=0.5, extra_augment_p=1.0, max_scale=0.3)
+    image = tf.random.stateless_uniform((4, 32, 32, 3), [0, 1])
+    mask = tf.cast(tf.random.stateless_uniform((4, 32, 32, 1), [0, 2]) > 0.7, tf.float32)
+    plain_image, plain_mask = augment_batch(image, mask, tf.constant([3, 4]), config)
+    strong_image, strong_mask = augment_batch(image, mask, tf.constant([3, 4]), strong)
+    assert float(tf.reduce_min(strong_image)) >= 0 and float(tf.reduce_max(strong_image)) <= 1
+    assert not np.allclose(strong_image.numpy(), plain_image.numpy())
+    # intensity transforms never move the mask: same geometry draws, same mask
+    geometry_only = dataclasses.replace(config, max_scale=0.3)
+    _, expected_mask = augment_batch(image, mask, tf.constant([3, 4]), geometry_only)
+    np.testing.assert_array_equal(strong_mask.numpy(), expected_mask.numpy())

@@ -67,7 +67,9 @@ def build_unet_from_config(config: UNetConfig) -> keras.Model:
                       channels=config.preprocessing.channels)
 
 
-def compile_unet(model: keras.Model, learning_rate: float, loss: str = UNetConfig.loss,
+def compile_unet(model: keras.Model,
+                 learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+                 loss: str = UNetConfig.loss,
                  weight_ema: float = 0.0) -> keras.Model:
     """Adam with the chosen Dice-based loss, Dice and IoU at 0.5 tracked. ``weight_ema`` > 0
     makes the optimizer keep a moving average of the weights with that momentum (pair it with

@@ -55,7 +55,8 @@ def logged_values(log_csv: Path, monitor: str) -> list[float]:
     if not log_csv.is_file():
         return []
     with open(log_csv) as handle:
-        return [float(row[monitor]) for row in csv.DictReader(handle) if row.get(monitor)]
+        return [float(row[monitor]) for row in csv.DictReader(handle)
+                if row.get(monitor) not in (None, "", "NA")]
 
 
 def best_of(values: list[float], mode: str) -> float:
@@ -150,9 +151,11 @@ class BestCheckpoint(keras.callbacks.Callback):
 
 
 def training_callbacks(run_dir: Path, monitor: str, mode: str, patience: int,
-                       max_minutes: float | None = None,
-                       weight_ema: bool = False) -> list[keras.callbacks.Callback]:
+                       max_minutes: float | None = None, weight_ema: bool = False,
+                       fixed_schedule: bool = False) -> list[keras.callbacks.Callback]:
     """Best-on-val checkpoint, early stopping, LR schedule, CSV log, TensorBoard, resume.
+    With ``fixed_schedule`` (the optimizer's own learning-rate schedule runs to the end) only
+    resume, the logs and the time limit: nothing watches val.
 
     With ``weight_ema`` (the optimizer keeps a moving average of the weights) the averaged
     weights are swapped in for validation and, at each epoch's end, after the backup has
@@ -161,14 +164,17 @@ def training_callbacks(run_dir: Path, monitor: str, mode: str, patience: int,
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if weight_ema else []
-    return [
-        AtomicBackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
-        *swap,
+    watch_val = [] if fixed_schedule else [
         BestCheckpoint(run_dir / "best.keras", monitor, mode, run_dir / "log.csv"),
         ResumableEarlyStopping(run_dir / "log.csv", monitor=monitor, mode=mode,
                                patience=patience),
         ResumableReduceLROnPlateau(run_dir / "log.csv", monitor=monitor, mode=mode, factor=0.5,
                                    patience=max(1, patience // 3), min_lr=1e-5),
+    ]
+    return [
+        AtomicBackupAndRestore(str(run_dir / "backup"), delete_checkpoint=False),
+        *swap,
+        *watch_val,
         keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=True),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False,
                                     profile_batch=0),

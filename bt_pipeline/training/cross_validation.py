@@ -40,7 +40,21 @@ def baseline_recipe(precision: str = "mixed_bfloat16") -> Recipe:
                   DataConfig(image_size=UNetConfig.image_size, seed=1339), 0.15)
 
 
-RECIPES = {"baseline": baseline_recipe}
+def fixed_recipe(precision: str = "mixed_bfloat16") -> Recipe:
+    """A candidate that spends the steps bfloat16 saves: every training patient of the fold
+    (no validation set), a fixed cosine schedule over 60 epochs with the last epoch shipped,
+    batch Dice + cross-entropy, and nnU-Net's 2D augmentation list (rotation up to 30 degrees,
+    scale 0.7-1.3, mirroring, brightness/contrast, gamma, noise, blur, low resolution) plus
+    missing-sequence augmentation, so that one model also serves FLAIR-only input."""
+    unet = UNetConfig(epochs=60, seed=1339, precision=precision, schedule="cosine",
+                      loss="bce_dice")
+    data = DataConfig(image_size=UNetConfig.image_size, seed=1339, max_rotation_deg=30.0,
+                      max_scale=0.3, gamma_range=0.3, noise_std=0.05, blur_sigma=1.0,
+                      low_res_scale=0.5, missing_sequence_p=0.3)
+    return Recipe("fixed", unet, data, 0.0)
+
+
+RECIPES = {"baseline": baseline_recipe, "fixed": fixed_recipe}
 
 
 def fold_patients(manifest: pd.DataFrame, fold: int) -> tuple[list[str], list[str]]:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from bt_pipeline.cli import add_common_arguments, apply_threads, keras_verbosity
 from bt_pipeline.config import (
@@ -38,12 +40,15 @@ def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
                ship_to: Path | None = SHIPPED_UNET, max_minutes: float | None = None,
                verbose: int | str = "auto", patients: tuple[list[str], list[str]] | None = None
                ) -> keras.Model:
-    """Fit the U-Net; returns the best-on-val model (also shipped to ``ship_to``).
+    """Fit the U-Net and ship it to ``ship_to``: the best epoch on val (schedule "plateau") or
+    the last epoch (schedule "cosine"). Returns the shipped model.
 
     ``patients`` = (train ids, val ids) overrides the manifest's train and val splits (a
-    cross-validation fold trains on its own patients).
+    cross-validation fold trains on its own patients); no val ids: no validation set, which
+    only a fixed schedule can do without.
     """
     check_preprocessing(data_config, unet_config)
+    fixed = _check_schedule(unet_config, patients)
     keras.utils.set_random_seed(unet_config.seed)
     manifest = read_manifest(data_config.manifest)
     if patients is None:
@@ -51,40 +56,62 @@ def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
         val_arrays = load_split(manifest, "val", data_config)
     else:
         train_arrays = load_patients(manifest, patients[0], data_config)
-        val_arrays = load_patients(manifest, patients[1], data_config)
+        val_arrays = load_patients(manifest, patients[1], data_config) if patients[1] else None
     train = unet_dataset(train_arrays, data_config, training=True)
-    val_config = dataclasses.replace(data_config, augment=False)
-    val = unet_dataset(val_arrays, val_config, training=False)
+    val = None if val_arrays is None else unet_dataset(
+        val_arrays, dataclasses.replace(data_config, augment=False), training=False)
     save_json(unet_config, run_dir / "config.json", extra={"data": dataclasses.asdict(data_config)})
     with make_strategy(unet_config.distribution).scope():
         model = build_unet_from_config(unet_config)
         if unet_config.init_from:
             _start_from(model, Path(unet_config.init_from))
         model = with_dtype_policy(model, unet_config.precision)
-        compile_unet(model, unet_config.learning_rate, unet_config.loss,
-                     unet_config.weight_ema)
+        rate = unet_config.learning_rate
+        if fixed:
+            steps = unet_config.epochs * steps_per_epoch(train_arrays.labels, data_config)
+            rate = keras.optimizers.schedules.CosineDecay(rate, decay_steps=steps)
+        compile_unet(model, rate, unet_config.loss, unet_config.weight_ema)
     started = time.monotonic()
     log_csv, monitor = run_dir / "log.csv", "val_dice_metric"
     epochs_run = 0
-    if stopped_early(log_csv, monitor, "max", unet_config.patience):
+    if not fixed and stopped_early(log_csv, monitor, "max", unet_config.patience):
         print(f"{run_dir}: early stopping already ended this run; shipping its best model")
     else:
         callbacks = training_callbacks(run_dir, monitor, "max", unet_config.patience,
-                                       max_minutes, weight_ema=unet_config.weight_ema > 0)
+                                       max_minutes, weight_ema=unet_config.weight_ema > 0,
+                                       fixed_schedule=fixed)
         history = model.fit(train, validation_data=val, epochs=unet_config.epochs,
                             callbacks=callbacks, verbose=verbose)
         epochs_run = len(history.history.get("loss", []))
-    best = keras.saving.load_model(run_dir / "best.keras")
+    shipped = model if fixed else keras.saving.load_model(run_dir / "best.keras")
     if ship_to is not None:
         facts = {
             "data": dataclasses.asdict(data_config),
-            "parameters": int(best.count_params()),
+            "parameters": int(shipped.count_params()),
             "epochs_run_this_call": epochs_run,
             "wall_seconds_this_call": round(time.monotonic() - started, 1),
-            "best_val_dice": max(logged_values(log_csv, monitor), default=float("nan")),
         }
-        ship_model(best, ship_to, unet_config, facts)
-    return best
+        if logged_values(log_csv, monitor):
+            facts["best_val_dice"] = max(logged_values(log_csv, monitor))
+        ship_model(shipped, ship_to, unet_config, facts)
+    return shipped
+
+
+def _check_schedule(config: UNetConfig, patients) -> bool:
+    """True for the fixed (cosine) schedule; ValueError for a schedule that cannot run."""
+    if config.schedule not in ("plateau", "cosine"):
+        raise ValueError(f"unknown schedule {config.schedule!r}: plateau or cosine")
+    if config.schedule == "plateau" and patients is not None and not patients[1]:
+        raise ValueError("the plateau schedule needs validation patients")
+    return config.schedule == "cosine"
+
+
+def steps_per_epoch(labels: np.ndarray, config: DataConfig) -> int:
+    """Batches per epoch of :func:`unet_dataset` in training: every tumour slice plus
+    ``negative_share`` as many tumour-free ones."""
+    positive = int((labels > 0).sum())
+    negative = min(int((labels == 0).sum()), int(round(config.negative_share * positive)))
+    return max(1, math.ceil((positive + negative) / config.batch_size))
 
 
 def _start_from(model: keras.Model, path: Path) -> None:
@@ -116,6 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-from", default="", metavar="KERAS",
                         help="start from this U-Net's weights (fine-tuning) instead of random")
     parser.add_argument("--learning-rate", type=float, default=UNetConfig.learning_rate)
+    parser.add_argument("--schedule", default=UNetConfig.schedule, choices=["plateau", "cosine"],
+                        help="plateau: halve on a stalled val Dice, early stopping, best epoch "
+                             "ships; cosine: fixed decay over --epochs, last epoch ships")
     parser.add_argument("--weight-ema", type=float, default=UNetConfig.weight_ema,
                         metavar="MOMENTUM",
                         help="validate, checkpoint and ship a moving average of the weights "
@@ -143,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
     unet_config = UNetConfig(image_size=args.image_size, depth=args.depth,
                              base_filters=args.base_filters, batch_norm=not args.no_batch_norm,
                              loss=args.loss, init_from=args.init_from,
-                             learning_rate=args.learning_rate, weight_ema=args.weight_ema,
+                             learning_rate=args.learning_rate, schedule=args.schedule,
+                             weight_ema=args.weight_ema,
                              epochs=args.epochs,
                              patience=args.patience,
                              distribution=args.distribution,
