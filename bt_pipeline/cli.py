@@ -14,6 +14,7 @@ line on stderr, the traceback with ``--debug``); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -63,7 +64,8 @@ def _front_parser() -> argparse.ArgumentParser:
 def command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     """The parser of command ``name`` and its run function (imports that command's module)."""
     module_name, suffix, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
+    with stderr_closed():  # a command module that imports TensorFlow makes it speak
+        module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"bt {name}", description=help_text)
     getattr(module, f"add_arguments{suffix}")(parser)
     parser.add_argument("--debug", action="store_true",
@@ -128,26 +130,36 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TensorFlow threads (default: all cores)")
 
 
-def quiet_tensorflow(threads: int | None = None) -> None:
-    """Import TensorFlow and start its runtime with stderr closed at the OS level: its C++
-    start-up lines (oneDNN notice, CUDA probing, absl) are not meant for users and no setting
-    silences all of them. A Python exception still surfaces, after stderr is back. ``threads``
-    caps TensorFlow's thread pools, which is only possible before the runtime starts."""
-    if "tensorflow" in sys.modules:
-        return
+@contextlib.contextmanager
+def stderr_closed():
+    """Send the process's stderr (file descriptor 2, where C++ libraries write) to /dev/null
+    for the block; a Python exception still surfaces, after stderr is back."""
+    sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def quiet_tensorflow(threads: int | None = None) -> None:
+    """Import TensorFlow and start its runtime with stderr closed: its C++ start-up lines
+    (oneDNN notice, CUDA probing, absl) are not meant for users and no setting silences all of
+    them. ``threads`` caps TensorFlow's thread pools, only possible before the runtime starts.
+    Does nothing once the runtime runs."""
+    if getattr(quiet_tensorflow, "started", False):
+        return
+    with stderr_closed():
         import tensorflow as tf
 
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(threads)
         tf.constant(0.0) + 1.0  # the first op starts the runtime, which probes for a GPU
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    quiet_tensorflow.started = True
 
 
 def apply_threads(args: argparse.Namespace) -> None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.cli import keras_verbosity
+from bt_pipeline.cli import keras_verbosity, quiet_tensorflow
 from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig, UNetConfig, load_json
 from bt_pipeline.data.manifest import N_FOLDS, read_manifest
 from bt_pipeline.evaluation.evaluate import by_slice_level
@@ -26,6 +27,7 @@ from bt_pipeline.evaluation.scoring import predict_split, score_split, summarise
 from bt_pipeline.reports import write_summary
 from bt_pipeline.training.cross_validation import (
     RECIPES,
+    fold_dir,
     fold_model,
     fold_patients,
     train_fold,
@@ -76,8 +78,24 @@ def paired_difference(patients: pd.DataFrame, other: pd.DataFrame, score: str) -
     return {"score": score, "patients": len(diff), "mean_difference": diff.mean(), "sem": sem}
 
 
+def training_table(recipe: str, folds: list[int], runs_root: Path) -> pd.DataFrame:
+    """Per trained fold: patients trained on, epochs, wall time and precision, read from the
+    fold's run log and shipped JSON."""
+    rows = []
+    for fold in folds:
+        model = fold_model(runs_root, recipe, fold)
+        written = json.loads(model.with_suffix(".json").read_text())
+        log = fold_dir(runs_root, recipe, fold) / "log.csv"
+        rows.append({"fold": fold, "precision": written["precision"],
+                     "schedule": written["schedule"] if "schedule" in written else "plateau",
+                     "epochs": len(pd.read_csv(log)) if log.is_file() else float("nan"),
+                     "wall_seconds_last_call": written["extra"]["wall_seconds_this_call"]})
+    return pd.DataFrame(rows)
+
+
 def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out: Path,
-                 folds_missing: list[int], rule: UNetConfig) -> dict[str, pd.DataFrame]:
+                 folds_missing: list[int], rule: UNetConfig,
+                 training: pd.DataFrame) -> dict[str, pd.DataFrame]:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "patients.csv", patients.to_csv(index=False, lineterminator="\n"))
     write_text_atomic(out / "slices.csv", slices.to_csv(index=False, lineterminator="\n"))
@@ -89,6 +107,7 @@ def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out:
                                summarise(pooled_patients, pooled_slices)], ignore_index=True),
         "by_institution": mean_and_sem(patients, "institution"),
         "by_slice_level": by_slice_level(pooled_slices),
+        "training": training,
     }
     missing = ", ".join(map(str, folds_missing)) or "none"
     intro = [f"Recipe `{recipe}`: {patients['patient_id'].nunique()} held-out development "
@@ -120,6 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_tensorflow()
     recipe = RECIPES[args.recipe](args.precision)
     manifest = read_manifest(args.manifest)
     rule = load_json(args.rule_from.with_suffix(".json"), UNetConfig)
@@ -137,7 +157,9 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.runs_dir / recipe.name}: no fold is trained yet")
     patients = pd.concat([p for p, _ in results], ignore_index=True)
     slices = pd.concat([s for _, s in results], ignore_index=True)
-    tables = write_report(recipe.name, patients, slices, args.out / recipe.name, missing, rule)
+    trained = [fold for fold in args.folds if fold not in missing]
+    tables = write_report(recipe.name, patients, slices, args.out / recipe.name, missing, rule,
+                          training_table(recipe.name, trained, args.runs_dir))
     for name, table in tables.items():
         print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0

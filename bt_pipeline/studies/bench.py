@@ -19,6 +19,7 @@ import pandas as pd
 import tensorflow as tf
 
 from bt_pipeline.atomic import write_text_atomic
+from bt_pipeline.cli import quiet_tensorflow
 from bt_pipeline.config import DataConfig
 from bt_pipeline.data.loader import classifier_dataset, load_split, unet_dataset
 from bt_pipeline.data.manifest import read_manifest
@@ -255,6 +256,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_tensorflow()
     results = run_bench(args.manifest, args.data_dir, args.seconds)
     for name, value in results.items():
         print(f"{name}={value:.4g}", flush=True)
