@@ -58,3 +58,6 @@ def test_training_rate_runs_real_steps(tiny_unet):
     assert training_rate(tiny_unet, "binary_crossentropy", batch, targets, seconds=0.05) > 0
     for old, new in zip(before, tiny_unet.get_weights(), strict=True):
         np.testing.assert_array_equal(old, new)  # steps ran on a copy
+    bf16 = training_rate(tiny_unet, "binary_crossentropy", batch, targets, seconds=0.05,
+                         precision="mixed_bfloat16")
+    assert bf16 > 0

@@ -27,6 +27,7 @@ from bt_pipeline.data.preprocess import read_image
 from bt_pipeline.evaluation.metrics import dice_score
 from bt_pipeline.inference.predictor import TwoStagePredictor, graph_forward, to_bfloat16
 from bt_pipeline.models.losses import LOSSES
+from bt_pipeline.models.precision import with_dtype_policy
 from bt_pipeline.studies.flops import TRAINING_STEP_FORWARD_PASSES, forward_flops
 
 
@@ -140,9 +141,10 @@ def inference_rate(run, batch: np.ndarray, seconds: float) -> float:
 
 
 def training_rate(model, loss, batch: np.ndarray, targets: np.ndarray, seconds: float,
-                  jit_compile: bool = False) -> float:
-    """Images/s of full training steps (forward, backward, Adam update) on one batch."""
-    clone = keras.Model.from_config(model.get_config())
+                  jit_compile: bool = False, precision: str = "float32") -> float:
+    """Images/s of full training steps (forward, backward, Adam update) on one batch, with
+    ``precision`` "float32" or "mixed_bfloat16" (as ``train-unet --precision``)."""
+    clone = keras.Model.from_config(with_dtype_policy(model, precision).get_config())
     clone.set_weights(model.get_weights())
     clone.compile(optimizer=keras.optimizers.Adam(1e-4), loss=loss, jit_compile=jit_compile)
     return _best_rate(lambda: clone.train_on_batch(batch, targets), float(len(batch)), seconds)
@@ -197,11 +199,14 @@ def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
                 else np.concatenate([batch] * (other // len(batch))), seconds)
         shape = (batch_size, size, size, 1) if per_pixel_targets else (batch_size, 1)
         targets = (rng.random(shape) > 0.5).astype(np.float32)
-        for variant, jit in (("graph", False), ("xla", True)):
-            rate = training_rate(model, loss, batch, targets, seconds, jit_compile=jit)
+        for variant, jit, precision in (("graph", False, "float32"), ("xla", True, "float32"),
+                                        ("bf16", False, "mixed_bfloat16")):
+            rate = training_rate(model, loss, batch, targets, seconds, jit, precision)
             results[f"{name}_train_{variant}_images_per_s"] = rate
             results[f"{name}_train_{variant}_efficiency"] = (
                 rate * TRAINING_STEP_FORWARD_PASSES * flops / peak)
+        results[f"{name}_train_bf16_speedup"] = (results[f"{name}_train_bf16_images_per_s"]
+                                                 / results[f"{name}_train_graph_images_per_s"])
     manifest = read_manifest(manifest_path)
     val = manifest[manifest["split"] == "val"]
     tumour = val["has_tumor"] == 1
