@@ -213,6 +213,26 @@ def test_kill_9_then_rerun_leaves_one_consistent_output_set(tiny_models, synthet
         assert int((cv2.imread(str(mask), cv2.IMREAD_UNCHANGED) > 0).sum()) == row.mask_pixels
 
 
+@pytest.mark.integration
+def test_sigterm_keeps_the_finished_patients_marked_interrupted(tiny_models, synthetic_root,
+                                                                tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "bt_pipeline.infer", str(synthetic_root), "--out", str(out),
+               "--classifier", str(tiny_models[0]), "--unet", str(tiny_models[1]), "--quiet"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.bt-partial-*/TCGA_*/viewer.html")):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted" in err
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "interrupted" and 1 <= manifest["patients"] < 8
+    assert len(_patients(out)) == manifest["patients"]
+
+
 # --- model files ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["malformed", "list", "unknown_field", "wrong_type",

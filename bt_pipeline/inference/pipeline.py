@@ -168,8 +168,10 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
     started = time.time()
     with folder, _sigterm_as_interrupt():
         result = _run_patients(patients, problems, folder.staging, predictor, progress, spacing)
-        if result.patients.empty:
-            return result  # nothing processed: an earlier OUT stays as it was
+        if result.patients.empty:  # nothing processed: an earlier OUT stays as it was
+            if result.interrupted:
+                raise KeyboardInterrupt
+            return result
         _write_tables(folder.staging, result)
         folder.commit(_manifest(scan_dirs, predictor, options, result, started))
     if result.interrupted:
