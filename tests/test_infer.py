@@ -313,3 +313,29 @@ def test_viewer_runs_in_a_real_browser(tiny_models, synthetic_root, tmp_path):
          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", f"file://{viewer}#slice=3"],
         capture_output=True, text=True, timeout=120, check=True).stdout
     assert "slice 3 (3 of 9)" in dom and "classifier probability" in dom
+
+
+def test_mask_volume_lands_in_the_anatomical_corner_the_slices_show(tmp_path):
+    """A blob drawn at the top-left of the top slice (anterior, patient's right, superior in
+    the dataset's radiological slices) lies there in world (RAS+) coordinates, in the mask and
+    in the FLAIR volume written beside it, with the voxel size given."""
+    from bt_pipeline.inference.outputs import write_image_volume, write_mask_volume
+
+    masks = [np.zeros((40, 50), np.uint8) for _ in range(6)]
+    masks[-1][2:6, 3:8] = 1
+    images = [np.zeros((40, 50, 3), np.uint8) for _ in range(6)]
+    images[-1][2:6, 3:8, 1] = 255  # FLAIR channel
+    write_mask_volume(tmp_path / "mask.nii.gz", masks, spacing=(0.5, 0.8, 3.0))
+    write_image_volume(tmp_path / "image.nii.gz", images, spacing=(0.5, 0.8, 3.0))
+    for name in ("mask.nii.gz", "image.nii.gz"):
+        volume = nib.load(tmp_path / name)
+        assert volume.shape == (50, 40, 6) and volume.header.get_zooms() == (0.5, 0.8, 3.0)
+        assert nib.aff2axcodes(volume.affine) == ("L", "P", "S")
+        voxels = np.argwhere(np.asarray(volume.dataobj) > 0)
+        world = nib.affines.apply_affine(volume.affine, voxels)
+        corners = nib.affines.apply_affine(volume.affine, [[0, 0, 0], [49, 39, 5]])
+        centre = corners.mean(axis=0)
+        assert (world[:, 0] > centre[0]).all()  # +x: the patient's right
+        assert (world[:, 1] > centre[1]).all()  # +y: anterior
+        assert (world[:, 2] > centre[2]).all()  # +z: superior
+        assert len(voxels) == 4 * 5

@@ -84,15 +84,38 @@ def write_mask_png(path: str | os.PathLike, mask: np.ndarray) -> None:
     write_with(path, lambda tmp: _imwrite(tmp, (mask > 0).astype(np.uint8) * 255), suffix=".png")
 
 
-def write_mask_volume(path: str | os.PathLike, masks: list[np.ndarray]) -> None:
-    """The patient's masks as a NIfTI volume (x = column, y = row, z = slice number order).
+def slice_stack_affine(spacing: tuple[float, float, float] | None) -> np.ndarray:
+    """NIfTI affine (voxel -> RAS+ mm) of a stack of the dataset's slices, voxel axes i =
+    column, j = row, k = slice number. The slices are radiological: the patient's right on the
+    image's left (column 0) and anterior at the top (row 0); slice numbers run from inferior
+    to superior. So x (towards the right) falls with the column, y (anterior) falls with the
+    row, and z (superior) rises with the slice. ``spacing`` (column, row, slice) in mm; 1 mm
+    voxels when unknown."""
+    sx, sy, sz = spacing if spacing is not None else (1.0, 1.0, 1.0)
+    return np.diag([-sx, -sy, sz, 1.0])
 
-    The slices carry no voxel spacing, so the affine is the identity (1 mm voxels).
-    """
-    volume = np.stack([(m > 0).astype(np.uint8) for m in masks], axis=-1).transpose(1, 0, 2)
-    image = nib.Nifti1Image(volume, affine=np.eye(4))
-    image.header.set_data_dtype(np.uint8)
+
+def _write_volume(path: str | os.PathLike, slices: list[np.ndarray],
+                  spacing: tuple[float, float, float] | None) -> None:
+    volume = np.stack(slices, axis=-1).transpose(1, 0, 2)  # (row, column, k) -> (i, j, k)
+    image = nib.Nifti1Image(volume, affine=slice_stack_affine(spacing))
+    image.header.set_data_dtype(volume.dtype)
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
     write_with(path, lambda tmp: nib.save(image, str(tmp)), suffix=".nii.gz")
+
+
+def write_mask_volume(path: str | os.PathLike, masks: list[np.ndarray],
+                      spacing: tuple[float, float, float] | None = None) -> None:
+    """The patient's masks as a uint8 {0, 1} NIfTI volume oriented as the slices show them
+    (:func:`slice_stack_affine`), to overlay on ``image.nii.gz`` in 3D Slicer or ITK-SNAP."""
+    _write_volume(path, [(m > 0).astype(np.uint8) for m in masks], spacing)
+
+
+def write_image_volume(path: str | os.PathLike, images: list[np.ndarray],
+                       spacing: tuple[float, float, float] | None = None) -> None:
+    """The FLAIR channel of the patient's slices as a uint8 NIfTI volume on the masks' grid."""
+    _write_volume(path, [np.ascontiguousarray(image[..., FLAIR]) for image in images], spacing)
 
 
 def write_html_report(path: Path, patients: pd.DataFrame, problems: pd.DataFrame,

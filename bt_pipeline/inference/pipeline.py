@@ -25,6 +25,7 @@ from bt_pipeline.evaluation.metrics import dice_score, iou_score
 from bt_pipeline.inference.output_folder import OutputFolder, check_no_overlap
 from bt_pipeline.inference.outputs import (
     write_html_report,
+    write_image_volume,
     write_mask_png,
     write_mask_volume,
     write_overview,
@@ -114,7 +115,8 @@ def _write_patient(out: Path, scan: PatientScan, slices, probabilities, masks, t
     truths = [s.truth for s in slices]
     has_truth = all(t is not None for t in truths)
     truth_files = sum(s.mask_path is not None for s in slices)
-    write_mask_volume(folder / "mask.nii.gz", masks)
+    write_mask_volume(folder / "mask.nii.gz", masks, spacing)
+    write_image_volume(folder / "image.nii.gz", [s.image for s in slices], spacing)
     write_overview(folder / "overview.png", [s.image for s in slices], masks,
                    truths if has_truth else None, [s.number for s in slices])
     # classifier_*: what the stage-1 gate said; tumor_detected: whether the final mask (after
