@@ -78,3 +78,44 @@ def test_a_fixed_schedule_trains_without_validation_and_ships_the_last_epoch(
     written = json.loads(shipped.with_suffix(".json").read_text())
     assert written["schedule"] == "cosine" and "best_val_dice" not in written["extra"]
     assert written["extra"]["data"]["missing_sequence_p"] == 0.5
+
+
+def test_mean_sem_and_paired_difference_against_hand_computed_values():
+    from bt_pipeline.evaluation.cv_report import mean_and_sem, paired_difference
+
+    patients = pd.DataFrame({"patient_id": ["a", "b", "c", "d"],
+                             "institution": ["CS", "CS", "DU", "DU"],
+                             "dice_unet": [0.8, 0.6, 0.9, 0.7],
+                             "dice_pipeline": [0.8, 0.5, 0.9, 0.6]})
+    pooled = mean_and_sem(patients).iloc[0]
+    assert pooled["dice_unet_mean"] == np.float64(0.75)
+    assert np.isclose(pooled["dice_unet_sem"], np.std([0.8, 0.6, 0.9, 0.7], ddof=1) / 2)
+    by = mean_and_sem(patients, "institution").set_index("institution")
+    assert np.isclose(by.loc["CS", "dice_pipeline_mean"], 0.65) and by.loc["DU", "n"] == 2
+    other = patients.assign(dice_unet=[0.7, 0.6, 0.8, 0.5])  # differences 0.1, 0, 0.1, 0.2
+    diff = paired_difference(patients, other, "dice_unet")
+    assert diff["patients"] == 4 and np.isclose(diff["mean_difference"], 0.1)
+    assert np.isclose(diff["sem"], np.std([0.1, 0.0, 0.1, 0.2], ddof=1) / 2)
+
+
+def test_cv_report_scores_each_trained_fold_on_its_own_patients(synthetic_root,
+                                                                 synthetic_manifest,
+                                                                 tiny_models, tmp_path):
+    from bt_pipeline.cli import main
+
+    recipe = Recipe("tiny", UNetConfig(image_size=32, depth=2, base_filters=4, epochs=1, seed=1),
+                    DataConfig(image_size=32, batch_size=8, cache_dir="", seed=1), 0.25)
+    runs = tmp_path / "runs"
+    train_fold(recipe, 0, str(synthetic_root), str(synthetic_manifest), runs, verbose=0)
+    (runs / "baseline").symlink_to(runs / "tiny", target_is_directory=True)
+    out = tmp_path / "cv"
+    assert main(["cv", "--no-train", "--data-dir", str(synthetic_root), "--manifest",
+                 str(synthetic_manifest), "--runs-dir", str(runs), "--classifier",
+                 str(tiny_models[0]), "--rule-from", str(tiny_models[1]), "--out",
+                 str(out)]) == 0
+    patients = pd.read_csv(out / "baseline" / "patients.csv")
+    _, held_out = fold_patients(read_manifest(synthetic_manifest), 0)
+    assert sorted(patients["patient_id"]) == held_out and set(patients["split"]) == {"fold0"}
+    summary = (out / "baseline" / "summary.md").read_text()
+    assert "folds not yet trained: 1, 2, 3, 4" in summary
+    assert (out / "baseline" / "dice_per_patient.png").stat().st_size > 0

@@ -24,7 +24,7 @@ from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig, UNe
 from bt_pipeline.data.manifest import N_FOLDS, read_manifest
 from bt_pipeline.evaluation.evaluate import by_slice_level
 from bt_pipeline.evaluation.scoring import predict_split, score_split, summarise
-from bt_pipeline.reports import write_summary
+from bt_pipeline.reports import plt, save_figure, write_summary
 from bt_pipeline.training.cross_validation import (
     RECIPES,
     fold_dir,
@@ -93,6 +93,31 @@ def training_table(recipe: str, folds: list[int], runs_root: Path) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
+def dice_figure(patients: pd.DataFrame, out: Path) -> str:
+    """Per-patient Dice by fold and by institution: one dot per held-out patient, the
+    median marked, U-Net and pipeline side by side."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, by in zip(axes, ("split", "institution"), strict=True):
+        groups = sorted(patients[by].unique())
+        for k, group in enumerate(groups):
+            rows = patients[patients[by] == group]
+            for shift, score, colour in ((-0.15, "dice_unet", "#0072B2"),
+                                         (0.15, "dice_pipeline", "#E69F00")):
+                values = rows[score].dropna().to_numpy()
+                jitter = np.linspace(-0.06, 0.06, len(values)) if len(values) > 1 else [0.0]
+                ax.scatter(k + shift + np.asarray(jitter), values, s=14, color=colour,
+                           label=score if k == 0 else None)
+                if len(values):
+                    ax.hlines(np.median(values), k + shift - 0.1, k + shift + 0.1, color="k")
+        ax.set_xticks(range(len(groups)), [f"{g}\n(n={int((patients[by] == g).sum())})"
+                                           for g in groups])
+        ax.set_title(f"per-patient Dice by {'fold' if by == 'split' else by}")
+        ax.set_ylim(-0.03, 1.03)
+    axes[0].set_ylabel("Dice (held-out patient)")
+    axes[0].legend(loc="lower left", fontsize=8)
+    return save_figure(figure, out / "dice_per_patient.png")
+
+
 def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out: Path,
                  folds_missing: list[int], rule: UNetConfig,
                  training: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -118,7 +143,8 @@ def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out:
              "segmented (no gate); `dice_pipeline`: the shipped classifier gates, and it trained "
              "on the manifest's train split, so that column is not held out. SEM: standard "
              "error of the mean over patients."]
-    write_summary(out / "summary.md", f"Cross-validation: {recipe}", intro, tables)
+    write_summary(out / "summary.md", f"Cross-validation: {recipe}", intro, tables,
+                  [dice_figure(patients, out)])
     return tables
 
 
