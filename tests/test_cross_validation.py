@@ -40,15 +40,18 @@ def test_finished_folds_are_kept_and_bf16_training_ships_float32(synthetic_root,
     recipe = Recipe("tiny", UNetConfig(image_size=32, depth=2, base_filters=4, epochs=1, seed=1,
                                        precision="mixed_bfloat16"),
                     DataConfig(image_size=32, batch_size=8, cache_dir="", seed=1), 0.25)
-    runs = tmp_path / "runs"
-    first = train_fold(recipe, 0, str(synthetic_root), str(synthetic_manifest), runs, verbose=0)
+    runs, models = tmp_path / "runs", tmp_path / "reports"
+    first = train_fold(recipe, 0, str(synthetic_root), str(synthetic_manifest), runs, models,
+                       verbose=0)
+    assert first == models / "tiny" / "models" / "fold0.keras"
     stamp = first.stat().st_mtime_ns
     # a fold killed before it shipped leaves a run folder and no model: it is trained on rerun
     fold_dir(runs, "tiny", 1).mkdir(parents=True)
     for fold in (0, 1):
-        train_fold(recipe, fold, str(synthetic_root), str(synthetic_manifest), runs, verbose=0)
+        train_fold(recipe, fold, str(synthetic_root), str(synthetic_manifest), runs, models,
+                   verbose=0)
     assert first.stat().st_mtime_ns == stamp  # fold 0 was not trained again
-    assert (fold_dir(runs, "tiny", 1) / "unet.keras").is_file()
+    assert (models / "tiny" / "models" / "fold1.keras").is_file()
     log = pd.read_csv(fold_dir(runs, "tiny", 0) / "log.csv")
     assert len(log) == 1
 
@@ -70,7 +73,7 @@ def test_a_fixed_schedule_trains_without_validation_and_ships_the_last_epoch(
                                missing_sequence_p=0.5, gamma_range=0.3), 0.0)
     runs = tmp_path / "runs"
     shipped = train_fold(recipe, 0, str(synthetic_root), str(synthetic_manifest), runs,
-                         verbose=0)
+                         tmp_path / "reports", verbose=0)
     run = fold_dir(runs, "fixed-tiny", 0)
     assert shipped.is_file() and not (run / "best.keras").exists()
     log = pd.read_csv(run / "log.csv")
@@ -105,10 +108,10 @@ def test_cv_report_scores_each_trained_fold_on_its_own_patients(synthetic_root,
 
     recipe = Recipe("tiny", UNetConfig(image_size=32, depth=2, base_filters=4, epochs=1, seed=1),
                     DataConfig(image_size=32, batch_size=8, cache_dir="", seed=1), 0.25)
-    runs = tmp_path / "runs"
-    train_fold(recipe, 0, str(synthetic_root), str(synthetic_manifest), runs, verbose=0)
-    (runs / "baseline").symlink_to(runs / "tiny", target_is_directory=True)
-    out = tmp_path / "cv"
+    runs, out = tmp_path / "runs", tmp_path / "cv"
+    train_fold(recipe, 0, str(synthetic_root), str(synthetic_manifest), runs, out, verbose=0)
+    (out / "baseline").mkdir()
+    (out / "baseline" / "models").symlink_to(out / "tiny" / "models", target_is_directory=True)
     assert main(["cv", "--no-train", "--data-dir", str(synthetic_root), "--manifest",
                  str(synthetic_manifest), "--runs-dir", str(runs), "--classifier",
                  str(tiny_models[0]), "--rule-from", str(tiny_models[1]), "--out",

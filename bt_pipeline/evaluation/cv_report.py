@@ -38,14 +38,14 @@ SCORES = ("dice_unet", "dice_pipeline")
 
 
 def score_fold(recipe: str, fold: int, manifest: pd.DataFrame, data_root: str,
-               runs_root: Path, classifier: Path, rule: UNetConfig):
+               models_root: Path, classifier: Path, rule: UNetConfig):
     """Per-patient and per-slice tables of fold ``fold``'s held-out patients."""
     from bt_pipeline.inference.predictor import TwoStagePredictor
 
     _, held_out = fold_patients(manifest, fold)
     name = f"fold{fold}"
     rows = manifest[manifest["patient_id"].isin(held_out)].assign(split=name)
-    predictor = TwoStagePredictor.load(classifier, fold_model(runs_root, recipe, fold))
+    predictor = TwoStagePredictor.load(classifier, fold_model(models_root, recipe, fold))
     predictor.unet_config = dataclasses.replace(
         predictor.unet_config, min_component_pixels=rule.min_component_pixels,
         keep_largest_3d=rule.keep_largest_3d)
@@ -78,17 +78,19 @@ def paired_difference(patients: pd.DataFrame, other: pd.DataFrame, score: str) -
     return {"score": score, "patients": len(diff), "mean_difference": diff.mean(), "sem": sem}
 
 
-def training_table(recipe: str, folds: list[int], runs_root: Path) -> pd.DataFrame:
-    """Per trained fold: patients trained on, epochs, wall time and precision, read from the
-    fold's run log and shipped JSON."""
+def training_table(recipe: str, folds: list[int], models_root: Path,
+                   runs_root: Path) -> pd.DataFrame:
+    """Per trained fold: precision, schedule, epochs and wall time, from the fold's shipped
+    JSON (epochs from its run log where this machine still has it)."""
     rows = []
     for fold in folds:
-        model = fold_model(runs_root, recipe, fold)
-        written = json.loads(model.with_suffix(".json").read_text())
+        written = json.loads(fold_model(models_root, recipe, fold).with_suffix(".json")
+                             .read_text())
         log = fold_dir(runs_root, recipe, fold) / "log.csv"
+        epochs = written["extra"].get("epochs_logged", written["extra"]["epochs_run_this_call"])
         rows.append({"fold": fold, "precision": written["precision"],
-                     "schedule": written["schedule"] if "schedule" in written else "plateau",
-                     "epochs": len(pd.read_csv(log)) if log.is_file() else float("nan"),
+                     "schedule": written.get("schedule", "plateau"),
+                     "epochs": len(pd.read_csv(log)) if log.is_file() else epochs,
                      "wall_seconds_last_call": written["extra"]["wall_seconds_this_call"]})
     return pd.DataFrame(rows)
 
@@ -157,11 +159,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only score the folds already trained")
     parser.add_argument("--precision", default="mixed_bfloat16",
                         choices=["float32", "mixed_bfloat16"], help="training compute")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs/cv"))
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/cv"),
+                        help="scratch: the folds' training runs (logs, backups)")
     parser.add_argument("--classifier", type=Path, default=SHIPPED_CLASSIFIER)
     parser.add_argument("--rule-from", type=Path, default=SHIPPED_UNET,
                         help="U-Net whose JSON gives the post-processing rule")
-    parser.add_argument("--out", type=Path, default=Path("reports/cv"))
+    parser.add_argument("--out", type=Path, default=Path("reports/cv"),
+                        help="the reports and the folds' finished models (<recipe>/models/)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -172,20 +176,20 @@ def run(args: argparse.Namespace) -> int:
     results, missing = [], []
     for fold in args.folds:
         if not args.no_train:
-            train_fold(recipe, fold, args.data_dir, args.manifest, args.runs_dir,
+            train_fold(recipe, fold, args.data_dir, args.manifest, args.runs_dir, args.out,
                        keras_verbosity())
-        if not fold_model(args.runs_dir, recipe.name, fold).is_file():
+        if not fold_model(args.out, recipe.name, fold).is_file():
             missing.append(fold)
             continue
-        results.append(score_fold(recipe.name, fold, manifest, args.data_dir, args.runs_dir,
+        results.append(score_fold(recipe.name, fold, manifest, args.data_dir, args.out,
                                   args.classifier, rule))
     if not results:
-        raise FileNotFoundError(f"{args.runs_dir / recipe.name}: no fold is trained yet")
+        raise FileNotFoundError(f"{args.out / recipe.name / 'models'}: no fold is trained yet")
     patients = pd.concat([p for p, _ in results], ignore_index=True)
     slices = pd.concat([s for _, s in results], ignore_index=True)
     trained = [fold for fold in args.folds if fold not in missing]
     tables = write_report(recipe.name, patients, slices, args.out / recipe.name, missing, rule,
-                          training_table(recipe.name, trained, args.runs_dir))
+                          training_table(recipe.name, trained, args.out, args.runs_dir))
     for name, table in tables.items():
         print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0

@@ -4,9 +4,10 @@ Each fold's U-Net trains on the other folds' patients (a recipe that needs a val
 takes it from those patients too) and is scored on its own fold, which it never saw. The test
 patients (``fold`` -1 in the manifest) are never used here.
 
-    runs/cv/<recipe>/fold<k>/          training run (resumes after a kill)
-    runs/cv/<recipe>/fold<k>/unet.keras the fold's finished model (+ unet.json); its presence
-                                        marks the fold done, so a rerun skips it
+    runs/cv/<recipe>/fold<k>/                  training run (scratch; resumes after a kill)
+    reports/cv/<recipe>/models/fold<k>.keras   the fold's finished model (+ .json), committed:
+                                               its presence marks the fold done, so a rerun
+                                               on any machine skips it
 """
 
 from __future__ import annotations
@@ -83,17 +84,17 @@ def fold_dir(runs_root: Path, recipe: str, fold: int) -> Path:
     return Path(runs_root) / recipe / f"fold{fold}"
 
 
-def fold_model(runs_root: Path, recipe: str, fold: int) -> Path:
-    """Where fold ``fold``'s finished U-Net is shipped."""
-    return fold_dir(runs_root, recipe, fold) / "unet.keras"
+def fold_model(models_root: Path, recipe: str, fold: int) -> Path:
+    """Where fold ``fold``'s finished U-Net is shipped (its config JSON beside it)."""
+    return Path(models_root) / recipe / "models" / f"fold{fold}.keras"
 
 
 def train_fold(recipe: Recipe, fold: int, data_root: str, manifest_path: str, runs_root: Path,
-               verbose: int | str = 2) -> Path:
+               models_root: Path, verbose: int | str = 2) -> Path:
     """Train fold ``fold`` of ``recipe`` unless its model exists; returns the model's path."""
     from bt_pipeline.training.train_unet import train_unet
 
-    target = fold_model(runs_root, recipe.name, fold)
+    target = fold_model(models_root, recipe.name, fold)
     if target.is_file():
         return target
     manifest = read_manifest(manifest_path)

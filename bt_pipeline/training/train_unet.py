@@ -90,6 +90,7 @@ def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
             "parameters": int(shipped.count_params()),
             "epochs_run_this_call": epochs_run,
             "wall_seconds_this_call": round(time.monotonic() - started, 1),
+            "epochs_logged": len(logged_values(log_csv, "loss")),
         }
         if logged_values(log_csv, monitor):
             facts["best_val_dice"] = max(logged_values(log_csv, monitor))
