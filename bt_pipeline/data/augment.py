@@ -15,6 +15,7 @@ import math
 import tensorflow as tf
 
 from bt_pipeline.config import DataConfig
+from bt_pipeline.data.preprocess import FLAIR, POST, PRE
 
 
 def _rotation_scale_transforms(batch: tf.Tensor, size: tf.Tensor, seed, config: DataConfig):
@@ -105,10 +106,6 @@ def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
     columns = tf.tile(tf.reshape(kernel, [1, 7, 1, 1]), [1, 1, channels, 1])
     image = tf.nn.depthwise_conv2d(image, rows, [1, 1, 1, 1], "SAME")
     return tf.nn.depthwise_conv2d(image, columns, [1, 1, 1, 1], "SAME")
-
-
-#: Channels of one slice: pre-contrast, FLAIR, post-contrast.
-PRE, FLAIR, POST = 0, 1, 2
 
 
 def missing_sequences(image: tf.Tensor, seed, probability: float) -> tf.Tensor:

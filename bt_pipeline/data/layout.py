@@ -5,9 +5,9 @@ Slices are ``<patient>_<n>.tif|.tiff|.png`` inside a folder per patient, each gr
 ``<patient>_<n>_mask`` beside its slice; patient ids are ``TCGA_<institution>_<id>_<date>``.
 
 SCAN_DIR is one patient folder (slices directly inside) or a folder of patient folders (the
-Kaggle ``kaggle_3m`` layout). Slices are ``<patient>_<n>.tif|.tiff|.png``; ``..._mask`` files
-are ground truth and never input. Loose files at the top of a folder of patients (Kaggle's
-``data.csv``, ``README.md``) are not inputs and are passed over silently.
+Kaggle ``kaggle_3m`` layout); ``..._mask`` files are ground truth and never input. Files at the
+top of a folder of patients that are not images (Kaggle's ``data.csv``, ``README.md``) are
+passed over silently; images there are reported.
 """
 
 from __future__ import annotations

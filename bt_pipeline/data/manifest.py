@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -80,14 +81,9 @@ def split_patients(
         raise ValueError("val_fraction and test_fraction must be in [0, 1) and sum below 1")
     rng = np.random.default_rng(seed)
     fractions = np.array([1.0 - val_fraction - test_fraction, val_fraction, test_fraction])
-    by_institution: dict[str, list[str]] = {}
-    for patient, institution in sorted(institution_by_patient.items()):
-        by_institution.setdefault(institution, []).append(patient)
     assignment: dict[str, str] = {}
     assigned = np.zeros(len(SPLITS))
-    for institution in sorted(by_institution):
-        members = by_institution[institution]
-        patients = [members[i] for i in rng.permutation(len(members))]
+    for patients in _shuffled_by_institution(institution_by_patient, rng):
         ideal = fractions * len(patients)
         counts = np.floor(ideal).astype(int)
         # Leftover patients go to the largest remainders; ties go to the split furthest
@@ -115,15 +111,23 @@ def assign_folds(institution_by_patient: dict[str, str], n_folds: int, seed: int
     if n_folds < 2:
         raise ValueError(f"cross-validation needs at least 2 folds, got {n_folds}")
     rng = np.random.default_rng(seed)
+    folds: dict[str, int] = {}
+    for patients in _shuffled_by_institution(institution_by_patient, rng):
+        for patient in patients:
+            folds[patient] = len(folds) % n_folds
+    return folds
+
+
+def _shuffled_by_institution(institution_by_patient: dict[str, str],
+                             rng: np.random.Generator) -> Iterator[list[str]]:
+    """Each institution's patients (institutions and patients in sorted order), shuffled by
+    ``rng``, one institution after the other."""
     by_institution: dict[str, list[str]] = {}
     for patient, institution in sorted(institution_by_patient.items()):
         by_institution.setdefault(institution, []).append(patient)
-    folds: dict[str, int] = {}
     for institution in sorted(by_institution):
         members = by_institution[institution]
-        for patient in (members[i] for i in rng.permutation(len(members))):
-            folds[patient] = len(folds) % n_folds
-    return folds
+        yield [members[i] for i in rng.permutation(len(members))]
 
 
 def build_manifest(

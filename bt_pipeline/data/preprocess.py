@@ -23,6 +23,9 @@ import numpy as np
 # (libtiff "TIFFReadDirectory: ..." lines) would only bury that message.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
+#: Channels of a slice as :func:`read_image` returns it: pre-contrast, FLAIR, post-contrast.
+PRE, FLAIR, POST = 0, 1, 2
+
 #: Smallest and largest accepted slice side, in pixels.
 MIN_SIDE = 32
 MAX_SIDE = 2048

@@ -24,6 +24,7 @@ from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig, UNe
 from bt_pipeline.data.manifest import N_FOLDS, read_manifest
 from bt_pipeline.evaluation.evaluate import by_slice_level
 from bt_pipeline.evaluation.scoring import predict_split, score_split, summarise
+from bt_pipeline.models.precision import PRECISIONS
 from bt_pipeline.reports import plt, save_figure, write_summary
 from bt_pipeline.training.cross_validation import (
     RECIPES,
@@ -62,8 +63,7 @@ def mean_and_sem(patients: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
             values = group[score].dropna()
             row[f"{score}_mean"] = values.mean()
             row[f"{score}_median"] = values.median()
-            row[f"{score}_sem"] = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 \
-                else float("nan")
+            row[f"{score}_sem"] = _sem(values)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -74,8 +74,13 @@ def paired_difference(patients: pd.DataFrame, other: pd.DataFrame, score: str) -
     both = patients.set_index("patient_id")[score].to_frame("a").join(
         other.set_index("patient_id")[score].to_frame("b"), how="inner").dropna()
     diff = both["a"] - both["b"]
-    sem = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
-    return {"score": score, "patients": len(diff), "mean_difference": diff.mean(), "sem": sem}
+    return {"score": score, "patients": len(diff), "mean_difference": diff.mean(),
+            "sem": _sem(diff)}
+
+
+def _sem(values: pd.Series) -> float:
+    """Standard error of the mean (sample standard deviation); NaN for fewer than 2 values."""
+    return values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
 
 
 def training_table(recipe: str, folds: list[int], models_root: Path,
@@ -84,14 +89,13 @@ def training_table(recipe: str, folds: list[int], models_root: Path,
     JSON (epochs from its run log where this machine still has it)."""
     rows = []
     for fold in folds:
-        written = json.loads(fold_model(models_root, recipe, fold).with_suffix(".json")
-                             .read_text())
+        path = fold_model(models_root, recipe, fold).with_suffix(".json")
+        config, extra = load_json(path, UNetConfig), json.loads(path.read_text())["extra"]
         log = fold_dir(runs_root, recipe, fold) / "log.csv"
-        epochs = written["extra"].get("epochs_logged", written["extra"]["epochs_run_this_call"])
-        rows.append({"fold": fold, "precision": written["precision"],
-                     "schedule": written.get("schedule", "plateau"),
+        epochs = extra.get("epochs_logged", extra["epochs_run_this_call"])
+        rows.append({"fold": fold, "precision": config.precision, "schedule": config.schedule,
                      "epochs": len(pd.read_csv(log)) if log.is_file() else epochs,
-                     "wall_seconds_last_call": written["extra"]["wall_seconds_this_call"]})
+                     "wall_seconds_last_call": extra["wall_seconds_this_call"]})
     return pd.DataFrame(rows)
 
 
@@ -157,8 +161,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=int, nargs="+", default=list(range(N_FOLDS)))
     parser.add_argument("--no-train", action="store_true",
                         help="only score the folds already trained")
-    parser.add_argument("--precision", default="mixed_bfloat16",
-                        choices=["float32", "mixed_bfloat16"], help="training compute")
+    parser.add_argument("--precision", default="mixed_bfloat16", choices=PRECISIONS,
+                        help="training compute")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/cv"),
                         help="scratch: the folds' training runs (logs, backups)")
     parser.add_argument("--classifier", type=Path, default=SHIPPED_CLASSIFIER)

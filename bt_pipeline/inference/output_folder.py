@@ -43,8 +43,6 @@ class OutputFolder:
     """Context manager: lock OUT, give a fresh ``staging`` folder, swap it in on ``commit``."""
 
     def __init__(self, out: Path):
-        if not str(out).strip():
-            raise UsageError("--out is empty; give the folder the outputs should go to")
         self.out = Path(out).absolute()
         self.parent = self.out.parent
         self.staging = self.parent / f".{self.out.name}.bt-partial-{os.getpid()}"

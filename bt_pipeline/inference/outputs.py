@@ -15,13 +15,13 @@ import numpy as np
 import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic, write_with
+from bt_pipeline.data.preprocess import FLAIR
 from bt_pipeline.reports import draw_outline
 
 # Okabe-Ito orange and sky blue: told apart with every common colour-vision deficiency.
 PREDICTED_RGB = (230, 159, 0)
 TRUTH_RGB = (86, 180, 233)
 TILE = 192
-FLAIR = 1  # channel of the FLAIR sequence in a slice (pre-contrast, FLAIR, post-contrast)
 
 
 def flair_gray(image_rgb: np.ndarray) -> np.ndarray:
@@ -29,12 +29,19 @@ def flair_gray(image_rgb: np.ndarray) -> np.ndarray:
     return np.repeat(image_rgb[..., FLAIR:FLAIR + 1], 3, axis=-1)
 
 
-def _tile(image_rgb: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None,
-          label: str) -> np.ndarray:
-    tile = flair_gray(image_rgb)
+def _outlined(canvas: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
+    """``canvas`` (RGB, or RGBA drawn opaque) with the truth's outline and, on top, the
+    prediction's."""
+    opaque = (255,) * (canvas.shape[-1] - 3)
     for mask, colour in ((truth, TRUTH_RGB), (predicted, PREDICTED_RGB)):
         if mask is not None and mask.any():
-            tile = draw_outline(tile, mask, colour)
+            canvas = draw_outline(canvas, mask, (*colour, *opaque))
+    return canvas
+
+
+def _tile(image_rgb: np.ndarray, predicted: np.ndarray, truth: np.ndarray | None,
+          label: str) -> np.ndarray:
+    tile = _outlined(flair_gray(image_rgb), predicted, truth)
     tile = cv2.resize(tile, (TILE, TILE), interpolation=cv2.INTER_AREA)
     cv2.putText(tile, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
     return tile
@@ -71,12 +78,17 @@ def write_overview(path: str | os.PathLike, images: list[np.ndarray], masks: lis
     write_with(path, lambda tmp: _imwrite(tmp, canvas[..., ::-1]), suffix=".png")
 
 
+def _png_bytes(array: np.ndarray) -> bytes:
+    """A uint8 image in OpenCV's channel order (gray, BGR or BGRA) encoded as PNG."""
+    ok, encoded = cv2.imencode(".png", array)
+    if not ok:
+        raise OSError("could not encode a PNG image")
+    return encoded.tobytes()
+
+
 def _imwrite(path: Path, array: np.ndarray) -> None:
     """Encode in memory, write with Python: OpenCV's own file writer cannot take every path."""
-    ok, encoded = cv2.imencode(path.suffix or ".png", array)
-    if not ok:
-        raise OSError(f"{path}: could not encode image")
-    path.write_bytes(encoded.tobytes())
+    path.write_bytes(_png_bytes(array))
 
 
 def write_mask_png(path: str | os.PathLike, mask: np.ndarray) -> None:
@@ -155,19 +167,12 @@ def _png_base64(array: np.ndarray) -> str:
     if array.ndim == 3:
         order = cv2.COLOR_RGBA2BGRA if array.shape[2] == 4 else cv2.COLOR_RGB2BGR
         array = cv2.cvtColor(array, order)
-    ok, encoded = cv2.imencode(".png", array)
-    if not ok:
-        raise OSError("could not encode a PNG for the viewer")
-    return base64.b64encode(encoded.tobytes()).decode("ascii")
+    return base64.b64encode(_png_bytes(array)).decode("ascii")
 
 
 def _outline_layer(predicted: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
     """Transparent RGBA image holding only the outlines (truth below, prediction on top)."""
-    layer = np.zeros((*predicted.shape[:2], 4), np.uint8)
-    for mask, colour in ((truth, TRUTH_RGB), (predicted, PREDICTED_RGB)):
-        if mask is not None and mask.any():
-            layer = draw_outline(layer, mask, (*colour, 255), thickness=1)
-    return layer
+    return _outlined(np.zeros((*predicted.shape[:2], 4), np.uint8), predicted, truth)
 
 
 def slice_finding(predicted: bool, truth: bool | None) -> str:

@@ -112,13 +112,14 @@ def _write_patient(out: Path, scan: PatientScan, slices, probabilities, masks, t
     list(pool.map(lambda pair: write_mask_png(
         folder / f"{printable(pair[0].image_path.stem)}_mask.png", pair[1]),
         zip(slices, masks, strict=True)))
+    images, numbers = [s.image for s in slices], [s.number for s in slices]
     truths = [s.truth for s in slices]
     has_truth = all(t is not None for t in truths)
     truth_files = sum(s.mask_path is not None for s in slices)
     write_mask_volume(folder / "mask.nii.gz", masks, spacing)
-    write_image_volume(folder / "image.nii.gz", [s.image for s in slices], spacing)
-    write_overview(folder / "overview.png", [s.image for s in slices], masks,
-                   truths if has_truth else None, [s.number for s in slices])
+    write_image_volume(folder / "image.nii.gz", images, spacing)
+    write_overview(folder / "overview.png", images, masks, truths if has_truth else None,
+                   numbers)
     # classifier_*: what the stage-1 gate said; tumor_detected: whether the final mask (after
     # the U-Net and post-processing) is non-empty, which is the answer.
     slice_rows = [{"patient_id": scan.patient_id, "slice": s.number,
@@ -142,9 +143,8 @@ def _write_patient(out: Path, scan: PatientScan, slices, probabilities, masks, t
         patient.update(dice=float("nan"), iou=float("nan"),
                        dice_note=f"unavailable: ground truth usable for {usable} of "
                                  f"{len(slices)} slices (see errors.csv)")
-    write_viewer(folder / "viewer.html", patient, [s.image for s in slices], masks,
-                 truths if has_truth else None, [s.number for s in slices], probabilities,
-                 threshold, spacing)
+    write_viewer(folder / "viewer.html", patient, images, masks, truths if has_truth else None,
+                 numbers, probabilities, threshold, spacing)
     return patient, slice_rows
 
 
