@@ -28,7 +28,8 @@ EXP_IMAGE_SIZE ?= 64
 EXP_BASE_FILTERS ?= 8
 
 .PHONY: install data manifest eda test test-quick test-slow lint tune tune-distributed \
-        train-unet postprocess cv demo screenshot evaluate experiments bench bench-loader bench-infer clean
+        train-unet postprocess cv demo screenshot evaluate roundtrip experiments bench bench-loader \
+        bench-infer clean
 
 install: $(VENV)/.installed
 
@@ -137,6 +138,11 @@ screenshot: install
 
 evaluate: install
 	$(PY) -m bt_pipeline evaluate --data-dir $(KAGGLE_ROOT) --splits val test
+
+# Test patients written as NIfTI and DICOM (oblique, int16), through infer, masks compared with
+# the slice-folder run's -> reports/roundtrip/.
+roundtrip: install
+	$(PY) -m bt_pipeline roundtrip --data-dir $(KAGGLE_ROOT)
 
 clean:
 	rm -rf .cache reports runs predictions tuning/work

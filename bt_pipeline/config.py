@@ -225,7 +225,7 @@ def save_json(config: Any, path: str | os.PathLike, extra: dict[str, Any] | None
 
 def load_json(path: str | os.PathLike, cls: type[T] | None = None) -> T:
     """Read a config written by :func:`save_json` (its ``extra`` block is ignored)."""
-    data = json.loads(Path(path).read_text())
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
     if isinstance(data, dict):
         data.pop("extra", None)
     return from_dict(data, cls)

@@ -107,8 +107,8 @@ def messy_dir(synthetic_root, tmp_path):
     bad["truncated"].write_bytes(bad["truncated"].read_bytes()[:300])
     bad["not_image"] = first / f"{first.name}_3.tif"
     bad["not_image"].write_text("hello")
-    bad["grayscale"] = first / f"{first.name}_4.tif"
-    cv2.imwrite(str(bad["grayscale"]), np.full((64, 64), 50, np.uint8))
+    bad["16-bit"] = first / f"{first.name}_4.tif"
+    cv2.imwrite(str(bad["16-bit"]), np.full((64, 64, 3), 5000, np.uint16))
     bad["wrong_size"] = second / f"{second.name}_2.tif"
     cv2.imwrite(str(bad["wrong_size"]), np.full((80, 80, 3), 50, np.uint8))
     bad["orphan_mask"] = second / f"{second.name}_99_mask.tif"

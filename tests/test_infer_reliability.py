@@ -55,7 +55,7 @@ def test_out_overlapping_an_input_is_refused(tiny_models, scans, tmp_path, where
     out = {"same": scans, "inside_input": scans / "out", "holds_input": tmp_path,
            "patient": patient}[where]
     assert _run(tiny_models, scans, "--out", out) == 2
-    assert "overlaps the input folder" in capsys.readouterr().err
+    assert "overlaps the input" in capsys.readouterr().err
     assert not (scans / "out").exists() and not (patient / "patients.csv").exists()
 
 
@@ -66,7 +66,7 @@ def test_out_inside_the_real_target_of_a_symlinked_patient_is_refused(tiny_model
     linked.mkdir()
     (linked / patient.name).symlink_to(patient, target_is_directory=True)
     assert _run(tiny_models, linked, "--out", patient / "masks") == 2
-    assert "overlaps the input folder" in capsys.readouterr().err
+    assert "overlaps the input" in capsys.readouterr().err
     assert not (patient / "masks").exists()
 
 

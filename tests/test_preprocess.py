@@ -65,8 +65,22 @@ def test_png_slices_load_like_tif(synthetic_root, tmp_path):
     np.testing.assert_array_equal(load_slice(png, 64), load_slice(path, 64))
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "garbage", "truncated", "grayscale",
-                                  "tiny", "uint16"])
+def test_a_single_channel_slice_is_flair_in_every_channel(tmp_path):
+    from bt_pipeline.data.preprocess import read_image, replaced_sequences
+
+    gray = tmp_path / "TCGA_CS_0000_20000101_1.tif"
+    flair = np.arange(64 * 64, dtype=np.uint32).reshape(64, 64).astype(np.uint8)
+    cv2.imwrite(str(gray), flair)
+    image = read_image(gray)
+    assert image.shape == (64, 64, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(image[..., channel], flair)
+    assert replaced_sequences([image]) == ["pre", "post"]
+    image[..., 0] += 1
+    assert replaced_sequences([image]) == ["post"]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "garbage", "truncated", "tiny", "uint16"])
 def test_bad_slices_raise_clear_error_naming_the_file(synthetic_root, tmp_path, case):
     good = _slice_file(synthetic_root)
     bad = tmp_path / f"TCGA_CS_0000_20000101_{case}.tif"
@@ -77,8 +91,6 @@ def test_bad_slices_raise_clear_error_naming_the_file(synthetic_root, tmp_path, 
     elif case == "truncated":
         data = good.read_bytes()
         bad.write_bytes(data[: len(data) // 3])
-    elif case == "grayscale":
-        cv2.imwrite(str(bad), np.full((64, 64), 80, np.uint8))
     elif case == "tiny":
         cv2.imwrite(str(bad), np.full((8, 8, 3), 80, np.uint8))
     elif case == "uint16":

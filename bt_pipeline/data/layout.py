@@ -8,6 +8,13 @@ SCAN_DIR is one patient folder (slices directly inside) or a folder of patient f
 Kaggle ``kaggle_3m`` layout); ``..._mask`` files are ground truth and never input. Files at the
 top of a folder of patients that are not images (Kaggle's ``data.csv``, ``README.md``) are
 passed over silently; images there are reported.
+
+Volumes are found too (read by :mod:`bt_pipeline.data.volumes`): a NIfTI file (FLAIR alone),
+a folder of NIfTI cases named nnU-Net style (``CASE_0000`` pre-contrast T1, ``CASE_0001``
+FLAIR, ``CASE_0002`` post-contrast T1) or BraTS style (``CASE_t1``, ``CASE_flair``,
+``CASE_t1ce``; ``flair.nii.gz`` alone takes the folder's name), a DICOM series folder (FLAIR
+alone), a folder of DICOM series folders (one case; each series' role read from its
+description), and a folder of any of these cases.
 """
 
 from __future__ import annotations
@@ -18,6 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: Sequence roles of a case, in the channel order of a slice (pre-contrast, FLAIR, post-contrast).
+ROLES = ("pre", "flair", "post")
+_NNUNET = re.compile(r"^(?P<case>.+)_(?P<code>\d{4})$")
+_NNUNET_ROLES = {"0000": "pre", "0001": "flair", "0002": "post"}
+_BRATS = re.compile(r"^(?:(?P<case>.+?)[_-])?(?P<code>t1|t1ce|t1c|t1gd|t1post|flair|t2)$",
+                    re.IGNORECASE)
+_BRATS_ROLES = {"t1": "pre", "t1ce": "post", "t1c": "post", "t1gd": "post", "t1post": "post",
+                "flair": "flair"}
 _SLICE = re.compile(r"^(?P<stem>(?P<patient>.+)_(?P<number>\d+))(?P<mask>_mask)?$")
 _INSTITUTION = re.compile(r"^TCGA_(?P<institution>[A-Za-z0-9]+)_")
 
@@ -85,6 +101,99 @@ class InputProblem:
 
 
 @dataclass
+class VolumeScan:
+    """One case given as volumes: NIfTI files by role, or DICOM series folders whose roles are
+    read from their headers (:mod:`bt_pipeline.data.volumes`)."""
+
+    patient_id: str
+    folder: Path  # where the case was found
+    nifti: dict[str, Path] = field(default_factory=dict)  # role -> file
+    dicom_series: list[Path] = field(default_factory=list)  # series folders
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
+
+
+def is_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file: ``DICM`` after its 128-byte preamble (extensions vary)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _holds_dicom(folder: Path) -> bool:
+    return any(p.is_file() and is_dicom(p) for p in sorted(folder.iterdir())[:50])
+
+
+def nifti_role(path: Path) -> tuple[str, str | None] | None:
+    """(case id, role) a NIfTI file's name says; role None for a sequence the models do not
+    use (T2); case id "" when the name is the role alone (``flair.nii.gz``). None: not a
+    sequence name."""
+    stem = nifti_stem(path)
+    match = _NNUNET.match(stem)
+    if match:
+        return match.group("case"), _NNUNET_ROLES.get(match.group("code"))
+    match = _BRATS.match(stem)
+    if match:
+        return match.group("case") or "", _BRATS_ROLES.get(match.group("code").lower())
+    return None
+
+
+def _nifti_cases(folder: Path, files: list[Path], problems: list[InputProblem]
+                 ) -> list[VolumeScan]:
+    cases: dict[str, VolumeScan] = {}
+    for path in files:
+        named = nifti_role(path)
+        if named is None:
+            problems.append(InputProblem(str(path), "", "NIfTI name says no sequence (CASE_0000"
+                                         "-0002 or CASE_t1|flair|t1ce expected)", False))
+            continue
+        case_id, role = named
+        case_id = printable(case_id or folder.name)
+        case = cases.setdefault(case_id, VolumeScan(case_id, folder))
+        if role is None:
+            problems.append(InputProblem(str(path), case_id, "sequence not used by the models",
+                                         False))
+        elif role in case.nifti:
+            problems.append(InputProblem(str(path), case_id, f"second {role} volume (the one "
+                                         f"used is {printable(case.nifti[role].name)})"))
+        else:
+            case.nifti[role] = path
+    for case in cases.values():
+        if "flair" not in case.nifti:
+            problems.append(InputProblem(str(folder), case.patient_id,
+                                         "no FLAIR volume (CASE_0001 or CASE_flair)"))
+    return [case for case in cases.values() if "flair" in case.nifti]
+
+
+def _volume_cases(folder: Path, problems: list[InputProblem], depth: int = 0
+                  ) -> list[VolumeScan]:
+    """The volume cases in ``folder``: itself a DICOM series or a case of series folders, its
+    NIfTI files, and (one level down) the same in each sub-folder."""
+    entries = sorted(folder.iterdir())
+    if _holds_dicom(folder):
+        return [VolumeScan(printable(folder.name), folder, dicom_series=[folder])]
+    folders = [p for p in entries if p.is_dir()]
+    series = [p for p in folders if _holds_dicom(p)]
+    if series and len(series) == len(folders):
+        return [VolumeScan(printable(folder.name), folder, dicom_series=series)]
+    cases = _nifti_cases(folder, [p for p in entries if p.is_file() and is_nifti(p)], problems)
+    if depth == 0:
+        for sub in (p for p in folders if not _holds_slices(p)):
+            cases.extend(_volume_cases(sub, problems, depth + 1))
+    return cases
+
+
+@dataclass
 class PatientScan:
     patient_id: str  # the folder's name, printable (see :func:`printable`)
     folder: Path
@@ -128,17 +237,29 @@ def _holds_slices(folder: Path) -> bool:
     return any(slice_name(p) is not None and p.is_file() for p in folder.iterdir())
 
 
-def scan_inputs(scan_dirs: list[Path]) -> tuple[list[PatientScan], list[InputProblem]]:
-    """Patients (with at least one slice) and the problems met on the way.
+def scan_inputs(scan_dirs: list[Path]
+                ) -> tuple[list[PatientScan | VolumeScan], list[InputProblem]]:
+    """Patients (with at least one slice, or a FLAIR volume) and the problems met on the way.
 
     A SCAN_DIR with sub-folders holding slices is a folder of patients: images lying at its top
-    are reported and passed over. Otherwise it is one patient's folder."""
-    patients: list[PatientScan] = []
+    are reported and passed over. A SCAN_DIR holding volumes (NIfTI or DICOM, see the module's
+    docstring) gives their cases. Otherwise it is one patient's folder of slices."""
+    patients: list[PatientScan | VolumeScan] = []
     problems: list[InputProblem] = []
     for scan_dir in (Path(os.path.abspath(d)) for d in scan_dirs):  # "." has a name too
-        if not scan_dir.is_dir():
-            problems.append(InputProblem(str(scan_dir), "", "not a directory"))
+        if scan_dir.is_file() and is_nifti(scan_dir):
+            named = nifti_role(scan_dir)
+            case_id = printable(named[0] if named and named[0] else nifti_stem(scan_dir))
+            patients.append(VolumeScan(case_id, scan_dir.parent, nifti={"flair": scan_dir}))
             continue
+        if not scan_dir.is_dir():
+            problems.append(InputProblem(str(scan_dir), "", "not a directory or NIfTI file"))
+            continue
+        if not _holds_slices(scan_dir):
+            cases = _volume_cases(scan_dir, problems)
+            if cases:
+                patients.extend(cases)
+                continue
         entries = sorted(scan_dir.iterdir())
         folders = [p for p in entries if p.is_dir() and _holds_slices(p)]
         if folders:

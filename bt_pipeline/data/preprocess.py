@@ -96,19 +96,35 @@ def _decode(path: str | os.PathLike) -> np.ndarray:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an MR slice to uint8 RGB (H, W, 3): pre-contrast, FLAIR, post-contrast.
 
+    A single-channel slice is FLAIR alone: it fills all three channels, as the dataset fills a
+    missing sequence (see :func:`replaced_sequences`).
+
     Raises:
-        SliceReadError: missing, empty, corrupt or truncated file, grayscale or wrong depth.
+        SliceReadError: missing, empty, corrupt or truncated file, wrong depth or channels.
     """
     array = _decode(path)
     if array.ndim == 2 or array.shape[2] == 1:
-        raise SliceReadError(
-            path, "grayscale image; expected 3 channels (pre-contrast, FLAIR, post-contrast)"
-        )
+        return np.repeat(array.reshape(*array.shape[:2], 1), 3, axis=2)
     if array.shape[2] == 4:  # an alpha channel carries no signal
         array = array[:, :, :3]
     if array.shape[2] != 3:
         raise SliceReadError(path, f"expected 3 channels, got {array.shape[2]}")
     return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+
+
+def flair_only(image_rgb: np.ndarray) -> np.ndarray:
+    """The slice as a FLAIR-only input shows it: FLAIR in all three channels."""
+    return np.repeat(image_rgb[..., FLAIR:FLAIR + 1], 3, axis=2)
+
+
+def replaced_sequences(images: list[np.ndarray]) -> list[str]:
+    """Which of "pre" and "post" one volume's RGB slices carry as a copy of FLAIR (the
+    dataset's stand-in for a missing sequence, and what a single-channel slice becomes)."""
+    replaced = []
+    for name, channel in (("pre", PRE), ("post", POST)):
+        if all(np.array_equal(image[..., channel], image[..., FLAIR]) for image in images):
+            replaced.append(name)
+    return replaced
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:

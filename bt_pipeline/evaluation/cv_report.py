@@ -39,7 +39,7 @@ SCORES = ("dice_unet", "dice_pipeline")
 
 
 def score_fold(recipe: str, fold: int, manifest: pd.DataFrame, data_root: str,
-               models_root: Path, classifier: Path, rule: UNetConfig):
+               models_root: Path, classifier: Path, rule: UNetConfig, flair_alone: bool = False):
     """Per-patient and per-slice tables of fold ``fold``'s held-out patients."""
     from bt_pipeline.inference.predictor import TwoStagePredictor
 
@@ -50,7 +50,8 @@ def score_fold(recipe: str, fold: int, manifest: pd.DataFrame, data_root: str,
     predictor.unet_config = dataclasses.replace(
         predictor.unet_config, min_component_pixels=rule.min_component_pixels,
         keep_largest_3d=rule.keep_largest_3d)
-    return score_split(predictor, predict_split(predictor, rows, name, data_root), name)
+    return score_split(predictor, predict_split(predictor, rows, name, data_root, flair_alone),
+                       name)
 
 
 def mean_and_sem(patients: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
@@ -90,7 +91,8 @@ def training_table(recipe: str, folds: list[int], models_root: Path,
     rows = []
     for fold in folds:
         path = fold_model(models_root, recipe, fold).with_suffix(".json")
-        config, extra = load_json(path, UNetConfig), json.loads(path.read_text())["extra"]
+        config = load_json(path, UNetConfig)
+        extra = json.loads(path.read_text(encoding="utf-8"))["extra"]
         log = fold_dir(runs_root, recipe, fold) / "log.csv"
         epochs = extra.get("epochs_logged", extra["epochs_run_this_call"])
         rows.append({"fold": fold, "precision": config.precision, "schedule": config.schedule,
@@ -161,6 +163,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=int, nargs="+", default=list(range(N_FOLDS)))
     parser.add_argument("--no-train", action="store_true",
                         help="only score the folds already trained")
+    parser.add_argument("--flair-only", action="store_true",
+                        help="score FLAIR-only input (FLAIR in all three channels) into "
+                             "<recipe>/flair_only/")
     parser.add_argument("--precision", default="mixed_bfloat16", choices=PRECISIONS,
                         help="training compute")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/cv"),
@@ -186,13 +191,15 @@ def run(args: argparse.Namespace) -> int:
             missing.append(fold)
             continue
         results.append(score_fold(recipe.name, fold, manifest, args.data_dir, args.out,
-                                  args.classifier, rule))
+                                  args.classifier, rule, args.flair_only))
     if not results:
         raise FileNotFoundError(f"{args.out / recipe.name / 'models'}: no fold is trained yet")
     patients = pd.concat([p for p, _ in results], ignore_index=True)
     slices = pd.concat([s for _, s in results], ignore_index=True)
     trained = [fold for fold in args.folds if fold not in missing]
-    tables = write_report(recipe.name, patients, slices, args.out / recipe.name, missing, rule,
+    report = args.out / recipe.name / ("flair_only" if args.flair_only else "")
+    label = f"{recipe.name}, FLAIR-only input" if args.flair_only else recipe.name
+    tables = write_report(label, patients, slices, report, missing, rule,
                           training_table(recipe.name, trained, args.out, args.runs_dir))
     for name, table in tables.items():
         print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

@@ -194,10 +194,11 @@ def _sweep_figure(sweep: pd.DataFrame, predictor: TwoStagePredictor, out: Path) 
 
 
 def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits: list[str],
-                   out: Path) -> dict[str, pd.DataFrame]:
+                   out: Path, flair_alone: bool = False) -> dict[str, pd.DataFrame]:
     manifest = read_manifest(data_config.manifest)
     root = Path(data_config.data_root)
-    predictions = {split: predict_split(predictor, manifest, split, root) for split in splits}
+    predictions = {split: predict_split(predictor, manifest, split, root, flair_alone)
+                   for split in splits}
     results = [score_split(predictor, predictions[split], split) for split in splits]
     patients = pd.concat([p for p, _ in results], ignore_index=True)
     slices = pd.concat([s for _, s in results], ignore_index=True)
@@ -247,6 +248,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["train", "val", "test"])
     add_model_arguments(parser)
     parser.add_argument("--out", default="reports/evaluation")
+    parser.add_argument("--flair-only", action="store_true",
+                        help="score as FLAIR-only input: FLAIR in all three channels")
     parser.add_argument("--write-postprocessing", action="store_true",
                         help="write the post-processing that val chose into the U-Net's JSON "
                              "(needs val in --splits)")
@@ -257,7 +260,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--write-postprocessing chooses on val: add val to --splits")
     predictor = load_predictor(args)
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest)
-    tables = run_evaluation(predictor, data_config, args.splits, Path(args.out))
+    if args.write_postprocessing and args.flair_only:
+        raise ValueError("--write-postprocessing chooses for three-channel input: drop "
+                         "--flair-only")
+    tables = run_evaluation(predictor, data_config, args.splits, Path(args.out), args.flair_only)
     for name, table in tables.items():
         print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.write_postprocessing:

@@ -25,7 +25,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from bt_pipeline.data.preprocess import MASK_RESIZE, preprocess_mask, read_image, read_mask
+from bt_pipeline.data.preprocess import (
+    MASK_RESIZE,
+    flair_only,
+    preprocess_mask,
+    read_image,
+    read_mask,
+)
 from bt_pipeline.evaluation.metrics import dice_score, iou_score
 from bt_pipeline.inference.predictor import TwoStagePredictor, to_grid
 
@@ -41,14 +47,17 @@ class PatientPrediction:
 
 
 def predict_split(predictor: TwoStagePredictor, manifest: pd.DataFrame, split: str,
-                  data_root: str | Path) -> list[PatientPrediction]:
-    """Run both models once over every slice of every patient of ``split``."""
+                  data_root: str | Path, flair_alone: bool = False) -> list[PatientPrediction]:
+    """Run both models once over every slice of every patient of ``split``; ``flair_alone``:
+    as a FLAIR-only user would, FLAIR in all three channels."""
     root = Path(data_root)
     rows = manifest[manifest["split"] == split].sort_values(["patient_id", "slice"])
     predictions = []
     for _, group in tqdm(rows.groupby("patient_id", sort=True), desc=f"predicting {split}",
                          unit="patient"):
         images = [read_image(root / p) for p in group["image"]]
+        if flair_alone:
+            images = [flair_only(image) for image in images]
         predictions.append(PatientPrediction(
             rows=group.reset_index(drop=True),
             truths=[read_mask(root / p).astype(bool) for p in group["mask"]],

@@ -1,4 +1,4 @@
-"""``bt infer``: per-patient tumour detection and masks for folders of MR slices.
+"""``bt infer``: per-patient tumour detection and masks for MR slices, NIfTI and DICOM.
 
 Exit status: 0 all inputs processed; 1 some inputs skipped (listed in OUT/errors.csv and on
 stderr); 2 nothing could be processed, or the call itself was wrong; 3 internal error. Only the
@@ -20,14 +20,18 @@ from bt_pipeline.inference.model_options import add_model_arguments, load_predic
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scan_dirs", nargs="+", type=Path, metavar="SCAN_DIR",
-                        help="a patient folder, or a folder of patient folders")
+                        help="a patient folder of slices, a folder of patient folders, a NIfTI "
+                             "file or case folder, a DICOM series or case folder (README)")
     parser.add_argument("--out", default="predictions",
                         help="output folder: new, empty, or an earlier run's (replaced whole)")
     add_model_arguments(parser)
     parser.add_argument("--threshold", type=float, default=0.5, help="mask threshold")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
-                        help="voxel size in mm (in-plane column, row, slice), when known: "
-                             "gives tumor_volume_ml")
+                        help="voxel size in mm (in-plane column, row, slice) of slice "
+                             "folders, when known: gives tumor_volume_ml (volumes carry theirs)")
+    parser.add_argument("--series", action="append", default=[], metavar="ROLE=TEXT",
+                        help="DICOM: the series whose description contains TEXT is ROLE (pre, "
+                             "flair or post); repeatable; before the built-in words")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--timing", type=Path, default=None,
                         help="write wall-clock timings as JSON here (for benchmarks)")
@@ -41,13 +45,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--threshold must be between 0 and 1")
     if args.spacing is not None and min(args.spacing) <= 0:
         raise UsageError("--spacing needs three sizes above 0 mm")
+    series_roles = _series_roles(args.series)
     from bt_pipeline.inference.pipeline import run_inference
 
     predictor = load_predictor(args, args.threshold)
     try:
         result = run_inference(args.scan_dirs, out, predictor, progress=not args.quiet,
                                spacing=None if args.spacing is None else tuple(args.spacing),
-                               options=_recorded_options(args))
+                               options=_recorded_options(args), series_roles=series_roles)
     except OSError as exc:
         print(f"error: cannot write outputs: {exc}", file=sys.stderr)
         return 2
@@ -60,6 +65,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"report: {out / 'report.html'}")
     return result.exit_code
+
+
+def _series_roles(pairs: list[str]) -> dict[str, str]:
+    roles = {}
+    for pair in pairs:
+        role, _, text = pair.partition("=")
+        if role not in ("pre", "flair", "post") or not text.strip():
+            raise UsageError(f"--series {pair!r}: ROLE=TEXT with ROLE pre, flair or post")
+        roles[role] = text.strip()
+    return roles
 
 
 def _recorded_options(args: argparse.Namespace) -> dict:

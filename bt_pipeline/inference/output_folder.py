@@ -34,7 +34,7 @@ def check_no_overlap(out: Path, inputs: list[Path]) -> None:
     for folder in inputs:
         source = folder.resolve()
         if target == source or source in target.parents or target in source.parents:
-            raise UsageError(f"--out {printable(out)} overlaps the input folder "
+            raise UsageError(f"--out {printable(out)} overlaps the input "
                              f"{printable(folder)} (resolved: {printable(source)}); inputs are "
                              "never written to, choose another --out")
 

@@ -130,6 +130,35 @@ def write_image_volume(path: str | os.PathLike, images: list[np.ndarray],
     _write_volume(path, [np.ascontiguousarray(image[..., FLAIR]) for image in images], spacing)
 
 
+def write_on_input_grid(folder: Path, masks: list[np.ndarray], case) -> int:
+    """A volume case's outputs on its input's grid: ``mask.nii.gz`` (uint8 {0, 1}) with the
+    input FLAIR's exact size, spacing, origin and direction, and ``image.nii.gz``, that FLAIR.
+    A NIfTI FLAIR lends its own header to both, so any reader finds the same geometry in input
+    and mask to the last bit; a DICOM series becomes NIfTI (as nnU-Net writes it), whose header
+    holds the geometry in float32. Returns the mask's voxel count."""
+    import SimpleITK as sitk
+
+    from bt_pipeline.data.volumes import mask_on_input_grid
+
+    mask = mask_on_input_grid(masks, case)
+    values = sitk.GetArrayFromImage(mask)  # (k, j, i)
+    if case.flair_nifti is not None:
+        source = nib.load(case.flair_nifti)
+        header = source.header.copy()
+        header.set_data_dtype(np.uint8)
+        header.set_slope_inter(1.0, 0.0)
+        out = nib.Nifti1Image(values.transpose(2, 1, 0), source.affine, header)
+        write_with(folder / "mask.nii.gz", lambda tmp: nib.save(out, str(tmp)), suffix=".nii.gz")
+        write_with(folder / "image.nii.gz", lambda tmp: nib.save(source, str(tmp)),
+                   suffix=".nii.gz")
+    else:
+        write_with(folder / "mask.nii.gz", lambda tmp: sitk.WriteImage(mask, str(tmp), True),
+                   suffix=".nii.gz")
+        write_with(folder / "image.nii.gz",
+                   lambda tmp: sitk.WriteImage(case.flair, str(tmp), True), suffix=".nii.gz")
+    return int(values.sum())
+
+
 def write_html_report(path: Path, patients: pd.DataFrame, problems: pd.DataFrame,
                       title: str = "bt_pipeline report") -> None:
     """The run's index page: the per-patient table (each patient linked to its slice viewer),

@@ -19,8 +19,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.data.layout import InputProblem, PatientScan, printable, scan_inputs
-from bt_pipeline.data.preprocess import SliceReadError, read_image, read_mask
+from bt_pipeline.data.layout import InputProblem, PatientScan, VolumeScan, printable, scan_inputs
+from bt_pipeline.data.preprocess import SliceReadError, read_image, read_mask, replaced_sequences
 from bt_pipeline.evaluation.metrics import dice_score, iou_score
 from bt_pipeline.inference.output_folder import OutputFolder, check_no_overlap
 from bt_pipeline.inference.outputs import (
@@ -28,6 +28,7 @@ from bt_pipeline.inference.outputs import (
     write_image_volume,
     write_mask_png,
     write_mask_volume,
+    write_on_input_grid,
     write_overview,
     write_viewer,
 )
@@ -35,8 +36,8 @@ from bt_pipeline.inference.outputs import (
 #: The output tables' columns (README "Reading the outputs" defines each).
 SLICE_COLUMNS = ["patient_id", "slice", "image", "classifier_probability", "classifier_positive",
                  "tumor_detected", "mask_pixels"]
-PATIENT_COLUMNS = ["patient_id", "n_slices", "n_tumor_slices", "tumor_detected", "tumor_pixels",
-                   "tumor_volume_ml"]
+PATIENT_COLUMNS = ["patient_id", "sequences", "n_slices", "n_tumor_slices", "tumor_detected",
+                   "tumor_pixels", "tumor_volume_ml"]
 TRUTH_COLUMNS = ["dice", "iou", "dice_note"]
 ERROR_COLUMNS = ["path", "patient_id", "problem", "skipped"]
 
@@ -106,18 +107,40 @@ def _load_patient(scan: PatientScan, pool: ThreadPoolExecutor, problems: list[In
     return slices
 
 
-def _write_patient(out: Path, scan: PatientScan, slices, probabilities, masks, threshold,
-                   pool: ThreadPoolExecutor, spacing: tuple[float, float, float] | None):
+def _load_case(scan: VolumeScan, problems: list[InputProblem], series_roles):
+    """A volume case's slices on the model grid, and the case (None when it cannot be read)."""
+    from bt_pipeline.data.volumes import VolumeReadError, read_case
+
+    try:
+        case = read_case(scan, series_roles)
+    except VolumeReadError as exc:
+        problems.append(InputProblem(exc.path, scan.patient_id, exc.reason))
+        return [], None
+    source = Path(case.sources["flair"])
+    return [LoadedSlice(k + 1, source, image, None, None, None)
+            for k, image in enumerate(case.images)], case
+
+
+def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilities, masks,
+                   threshold, pool: ThreadPoolExecutor,
+                   spacing: tuple[float, float, float] | None, case=None):
     folder = out / scan.patient_id
-    list(pool.map(lambda pair: write_mask_png(
-        folder / f"{printable(pair[0].image_path.stem)}_mask.png", pair[1]),
-        zip(slices, masks, strict=True)))
     images, numbers = [s.image for s in slices], [s.number for s in slices]
     truths = [s.truth for s in slices]
     has_truth = all(t is not None for t in truths)
     truth_files = sum(s.mask_path is not None for s in slices)
-    write_mask_volume(folder / "mask.nii.gz", masks, spacing)
-    write_image_volume(folder / "image.nii.gz", images, spacing)
+    if case is None:  # slices in, slices (and the stack as NIfTI) out
+        list(pool.map(lambda pair: write_mask_png(
+            folder / f"{printable(pair[0].image_path.stem)}_mask.png", pair[1]),
+            zip(slices, masks, strict=True)))
+        write_mask_volume(folder / "mask.nii.gz", masks, spacing)
+        write_image_volume(folder / "image.nii.gz", images, spacing)
+        pixels = int(sum(int(m.sum()) for m in masks))
+        sequences = "+".join(r for r in ("pre", "flair", "post")
+                             if r not in replaced_sequences(images))
+    else:  # a volume in: the mask goes back onto its grid, the spacing is its header's
+        pixels = write_on_input_grid(folder, masks, case)
+        spacing, sequences = case.spacing, case.sequences
     write_overview(folder / "overview.png", images, masks, truths if has_truth else None,
                    numbers)
     # classifier_*: what the stage-1 gate said; tumor_detected: whether the final mask (after
@@ -128,8 +151,7 @@ def _write_patient(out: Path, scan: PatientScan, slices, probabilities, masks, t
                    "classifier_positive": int(p >= threshold),
                    "tumor_detected": int(m.any()), "mask_pixels": int(m.sum())}
                   for s, p, m in zip(slices, probabilities, masks, strict=True)]
-    pixels = int(sum(r["mask_pixels"] for r in slice_rows))
-    patient = {"patient_id": scan.patient_id, "n_slices": len(slices),
+    patient = {"patient_id": scan.patient_id, "sequences": sequences, "n_slices": len(slices),
                "n_tumor_slices": int(sum(r["tumor_detected"] for r in slice_rows)),
                "tumor_pixels": pixels,
                "tumor_volume_ml": tumour_volume_ml(pixels, spacing)}
@@ -144,7 +166,8 @@ def _write_patient(out: Path, scan: PatientScan, slices, probabilities, masks, t
                        dice_note=f"unavailable: ground truth usable for {usable} of "
                                  f"{len(slices)} slices (see errors.csv)")
     write_viewer(folder / "viewer.html", patient, images, masks, truths if has_truth else None,
-                 numbers, probabilities, threshold, spacing)
+                 numbers, probabilities, threshold,
+                 spacing if case is None else case.grid.GetSpacing())
     return patient, slice_rows
 
 
@@ -158,18 +181,24 @@ def tumour_volume_ml(pixels: int, spacing: tuple[float, float, float] | None) ->
 
 def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = True,
                   report=print, spacing: tuple[float, float, float] | None = None,
-                  options: dict | None = None) -> InferenceResult:
+                  options: dict | None = None,
+                  series_roles: dict[str, str] | None = None) -> InferenceResult:
     """Run both stages over every patient found in ``scan_dirs`` and write the outputs into
     ``out`` as one run (see :mod:`output_folder`). ``spacing`` is the voxel size (x, y, z) in
-    mm, when known, for tumour volumes; ``options`` are recorded in ``run.json``."""
+    mm of slice folders, when known, for tumour volumes (volumes carry their own);
+    ``series_roles`` picks DICOM series by description (:func:`volumes.read_case`);
+    ``options`` are recorded in ``run.json``."""
     folder = OutputFolder(out)
     patients, problems = scan_inputs(scan_dirs)
-    check_no_overlap(folder.out, [*scan_dirs, *(scan.folder for scan in patients)])
+    check_no_overlap(folder.out, [*scan_dirs, *(path for scan in patients for path in (
+        [scan.folder] if isinstance(scan, PatientScan) else
+        [*scan.nifti.values(), *scan.dicom_series]))])
     for problem in problems:
         print(problem.line(), file=sys.stderr)
     started = time.time()
     with folder, _sigterm_as_interrupt():
-        result = _run_patients(patients, problems, folder.staging, predictor, progress, spacing)
+        result = _run_patients(patients, problems, folder.staging, predictor, progress, spacing,
+                               series_roles)
         if result.patients.empty:  # nothing processed: an earlier OUT stays as it was
             if result.interrupted:
                 raise KeyboardInterrupt
@@ -186,8 +215,19 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
     return result
 
 
-def _run_patients(patients: list[PatientScan], problems: list[InputProblem], out: Path,
-                  predictor, progress: bool, spacing) -> InferenceResult:
+def _sequence_note(patient: dict, predictor) -> str:
+    """What a patient with sequences replaced by FLAIR gets, and how far to trust it."""
+    model = ("the U-Net trained with sequences replaced by FLAIR at random"
+             if predictor.missing_sequence_training else
+             "this U-Net did not train with missing sequences: expect lower accuracy (README, "
+             "FLAIR-only input)")
+    return (f"note: {patient['patient_id']}: sequences {patient['sequences']}; the missing "
+            f"ones are filled with FLAIR, as the dataset does; {model}")
+
+
+def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[InputProblem],
+                  out: Path, predictor, progress: bool, spacing,
+                  series_roles: dict[str, str] | None = None) -> InferenceResult:
     """Both stages over each patient, outputs into ``out``; stops early (``interrupted``) on
     Ctrl-C or SIGTERM, keeping what was finished."""
     seen: set[str] = set()
@@ -203,14 +243,19 @@ def _run_patients(patients: list[PatientScan], problems: list[InputProblem], out
                     continue
                 seen.add(scan.patient_id)
                 before = len(problems)
-                slices = _load_patient(scan, pool, problems)
+                if isinstance(scan, VolumeScan):
+                    slices, case = _load_case(scan, problems, series_roles)
+                else:
+                    slices, case = _load_patient(scan, pool, problems), None
                 for problem in problems[before:]:
                     print(problem.line(), file=sys.stderr)
                 if not slices:
                     continue
                 probabilities, masks = predictor.predict([s.image for s in slices])
                 patient, rows = _write_patient(out, scan, slices, probabilities, masks,
-                                               threshold, pool, spacing)
+                                               threshold, pool, spacing, case)
+                if patient["sequences"] != "pre+flair+post":
+                    print(_sequence_note(patient, predictor), file=sys.stderr)
                 patient_rows.append(patient)
                 slice_rows.extend(rows)
                 first = first if first is not None else time.time()

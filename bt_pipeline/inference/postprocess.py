@@ -93,7 +93,7 @@ def write_choice(unet_path: str | Path, choice: PostprocessingChoice) -> UNetCon
     """Write ``choice`` into the JSON beside ``unet_path`` (its config fields, and the evidence
     under ``extra.postprocessing``); every other key is kept. Returns the new config."""
     json_path = Path(unet_path).with_suffix(".json")
-    extra = json.loads(json_path.read_text()).get("extra", {})
+    extra = json.loads(json_path.read_text(encoding="utf-8")).get("extra", {})
     config = dataclasses.replace(load_json(json_path, UNetConfig),
                                  min_component_pixels=choice.min_component_pixels,
                                  keep_largest_3d=choice.keep_largest_3d)

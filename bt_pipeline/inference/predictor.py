@@ -8,6 +8,7 @@ neighbouring slices) needs the neighbours, and the 3D post-processing needs the 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,9 @@ class TwoStagePredictor:
     #: The classifier stays float32: it is cheap, and its val-chosen threshold sits where a
     #: bfloat16 rounding flipped a slice (``make bench``, docs/speed.md).
     bfloat16: bool = False
+    #: Whether the U-Net trained with sequences replaced by FLAIR at random (its JSON's
+    #: ``missing_sequence_p``), so that it serves FLAIR-only input.
+    missing_sequence_training: bool = False
     _classify: object = field(init=False, repr=False, compare=False)
     _segments: tuple = field(init=False, repr=False, compare=False)
 
@@ -133,8 +137,12 @@ class TwoStagePredictor:
         classifier, unet = load_model_file(classifier_path), load_model_file(unet_path)
         check_input(classifier, classifier_config.preprocessing, classifier_path)
         check_input(unet, unet_config.preprocessing, unet_path)
+        unet_json = unet_path.with_suffix(".json").read_text(encoding="utf-8")
+        trained_on = json.loads(unet_json).get("extra", {})
+        missing = trained_on.get("data", {}).get("missing_sequence_p") or 0
         return cls(classifier, unet, classifier_config, unet_config, mask_threshold,
-                   extra_unets=tuple(extra), tta_flips=tta_flips, bfloat16=bfloat16)
+                   extra_unets=tuple(extra), tta_flips=tta_flips, bfloat16=bfloat16,
+                   missing_sequence_training=missing > 0)
 
     def _run(self, forward, batch: np.ndarray) -> np.ndarray:
         outputs = [forward(batch[i:i + self.batch_size]).numpy()

@@ -82,7 +82,7 @@ def infer_throughput(scan_dirs: list[str], out_dir: str | os.PathLike,
     subprocess.run([sys.executable, "-m", "bt_pipeline.infer", *scan_dirs, "--out", str(out_dir),
                     "--quiet", "--timing", str(timing_file), *extra_args], check=False,
                    stdout=subprocess.DEVNULL)
-    timing = json.loads(timing_file.read_text())
+    timing = json.loads(timing_file.read_text(encoding="utf-8"))
     total = timing["end_unix"] - started
     return {"infer_patients": float(timing["patients"]), "infer_slices": float(timing["slices"]),
             "infer_seconds": total, "infer_slices_per_s": timing["slices"] / total,

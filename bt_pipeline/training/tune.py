@@ -153,7 +153,7 @@ def run_tuning(data_config: DataConfig, base: ClassifierConfig, out_dir: Path, w
     wanted = ("train", "val", "test")
     splits = {name: load_split(manifest, name, data_config) for name in wanted}
     if hparams_file is not None:
-        best_hparams = json.loads(hparams_file.read_text())["hyperparameters"]
+        best_hparams = json.loads(hparams_file.read_text(encoding="utf-8"))["hyperparameters"]
     else:
         best_hparams = search(data_config, base, splits, out_dir, work_dir, trials, epochs,
                               executions, verbose)

@@ -1,0 +1,280 @@
+"""NIfTI and DICOM cases into the model's domain, and masks back onto the input's grid.
+
+The models were trained on the dataset's slices: axial, radiological (anterior at the top, the
+patient's right on the image's left), square, 256x256 for the whole field of view, 8-bit, with
+pre-contrast T1, FLAIR and post-contrast T1 as the three channels. A case read here is brought
+into that domain in world coordinates, with SimpleITK (the image I/O library nnU-Net uses):
+
+1. FLAIR is the reference. It is reoriented (``DICOMOrient`` "LPS": columns run towards the
+   patient's left, rows towards posterior, slices towards superior, which is how the dataset's
+   slices are stored) and its axial field of view is resampled to a square 256x256 grid with
+   square pixels, centred where the FLAIR's was; the slice spacing is kept.
+2. The other sequences are resampled onto that grid through their own geometry (scans of one
+   visit: no registration). A sequence that covers under half of the grid is refused.
+3. Intensities: each volume is mapped linearly from its minimum (background) to its maximum
+   onto 0..255, which is how the dataset's volumes were scaled (every sequence's maximum is
+   226-255, below 255 only where resizing smoothed it). A high percentile instead of the
+   maximum was tried and rejected: the dataset's brightest 0.001 % of voxels span 218-255 on
+   one FLAIR, so any percentile darkens the image against what the models trained on. The rule
+   is blind to any linear rescaling of the stored values (int16, float, a slope).
+4. A missing pre- or post-contrast sequence is replaced by FLAIR, as the dataset itself does.
+
+:func:`mask_on_input_grid` takes the masks predicted on that grid back to the FLAIR as it was
+read (linear interpolation of the binary mask, then 0.5), so the written mask has the input's
+exact size, spacing, origin and direction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bt_pipeline.data.layout import ROLES, VolumeScan, printable
+
+#: In-plane size of the model grid: the dataset's slices are 256x256.
+GRID_SIDE = 256
+#: Smallest share of the model grid another sequence must cover.
+MIN_OVERLAP = 0.5
+#: Largest accepted volume side in voxels (a larger header is refused before decoding).
+MAX_VOXELS_PER_SIDE = 2048
+
+DICOM_DESCRIPTION_TAG = "0008|103e"
+#: Words of a DICOM series description that give its role; "post" is checked first.
+_POST_WORDS = ("POST", "GD", "GAD", "+C", "C+", "T1C", "CONTRAST", "MPRAGE+")
+_FLAIR_WORDS = ("FLAIR",)
+_PRE_WORDS = ("T1",)
+
+
+class VolumeReadError(ValueError):
+    """A volume or series that cannot be used; the message names the file or folder."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = printable(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass
+class CaseVolume:
+    """One case on the model grid, and what is needed to send masks back."""
+
+    images: list[np.ndarray]  # uint8 RGB (256, 256, 3) slices, inferior to superior
+    flair: object  # SimpleITK image: the FLAIR as read, whose grid the mask is written on
+    grid: object  # SimpleITK image: the model grid (geometry only)
+    sources: dict[str, str] = field(default_factory=dict)  # role -> file or folder used
+    replaced: list[str] = field(default_factory=list)  # roles filled with FLAIR
+    flair_nifti: Path | None = None  # the FLAIR's file when it is NIfTI (its header is reused)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """The input FLAIR's voxel size in mm."""
+        return tuple(float(s) for s in self.flair.GetSpacing())
+
+    @property
+    def sequences(self) -> str:
+        return "+".join(role for role in ROLES if role not in self.replaced)
+
+
+def read_case(scan: VolumeScan, series_roles: dict[str, str] | None = None) -> CaseVolume:
+    """Read ``scan`` onto the model grid. ``series_roles`` (role -> text) picks DICOM series by
+    a case-insensitive piece of their description, before the built-in words.
+
+    Raises:
+        VolumeReadError: naming the file or folder that cannot be used.
+    """
+    import SimpleITK as sitk
+
+    sources = scan.nifti if scan.nifti else _dicom_roles(scan, series_roles or {})
+    volumes = {role: _read(path) for role, path in sources.items()}
+    flair = volumes["flair"]
+    grid = model_grid(sitk.DICOMOrient(flair, "LPS"))
+    channels, replaced = {}, []
+    for role in ROLES:
+        if role not in volumes:
+            replaced.append(role)
+            continue
+        if role != "flair" and _coverage(volumes[role], grid) < MIN_OVERLAP:
+            raise VolumeReadError(sources[role], f"covers under {MIN_OVERLAP:.0%} of the FLAIR "
+                                  f"volume's field of view ({printable(sources['flair'])}); "
+                                  "sequences of one case must overlap in world coordinates")
+        channels[role] = _windowed_on(volumes[role], grid)
+    for role in replaced:
+        channels[role] = channels["flair"]
+    stack = np.stack([channels[role] for role in ROLES], axis=-1)  # (k, row, column, 3)
+    return CaseVolume([np.ascontiguousarray(s) for s in stack], flair, grid,
+                      {role: printable(path) for role, path in sources.items()}, replaced,
+                      None if sources["flair"].is_dir() else sources["flair"])
+
+
+def model_grid(oriented):
+    """The model's grid for an LPS-oriented volume: GRID_SIDE x GRID_SIDE square pixels over
+    its larger in-plane extent, centred on its field of view, its own slices."""
+    import SimpleITK as sitk
+
+    size, spacing = oriented.GetSize(), oriented.GetSpacing()
+    pixel = max(size[0] * spacing[0], size[1] * spacing[1]) / GRID_SIDE
+    direction = np.asarray(oriented.GetDirection()).reshape(3, 3)
+    centre = np.asarray(oriented.TransformContinuousIndexToPhysicalPoint(
+        ((size[0] - 1) / 2, (size[1] - 1) / 2, 0.0)))
+    half = (GRID_SIDE - 1) / 2 * pixel
+    grid = sitk.Image(GRID_SIDE, GRID_SIDE, size[2], sitk.sitkUInt8)
+    grid.SetSpacing((pixel, pixel, spacing[2]))
+    grid.SetDirection(oriented.GetDirection())
+    grid.SetOrigin(tuple(centre - direction @ np.array([half, half, 0.0])))
+    return grid
+
+
+def window(values: np.ndarray) -> tuple[float, float]:
+    """(low, high) of a volume's intensities for the 0..255 mapping (module docstring)."""
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return 0.0, 1.0
+    low, high = float(values.min()), float(values.max())
+    return low, high if high > low else low + 1.0
+
+
+def _windowed_on(volume, grid) -> np.ndarray:
+    """``volume`` mapped to 0..255 by its own window and resampled onto ``grid``: uint8
+    (slices, rows, columns)."""
+    import SimpleITK as sitk
+
+    values = sitk.GetArrayViewFromImage(volume).astype(np.float32)
+    low, high = window(values)
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    scaled = sitk.GetImageFromArray((values - low) * np.float32(255.0 / (high - low)))
+    scaled.CopyInformation(volume)
+    resampled = sitk.Resample(scaled, grid, sitk.Transform(), sitk.sitkLinear, 0.0,
+                              sitk.sitkFloat32)
+    return np.clip(np.rint(sitk.GetArrayViewFromImage(resampled)), 0, 255).astype(np.uint8)
+
+
+def _coverage(volume, grid) -> float:
+    """Share of ``grid``'s voxels that lie inside ``volume``."""
+    import SimpleITK as sitk
+
+    inside = sitk.Image(volume.GetSize(), sitk.sitkUInt8) + 1
+    inside.CopyInformation(volume)
+    on_grid = sitk.Resample(inside, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return float(sitk.GetArrayViewFromImage(on_grid).mean())
+
+
+def mask_on_input_grid(masks: list[np.ndarray], case: CaseVolume):
+    """The {0, 1} masks predicted on the model grid as a uint8 SimpleITK image on the input
+    FLAIR's grid (its exact size, spacing, origin and direction)."""
+    import SimpleITK as sitk
+
+    on_grid = sitk.GetImageFromArray(np.stack(masks).astype(np.float32))
+    on_grid.CopyInformation(case.grid)
+    back = sitk.Resample(on_grid, case.flair, sitk.Transform(), sitk.sitkLinear, 0.0,
+                         sitk.sitkFloat32)
+    mask = sitk.Cast(sitk.BinaryThreshold(back, 0.5, 2.0, 1, 0), sitk.sitkUInt8)
+    mask.CopyInformation(case.flair)
+    return mask
+
+
+def _read(path: Path):
+    """One 3D scalar volume, from a NIfTI file or a DICOM series folder; the header is checked
+    before any voxel is decoded."""
+    import SimpleITK as sitk
+
+    if path.is_dir():
+        files = _series_files(path)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+    else:
+        files = None
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise VolumeReadError(path, "not a readable NIfTI or DICOM image") from exc
+    size = reader.GetSize()
+    if files is None:
+        _check_header(path, reader.GetDimension(), size, reader.GetNumberOfComponents())
+    try:
+        if files is None:
+            image = reader.Execute()
+        else:
+            series = sitk.ImageSeriesReader()
+            series.SetFileNames(files)
+            image = series.Execute()
+    except RuntimeError as exc:
+        raise VolumeReadError(path, "image data cannot be read (truncated or corrupt)") from exc
+    _check_header(path, image.GetDimension(), image.GetSize(),
+                  image.GetNumberOfComponentsPerPixel())
+    return image
+
+
+def _check_header(path: Path, dimension: int, size, components: int) -> None:
+    if dimension != 3:
+        raise VolumeReadError(path, f"{dimension}D image {'x'.join(map(str, size))}; one 3D "
+                              "volume per sequence is expected")
+    if components != 1:
+        raise VolumeReadError(path, f"{components} values per voxel; one (a scalar volume) is "
+                              "expected")
+    if max(size) > MAX_VOXELS_PER_SIDE:
+        raise VolumeReadError(path, f"size {'x'.join(map(str, size))} over the "
+                              f"{MAX_VOXELS_PER_SIDE}-voxel limit (not decoded)")
+
+
+def _series_files(folder: Path) -> list[str]:
+    """The files of the one DICOM series in ``folder``, in slice order."""
+    import SimpleITK as sitk
+
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
+        raise VolumeReadError(folder, "no readable DICOM series")
+    if len(ids) > 1:
+        raise VolumeReadError(folder, f"mixes {len(ids)} DICOM series; put each series in a "
+                              "folder of its own")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0]))
+
+
+def series_description(folder: Path) -> str:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(_series_files(folder)[0])
+    reader.ReadImageInformation()
+    return reader.GetMetaData(DICOM_DESCRIPTION_TAG).strip() \
+        if reader.HasMetaDataKey(DICOM_DESCRIPTION_TAG) else ""
+
+
+def series_role(description: str, chosen: dict[str, str]) -> str | None:
+    """The role a series description gives: a ``chosen`` piece of text first, then the
+    built-in words (FLAIR; T1 with a contrast word is post-contrast, T1 alone pre-contrast)."""
+    text = description.upper()
+    for role, piece in chosen.items():
+        if piece.upper() in text:
+            return role
+    if any(word in text for word in _FLAIR_WORDS):
+        return "flair"
+    if any(word in text for word in _PRE_WORDS):
+        return "post" if any(word in text for word in _POST_WORDS) else "pre"
+    return None
+
+
+def _dicom_roles(scan: VolumeScan, chosen: dict[str, str]) -> dict[str, Path]:
+    """Role -> series folder of a DICOM case. One series alone is FLAIR."""
+    if len(scan.dicom_series) == 1:
+        _series_files(scan.dicom_series[0])  # refuses a folder mixing series
+        return {"flair": scan.dicom_series[0]}
+    roles: dict[str, Path] = {}
+    for folder in scan.dicom_series:
+        description = series_description(folder)
+        role = series_role(description, chosen)
+        if role is None:
+            continue
+        if role in roles:
+            raise VolumeReadError(folder, f"a second {role} series ({description!r}; the first "
+                                  f"is {printable(roles[role].name)}); choose one with --series "
+                                  f"{role}=TEXT")
+        roles[role] = folder
+    if "flair" not in roles:
+        raise VolumeReadError(scan.folder, "no FLAIR series among "
+                              f"{len(scan.dicom_series)} (descriptions name none; choose one with "
+                              "--series flair=TEXT)")
+    return roles

@@ -1,0 +1,237 @@
+"""NIfTI and DICOM input: discovery, geometry, orientation, FLAIR-only, bad volumes."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+sitk = pytest.importorskip("SimpleITK")
+
+from bt_pipeline.data.layout import scan_inputs  # noqa: E402
+from bt_pipeline.data.synthetic import make_synthetic_dataset  # noqa: E402
+from bt_pipeline.infer import main  # noqa: E402
+from bt_pipeline.studies.roundtrip import (  # noqa: E402
+    oblique_direction,
+    patient_slices,
+    round_trip,
+    slices_to_sitk,
+    write_dicom_case,
+    write_dicom_series,
+    write_nifti_case,
+)
+
+
+def _run(tiny_models, *args):
+    classifier, unet = tiny_models
+    return main([*map(str, args), "--classifier", str(classifier), "--unet", str(unet),
+                 "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def patient_256(tmp_path_factory):
+    """One synthetic patient at the dataset's 256x256, 6 slices."""
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("p256"), n_patients=1, n_slices=6,
+                                  size=256, seed=3)
+    return next(p for p in root.iterdir() if p.is_dir())
+
+
+def _flair_over(level):
+    """A stand-in for both stages: tumour wherever the FLAIR channel exceeds ``level``, so
+    that what is tested is geometry and intensity handling, not a tiny model's guesses."""
+    def predict(self, images):
+        return (np.ones(len(images)),
+                [(image[..., 1] > level).astype(np.uint8) for image in images])
+    return predict
+
+
+def test_nifti_and_dicom_cases_give_the_slice_runs_masks_on_the_input_grid(
+        tiny_models, patient_256, tmp_path, monkeypatch):
+    """Round trip: the same slices as oblique, flipped int16 NIfTI and as DICOM give the slice
+    run's masks, and each mask carries its input's geometry (NIfTI: to the last bit)."""
+    from bt_pipeline.inference.predictor import TwoStagePredictor
+
+    monkeypatch.setattr(TwoStagePredictor, "predict", _flair_over(150))
+    table = round_trip([patient_256], TwoStagePredictor.load(*tiny_models), tmp_path)
+    row = table.iloc[0]
+    assert row["tumour_voxels_slices"] > 0  # the comparison is not between two empty masks
+    assert row["dice_nifti"] >= 0.97 and row["dice_dicom"] >= 0.97
+    assert bool(row["geometry_nifti_exact"])
+    assert row["geometry_dicom_max_difference"] < 1e-4  # NIfTI's float32 header
+
+
+def _blob_volume(direction, size=(40, 48, 12)):
+    """An LPS volume (SimpleITK axis order i, j, k) whose only bright voxels sit in the
+    patient's left-anterior-superior corner, stored with ``direction``; returns the image and
+    the world centre."""
+    image = sitk.Image(size, sitk.sitkInt16)
+    image.SetSpacing((1.2, 1.0, 4.0))
+    image.SetDirection(tuple(np.asarray(direction, float).ravel()))
+    image.SetOrigin((10.0, -20.0, 30.0))
+    values = np.full(size[::-1], 100, np.int16)  # (k, j, i)
+    world = np.array([[image.TransformIndexToPhysicalPoint((i, j, k)) for i in (0, size[0] - 1)
+                       for j in (0, size[1] - 1) for k in (0, size[2] - 1)]])[0]
+    centre = world.mean(axis=0)
+    for k in range(size[2]):
+        for j in range(size[1]):
+            for i in range(size[0]):
+                x, y, z = image.TransformIndexToPhysicalPoint((i, j, k))
+                if x > centre[0] + 4 and y < centre[1] - 4 and z > centre[2] + 8:
+                    values[k, j, i] = 900
+    stored = sitk.GetImageFromArray(values)
+    stored.CopyInformation(image)
+    return stored, centre
+
+
+@pytest.mark.parametrize("storage", ["RAS", "LPI", "sagittal"])
+@pytest.mark.parametrize("form", ["nifti", "dicom"])
+def test_mask_lands_in_the_anatomical_corner_of_the_input(tiny_models, tmp_path, monkeypatch,
+                                                          storage, form):
+    """A bright blob in the patient's left-anterior-superior corner, stored in three different
+    voxel orders: the model sees it top-right (anterior, patient's left) in the upper slices,
+    and the written mask's voxels lie in that corner in world coordinates."""
+    from bt_pipeline.inference.predictor import TwoStagePredictor
+
+    directions = {"RAS": np.diag([-1.0, -1.0, 1.0]), "LPI": np.diag([1.0, 1.0, -1.0]),
+                  "sagittal": np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], float)}
+    volume, centre = _blob_volume(directions[storage])
+    if form == "nifti":
+        scan = tmp_path / "case_flair.nii.gz"
+        sitk.WriteImage(volume, str(scan))
+    else:
+        scan = tmp_path / "case"
+        write_dicom_series(volume, scan, "AX FLAIR", 1)
+    seen = []
+    predict = _flair_over(200)
+
+    def bright_is_tumour(self, images):
+        seen.extend(images)
+        return predict(self, images)
+
+    monkeypatch.setattr(TwoStagePredictor, "predict", bright_is_tumour)
+    out = tmp_path / "out"
+    assert _run(tiny_models, scan, "--out", out) == 0
+    model_view = np.stack(seen)[..., 1] > 200  # (slice, row, column)
+    k, row, column = np.argwhere(model_view).T
+    assert k.min() > len(seen) / 2  # superior: the upper slices
+    assert row.max() < 128 and column.min() > 128  # anterior at the top, patient left on the right
+    (case,) = [p for p in out.iterdir() if p.is_dir()]
+    mask = sitk.ReadImage(str(case / "mask.nii.gz"))
+    if form == "dicom":  # DICOM stores slices right-handed: LPI comes back as LPS, reordered
+        volume = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(scan)))
+    assert mask.GetSize() == volume.GetSize() and mask.GetDirection() == pytest.approx(
+        volume.GetDirection(), abs=1e-6)
+    voxels = np.argwhere(sitk.GetArrayFromImage(mask) > 0)[:, ::-1]  # (i, j, k)
+    assert len(voxels) == int((sitk.GetArrayFromImage(volume) > 500).sum())
+    world = np.array([mask.TransformIndexToPhysicalPoint(tuple(int(v) for v in voxel))
+                      for voxel in voxels])
+    assert (world[:, 0] > centre[0]).all()  # LPS +x: the patient's left
+    assert (world[:, 1] < centre[1]).all()  # -y: anterior
+    assert (world[:, 2] > centre[2]).all()  # +z: superior
+
+
+def test_tumour_volume_of_a_nifti_case_uses_its_header_spacing(tiny_models, patient_256,
+                                                                tmp_path):
+    images = patient_slices(patient_256)
+    write_nifti_case(images, tmp_path / "cases" / "c1", "c1", spacing=(0.7, 0.6, 2.5))
+    out = tmp_path / "out"
+    assert _run(tiny_models, tmp_path / "cases", "--out", out) == 0
+    patients = pd.read_csv(out / "patients.csv")
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "c1" / "mask.nii.gz")))
+    assert patients.loc[0, "tumor_pixels"] == int(mask.sum())
+    assert patients.loc[0, "tumor_volume_ml"] == pytest.approx(
+        mask.sum() * 0.7 * 0.6 * 2.5 / 1000, abs=1e-4)
+    assert patients.loc[0, "sequences"] == "pre+flair+post"
+
+
+def test_flair_alone_in_every_form_is_processed_and_said(tiny_models, patient_256, tmp_path,
+                                                         capsys):
+    """A single NIfTI file, a single DICOM series and single-channel slices are FLAIR-only
+    cases: processed, marked ``sequences`` = flair, with a note saying how far to trust it."""
+    import cv2
+
+    images = patient_slices(patient_256)
+    flair = slices_to_sitk(images[..., 1])
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    sitk.WriteImage(flair, str(inputs / "scan.nii.gz"))
+    write_dicom_series(flair, inputs / "dicom_case", "FLAIR", 1)
+    gray = inputs / "gray" / "TCGA_CS_0001_20000101"
+    gray.mkdir(parents=True)
+    for n, image in enumerate(images, start=1):
+        cv2.imwrite(str(gray / f"TCGA_CS_0001_20000101_{n}.tif"), image[..., 1])
+    out = tmp_path / "out"
+    assert _run(tiny_models, inputs / "scan.nii.gz", inputs / "dicom_case", gray,
+                "--out", out) == 0
+    patients = pd.read_csv(out / "patients.csv")
+    assert sorted(patients["patient_id"]) == ["TCGA_CS_0001_20000101", "dicom_case", "scan"]
+    assert set(patients["sequences"]) == {"flair"}
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 3 and all("did not train with missing sequences" in n for n in notes)
+
+
+def test_bad_volumes_get_one_line_naming_the_file_and_good_cases_still_run(
+        tiny_models, patient_256, tmp_path, capsys):
+    images = patient_slices(patient_256)
+    root = tmp_path / "cases"
+    write_nifti_case(images, root / "good", "good")
+    four_d = root / "fourd"
+    four_d.mkdir()
+    sitk.WriteImage(sitk.JoinSeries([slices_to_sitk(images[..., 1])] * 2),
+                    str(four_d / "fourd_flair.nii.gz"))
+    fake = root / "fake"
+    fake.mkdir()
+    (fake / "fake_flair.nii.gz").write_bytes(b"not an image at all" * 40)
+    flat = root / "flat"
+    flat.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(images[0, ..., 1]), str(flat / "flat_flair.nii"))
+    apart = root / "apart"
+    files = write_nifti_case(images, apart, "apart")
+    moved = sitk.ReadImage(str(files["post"]))
+    moved.SetOrigin((500.0, 500.0, 500.0))
+    sitk.WriteImage(moved, str(files["post"]))
+    mixed = tmp_path / "mixed_series"
+    write_dicom_case(images[:3], tmp_path / "dicom_tmp")
+    mixed.mkdir()
+    for role in ("flair", "post"):
+        for path in (tmp_path / "dicom_tmp" / role).iterdir():
+            path.rename(mixed / f"{role}_{path.name}")
+    before = sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*"))
+    out = tmp_path / "out"
+    assert _run(tiny_models, root, mixed, "--out", out) == 1
+    assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*")) == before
+    assert list(pd.read_csv(out / "patients.csv")["patient_id"]) == ["good"]
+    stderr = capsys.readouterr().err.splitlines()
+    for bad, words in ((four_d / "fourd_flair.nii.gz", "4D"),
+                       (fake / "fake_flair.nii.gz", "not a readable"),
+                       (flat / "flat_flair.nii", "2D"),
+                       (files["post"], "overlap"),
+                       (mixed, "mixes 2 DICOM series")):
+        lines = [line for line in stderr if line.startswith(f"skipped: {bad}:")]
+        assert len(lines) == 1 and words in lines[0], (bad, stderr)
+    errors = pd.read_csv(out / "errors.csv")
+    assert len(errors) == 5
+
+
+def test_case_names_nnunet_brats_and_dicom_series_roles(tmp_path):
+    from bt_pipeline.data.volumes import series_role
+
+    for name in ("a_0000.nii.gz", "a_0001.nii.gz", "a_0002.nii.gz", "b_t1.nii", "b_flair.nii",
+                 "b_t1ce.nii", "b_t2.nii", "notes.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    found, problems = scan_inputs([tmp_path])
+    cases = {case.patient_id: case.nifti for case in found}
+    assert {k: sorted(v) for k, v in cases.items()} == {"a": ["flair", "post", "pre"],
+                                                       "b": ["flair", "post", "pre"]}
+    assert cases["b"]["post"].name == "b_t1ce.nii"
+    assert {p.path.rsplit("/", 1)[-1] for p in problems} == {"b_t2.nii", "notes.nii.gz"}
+    assert not any(p.skipped for p in problems)  # not inputs: the exit status is unaffected
+    assert series_role("AX T2 FLAIR", {}) == "flair"
+    assert series_role("T1 AX POST GD", {}) == "post"
+    assert series_role("SAG T1 SE", {}) == "pre"
+    assert series_role("DWI", {}) is None
+    assert series_role("DWI", {"flair": "dwi"}) == "flair"
+
+
+def test_oblique_direction_is_a_rotation():
+    direction = oblique_direction()
+    np.testing.assert_allclose(direction @ direction.T, np.eye(3), atol=1e-12)
+    assert np.linalg.det(direction) == pytest.approx(1.0)
