@@ -122,3 +122,23 @@ def test_cv_report_scores_each_trained_fold_on_its_own_patients(synthetic_root,
     summary = (out / "baseline" / "summary.md").read_text()
     assert "folds not yet trained: 1, 2, 3, 4" in summary
     assert (out / "baseline" / "dice_per_patient.png").stat().st_size > 0
+
+
+def test_the_candidate_to_ship_trains_on_every_development_patient(synthetic_root,
+                                                                    synthetic_manifest, tmp_path):
+    from bt_pipeline.data.manifest import read_manifest
+    from bt_pipeline.training.cross_validation import ALL, development_patients
+
+    manifest = read_manifest(synthetic_manifest)
+    everyone = set(development_patients(manifest))
+    for fold in range(5):
+        training, held_out = fold_patients(manifest, fold)
+        assert set(training) | set(held_out) == everyone
+    assert not everyone & set(manifest.loc[manifest["fold"] == -1, "patient_id"])
+    recipe = Recipe("fixed-tiny", UNetConfig(image_size=32, depth=2, base_filters=4, epochs=1,
+                                             seed=1, schedule="cosine"),
+                    DataConfig(image_size=32, batch_size=8, cache_dir="", seed=1), 0.0)
+    shipped = train_fold(recipe, ALL, str(synthetic_root), str(synthetic_manifest),
+                         tmp_path / "runs", tmp_path / "reports", verbose=0)
+    assert shipped == tmp_path / "reports" / "fixed-tiny" / "models" / "all.keras"
+    assert shipped.is_file() and (tmp_path / "runs" / "fixed-tiny" / "all" / "log.csv").is_file()

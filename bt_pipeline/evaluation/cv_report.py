@@ -27,6 +27,7 @@ from bt_pipeline.evaluation.scoring import predict_split, score_split, summarise
 from bt_pipeline.models.precision import PRECISIONS
 from bt_pipeline.reports import plt, save_figure, write_summary
 from bt_pipeline.training.cross_validation import (
+    ALL,
     RECIPES,
     fold_dir,
     fold_model,
@@ -163,6 +164,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=int, nargs="+", default=list(range(N_FOLDS)))
     parser.add_argument("--no-train", action="store_true",
                         help="only score the folds already trained")
+    parser.add_argument("--all", action="store_true",
+                        help="instead: train the recipe on every development patient "
+                             "(<recipe>/models/all.keras, the candidate to ship)")
     parser.add_argument("--flair-only", action="store_true",
                         help="score FLAIR-only input (FLAIR in all three channels) into "
                              "<recipe>/flair_only/")
@@ -181,6 +185,11 @@ def run(args: argparse.Namespace) -> int:
     quiet_tensorflow()
     recipe = RECIPES[args.recipe](args.precision)
     manifest = read_manifest(args.manifest)
+    if args.all:
+        path = train_fold(recipe, ALL, args.data_dir, args.manifest, args.runs_dir, args.out,
+                          keras_verbosity())
+        print(f"trained on every development patient: {path}")
+        return 0
     rule = load_json(args.rule_from.with_suffix(".json"), UNetConfig)
     results, missing = [], []
     for fold in args.folds:

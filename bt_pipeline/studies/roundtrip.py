@@ -215,15 +215,18 @@ def run(args: argparse.Namespace) -> int:
         "nifti_geometry_exact": int(table["geometry_nifti_exact"].sum()),
         "dicom_geometry_max_difference": table["geometry_dicom_max_difference"].max(),
     }])
+    voxels = " x ".join(map(str, SPACING))
     intro = [f"The {args.split} split's {len(table)} patients, each written as NIfTI (nnU-Net "
              "names) and as a DICOM case (one series per sequence) with an oblique, flipped "
-             f"geometry ({SPACING} mm voxels) and int16 intensities (value x {INTENSITY[0]} + "
-             f"{INTENSITY[1]}), then run through `bt infer` with the shipped models. Dice: "
-             "each run's mask against the slice-folder run's, compared in world orientation. "
+             f"geometry ({voxels} mm voxels) and int16 intensities (value x {INTENSITY[0]} "
+             f"{INTENSITY[1]:+}), then run through `bt infer` with the shipped models. Dice: each "
+             "run's mask against the slice-folder run's, compared in world orientation. "
              "Geometry: the written mask's size, spacing, origin and direction against the "
              "input FLAIR's as SimpleITK reads them (a DICOM case's mask is NIfTI, whose header "
              "holds float32)."]
-    write_summary(args.out / "summary.md", "Format round trip", intro,
-                  {"summary": summary, "patients": table}, [])
+    shown = {name: frame.assign(**{column: frame[column].map(lambda v: f"{v:.1e}")
+                                   for column in frame if "difference" in column})
+             for name, frame in (("summary", summary), ("patients", table))}
+    write_summary(args.out / "summary.md", "Format round trip", intro, shown, [])
     print(summary.to_string(index=False))
     return 0

@@ -8,6 +8,9 @@ patients (``fold`` -1 in the manifest) are never used here.
     reports/cv/<recipe>/models/fold<k>.keras   the fold's finished model (+ .json), committed:
                                                its presence marks the fold done, so a rerun
                                                on any machine skips it
+    reports/cv/<recipe>/models/all.keras       the recipe trained on every development patient
+                                               (``bt cv --all``): the candidate to ship, whose
+                                               held-out evidence is the folds above
 """
 
 from __future__ import annotations
@@ -80,27 +83,43 @@ def inner_split(manifest: pd.DataFrame, patients: list[str], fraction: float,
             sorted(p for p in patients if split[p] == "val"))
 
 
-def fold_dir(runs_root: Path, recipe: str, fold: int) -> Path:
-    return Path(runs_root) / recipe / f"fold{fold}"
+#: The "fold" of a recipe trained on every development patient.
+ALL = "all"
 
 
-def fold_model(models_root: Path, recipe: str, fold: int) -> Path:
-    """Where fold ``fold``'s finished U-Net is shipped (its config JSON beside it)."""
-    return Path(models_root) / recipe / "models" / f"fold{fold}.keras"
+def fold_dir(runs_root: Path, recipe: str, fold: int | str) -> Path:
+    return Path(runs_root) / recipe / (ALL if fold == ALL else f"fold{fold}")
 
 
-def train_fold(recipe: Recipe, fold: int, data_root: str, manifest_path: str, runs_root: Path,
+def fold_model(models_root: Path, recipe: str, fold: int | str) -> Path:
+    """Where fold ``fold``'s finished U-Net is shipped (its config JSON beside it); ``ALL``:
+    the recipe trained on every development patient."""
+    name = ALL if fold == ALL else f"fold{fold}"
+    return Path(models_root) / recipe / "models" / f"{name}.keras"
+
+
+def development_patients(manifest: pd.DataFrame) -> list[str]:
+    """Every patient with a fold: all but the test split."""
+    folds = manifest.drop_duplicates("patient_id").set_index("patient_id")["fold"]
+    return sorted(folds.index[folds != NO_FOLD])
+
+
+def train_fold(recipe: Recipe, fold: int | str, data_root: str, manifest_path: str, runs_root: Path,
                models_root: Path, verbose: int | str = 2) -> Path:
-    """Train fold ``fold`` of ``recipe`` unless its model exists; returns the model's path."""
+    """Train fold ``fold`` of ``recipe`` (``ALL``: on every development patient) unless its
+    model exists; returns the model's path."""
     from bt_pipeline.training.train_unet import train_unet
 
     target = fold_model(models_root, recipe.name, fold)
     if target.is_file():
         return target
     manifest = read_manifest(manifest_path)
-    training, _ = fold_patients(manifest, fold)
+    if fold == ALL:
+        training, offset = development_patients(manifest), N_FOLDS
+    else:
+        (training, _), offset = fold_patients(manifest, fold), fold
     train_ids, val_ids = inner_split(manifest, training, recipe.inner_val_fraction,
-                                     recipe.data.seed + fold)
+                                     recipe.data.seed + offset)
     data = dataclasses.replace(recipe.data, data_root=data_root, manifest=manifest_path)
     train_unet(data, recipe.unet, fold_dir(runs_root, recipe.name, fold), target,
                verbose=verbose, patients=(train_ids, val_ids))
