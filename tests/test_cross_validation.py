@@ -2,6 +2,7 @@
 shipping a float32 model, a fixed schedule without validation."""
 
 import json
+import shutil
 
 import keras
 import numpy as np
@@ -122,6 +123,24 @@ def test_cv_report_scores_each_trained_fold_on_its_own_patients(synthetic_root,
     summary = (out / "baseline" / "summary.md").read_text()
     assert "folds not yet trained: 1, 2, 3, 4" in summary
     assert (out / "baseline" / "dice_per_patient.png").stat().st_size > 0
+
+    # post-processing chosen on the held-out predictions, written into the candidate's JSON;
+    # FLAIR-only scoring goes to a report of its own
+    candidate = tmp_path / "candidate.keras"
+    shutil.copy(tiny_models[1].with_suffix(".json"), candidate.with_suffix(".json"))
+    assert main(["cv", "--no-train", "--data-dir", str(synthetic_root), "--manifest",
+                 str(synthetic_manifest), "--runs-dir", str(runs), "--classifier",
+                 str(tiny_models[0]), "--rule-from", str(tiny_models[1]), "--out", str(out),
+                 "--write-postprocessing", str(candidate)]) == 0
+    written = json.loads(candidate.with_suffix(".json").read_text())["extra"]["postprocessing"]
+    assert written["chosen_on"] == f"cv:baseline folds 0 ({len(held_out)} held-out patients)"
+    sweep = pd.read_csv(out / "baseline" / "postprocessing_sweep.csv")
+    assert set(sweep["keep_largest_3d"]) == {False, True}
+    assert main(["cv", "--no-train", "--flair-only", "--data-dir", str(synthetic_root),
+                 "--manifest", str(synthetic_manifest), "--runs-dir", str(runs),
+                 "--classifier", str(tiny_models[0]), "--rule-from", str(tiny_models[1]),
+                 "--out", str(out)]) == 0
+    assert "FLAIR-only input" in (out / "baseline" / "flair_only" / "summary.md").read_text()
 
 
 def test_the_candidate_to_ship_trains_on_every_development_patient(synthetic_root,

@@ -19,11 +19,17 @@ import numpy as np
 import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.cli import keras_verbosity, quiet_tensorflow
+from bt_pipeline.cli import UsageError, keras_verbosity, quiet_tensorflow
 from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig, UNetConfig, load_json
 from bt_pipeline.data.manifest import N_FOLDS, read_manifest
 from bt_pipeline.evaluation.evaluate import by_slice_level
-from bt_pipeline.evaluation.scoring import predict_split, score_split, summarise
+from bt_pipeline.evaluation.scoring import (
+    predict_split,
+    score_split,
+    summarise,
+    sweep_thresholds,
+)
+from bt_pipeline.inference.postprocess import choose_postprocessing, write_choice
 from bt_pipeline.models.precision import PRECISIONS
 from bt_pipeline.reports import plt, save_figure, write_summary
 from bt_pipeline.training.cross_validation import (
@@ -41,7 +47,8 @@ SCORES = ("dice_unet", "dice_pipeline")
 
 def score_fold(recipe: str, fold: int, manifest: pd.DataFrame, data_root: str,
                models_root: Path, classifier: Path, rule: UNetConfig, flair_alone: bool = False):
-    """Per-patient and per-slice tables of fold ``fold``'s held-out patients."""
+    """Per-patient and per-slice tables of fold ``fold``'s held-out patients, their
+    predictions and the fold's predictor."""
     from bt_pipeline.inference.predictor import TwoStagePredictor
 
     _, held_out = fold_patients(manifest, fold)
@@ -51,8 +58,8 @@ def score_fold(recipe: str, fold: int, manifest: pd.DataFrame, data_root: str,
     predictor.unet_config = dataclasses.replace(
         predictor.unet_config, min_component_pixels=rule.min_component_pixels,
         keep_largest_3d=rule.keep_largest_3d)
-    return score_split(predictor, predict_split(predictor, rows, name, data_root, flair_alone),
-                       name)
+    predictions = predict_split(predictor, rows, name, data_root, flair_alone)
+    return (*score_split(predictor, predictions, name), predictions, predictor)
 
 
 def mean_and_sem(patients: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
@@ -164,6 +171,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=int, nargs="+", default=list(range(N_FOLDS)))
     parser.add_argument("--no-train", action="store_true",
                         help="only score the folds already trained")
+    parser.add_argument("--write-postprocessing", type=Path, metavar="UNET",
+                        help="choose the post-processing rule on the held-out predictions and "
+                             "write it into this U-Net's JSON")
     parser.add_argument("--all", action="store_true",
                         help="instead: train the recipe on every development patient "
                              "(<recipe>/models/all.keras, the candidate to ship)")
@@ -190,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
                           keras_verbosity())
         print(f"trained on every development patient: {path}")
         return 0
+    if args.write_postprocessing is not None and args.flair_only:
+        raise UsageError("--write-postprocessing chooses for three-channel input: drop "
+                         "--flair-only")
     rule = load_json(args.rule_from.with_suffix(".json"), UNetConfig)
     results, missing = [], []
     for fold in args.folds:
@@ -203,8 +216,8 @@ def run(args: argparse.Namespace) -> int:
                                   args.classifier, rule, args.flair_only))
     if not results:
         raise FileNotFoundError(f"{args.out / recipe.name / 'models'}: no fold is trained yet")
-    patients = pd.concat([p for p, _ in results], ignore_index=True)
-    slices = pd.concat([s for _, s in results], ignore_index=True)
+    patients = pd.concat([r[0] for r in results], ignore_index=True)
+    slices = pd.concat([r[1] for r in results], ignore_index=True)
     trained = [fold for fold in args.folds if fold not in missing]
     report = args.out / recipe.name / ("flair_only" if args.flair_only else "")
     label = f"{recipe.name}, FLAIR-only input" if args.flair_only else recipe.name
@@ -212,4 +225,22 @@ def run(args: argparse.Namespace) -> int:
                           training_table(recipe.name, trained, args.out, args.runs_dir))
     for name, table in tables.items():
         print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if args.write_postprocessing is not None:
+        choose_on_cv(results, trained, recipe.name, report, args.write_postprocessing)
     return 0
+
+
+def choose_on_cv(results, folds: list[int], recipe: str, report: Path, unet: Path) -> None:
+    """Choose the post-processing rule on the pooled held-out predictions of ``folds`` (each
+    patient by the fold U-Net that never trained on them) and write it into ``unet``'s JSON."""
+    predictions = [p for r in results for p in r[2]]
+    predictor = results[0][3]  # the sweep varies thresholds and rules, not models
+    sweep = sweep_thresholds(predictor, predictions)
+    write_text_atomic(report / "postprocessing_sweep.csv",
+                      sweep.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
+    on = (f"cv:{recipe} folds {','.join(map(str, folds))} "
+          f"({len(predictions)} held-out patients)")
+    choice = choose_postprocessing(sweep, predictor.classifier_config.threshold, on)
+    config = write_choice(unet, choice)
+    print(f"\n{unet.with_suffix('.json')}: min_component_pixels={config.min_component_pixels}, "
+          f"keep_largest_3d={config.keep_largest_3d} (gain {choice.gain:+.4f} on {on})")
