@@ -134,9 +134,16 @@ def dice_figure(patients: pd.DataFrame, out: Path) -> str:
     return save_figure(figure, out / "dice_per_patient.png")
 
 
+def against(patients: pd.DataFrame, reference: Path) -> pd.DataFrame:
+    """Paired per-patient differences of each score against another report's
+    ``patients.csv`` (this recipe minus that one), over the patients both scored."""
+    other = pd.read_csv(reference)
+    return pd.DataFrame([paired_difference(patients, other, score) for score in SCORES])
+
+
 def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out: Path,
-                 folds_missing: list[int], rule: UNetConfig,
-                 training: pd.DataFrame) -> dict[str, pd.DataFrame]:
+                 folds_missing: list[int], rule: UNetConfig, training: pd.DataFrame,
+                 reference: Path | None = None) -> dict[str, pd.DataFrame]:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "patients.csv", patients.to_csv(index=False, lineterminator="\n"))
     write_text_atomic(out / "slices.csv", slices.to_csv(index=False, lineterminator="\n"))
@@ -150,6 +157,8 @@ def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out:
         "by_slice_level": by_slice_level(pooled_slices),
         "training": training,
     }
+    if reference is not None and reference.is_file():
+        tables[f"paired_difference_vs_{reference.parent.name}"] = against(patients, reference)
     missing = ", ".join(map(str, folds_missing)) or "none"
     intro = [f"Recipe `{recipe}`: {patients['patient_id'].nunique()} held-out development "
              f"patients scored, each by the fold U-Net that never trained on them (folds not "
@@ -221,8 +230,11 @@ def run(args: argparse.Namespace) -> int:
     trained = [fold for fold in args.folds if fold not in missing]
     report = args.out / recipe.name / ("flair_only" if args.flair_only else "")
     label = f"{recipe.name}, FLAIR-only input" if args.flair_only else recipe.name
+    reference = args.out / "baseline" / report.relative_to(args.out / recipe.name) / \
+        "patients.csv"
     tables = write_report(label, patients, slices, report, missing, rule,
-                          training_table(recipe.name, trained, args.out, args.runs_dir))
+                          training_table(recipe.name, trained, args.out, args.runs_dir),
+                          None if recipe.name == "baseline" else reference)
     for name, table in tables.items():
         print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.write_postprocessing is not None:
