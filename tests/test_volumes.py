@@ -224,6 +224,8 @@ def test_case_names_nnunet_brats_and_dicom_series_roles(tmp_path):
     assert cases["b"]["post"].name == "b_t1ce.nii"
     assert {p.path.rsplit("/", 1)[-1] for p in problems} == {"b_t2.nii", "notes.nii.gz"}
     assert not any(p.skipped for p in problems)  # not inputs: the exit status is unaffected
+    alone, problems = scan_inputs([tmp_path / "b_t1.nii"])
+    assert not alone and "another sequence" in problems[0].problem and problems[0].skipped
     assert series_role("AX T2 FLAIR", {}) == "flair"
     assert series_role("T1 AX POST GD", {}) == "post"
     assert series_role("SAG T1 SE", {}) == "pre"

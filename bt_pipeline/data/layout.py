@@ -247,9 +247,13 @@ def scan_inputs(scan_dirs: list[Path]
     patients: list[PatientScan | VolumeScan] = []
     problems: list[InputProblem] = []
     for scan_dir in (Path(os.path.abspath(d)) for d in scan_dirs):  # "." has a name too
-        if scan_dir.is_file() and is_nifti(scan_dir):
+        if scan_dir.is_file() and is_nifti(scan_dir):  # one file: FLAIR alone
             named = nifti_role(scan_dir)
             case_id = printable(named[0] if named and named[0] else nifti_stem(scan_dir))
+            if named is not None and named[1] != "flair":
+                problems.append(InputProblem(str(scan_dir), case_id, "a single volume is read as "
+                                             "FLAIR, and this one's name says another sequence"))
+                continue
             patients.append(VolumeScan(case_id, scan_dir.parent, nifti={"flair": scan_dir}))
             continue
         if not scan_dir.is_dir():
