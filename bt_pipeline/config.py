@@ -171,6 +171,33 @@ class UNetConfig:
         return Preprocessing(self.image_size, self.context_slices, self.tv_weight)
 
 
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """Stage 1 on the U-Net's trained encoder (models/gate.py): which U-Net, how much of its
+    trunk fine-tunes, the head, and the decision threshold. Its input is the U-Net's."""
+
+    unet_fingerprint: str = ""  # models.gate.fingerprint of the U-Net the gate was built on
+    fine_tune_blocks: int = 0  # top trunk blocks that train; 0 = the whole trunk frozen
+    dense_units: int = 128
+    dense_activation: str = "relu"
+    feature_dropout: float = 0.2
+    dense_dropout: float = 0.2
+    learning_rate: float = 1e-3
+    epochs: int = 20
+    patience: int = 6
+    batch_size: int = 64
+    threshold: float = 0.5  # chosen on held-out patients by the sensitivity rule
+    min_val_sensitivity: float = 0.97
+    image_size: int = 160  # the U-Net's
+    context_slices: int = 0
+    tv_weight: float = 0.0
+    seed: int = 1337
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.image_size, self.context_slices, self.tv_weight)
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain-JSON dict of a config dataclass, tagged with its type."""
     return {"type": type(config).__name__, **dataclasses.asdict(config)}
@@ -231,4 +258,5 @@ def load_json(path: str | os.PathLike, cls: type[T] | None = None) -> T:
     return from_dict(data, cls)
 
 
-_CONFIG_TYPES = {c.__name__: c for c in (DataConfig, ClassifierConfig, UNetConfig)}
+_CONFIG_TYPES = {c.__name__: c for c in (DataConfig, ClassifierConfig, UNetConfig,
+                                                GateConfig)}

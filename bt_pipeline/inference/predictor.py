@@ -22,13 +22,16 @@ from bt_pipeline.config import (
     SHIPPED_CLASSIFIER,
     SHIPPED_UNET,
     ClassifierConfig,
+    GateConfig,
     Preprocessing,
     UNetConfig,
     load_json,
 )
 from bt_pipeline.data.preprocess import preprocess_image, with_context
 from bt_pipeline.inference.postprocess import finish_volume, slice_masks
+from bt_pipeline.models.gate import cut_layer_name, fingerprint
 from bt_pipeline.models.precision import with_dtype_policy
+from bt_pipeline.models.unet import split_unet
 
 
 class ModelLoadError(ValueError):
@@ -71,14 +74,20 @@ def check_input(model: keras.Model, preprocessing: Preprocessing, path: str | os
 
 
 def _config_beside(path: Path, cls):
-    """The config saved beside a model (``<model>.json``)."""
+    """The config saved beside a model (``<model>.json``); ``cls`` a config class or a tuple of
+    those a model may have."""
     config_path = path.with_suffix(".json")
     if not config_path.is_file():
         raise ModelLoadError(f"{config_path}: config missing beside model {path.name}")
+    classes = cls if isinstance(cls, tuple) else (cls,)
+    names = " or ".join(c.__name__ for c in classes)
     try:
-        return load_json(config_path, cls)
+        config = load_json(config_path, None if len(classes) > 1 else classes[0])
     except (ValueError, TypeError) as exc:
-        raise ModelLoadError(f"{config_path}: not a {cls.__name__} ({exc})") from exc
+        raise ModelLoadError(f"{config_path}: not a {names} ({exc})") from exc
+    if not isinstance(config, classes):
+        raise ModelLoadError(f"{config_path}: not a {names} (a {type(config).__name__})")
+    return config
 
 
 @dataclass
@@ -102,16 +111,44 @@ class TwoStagePredictor:
     missing_sequence_training: bool = False
     _classify: object = field(init=False, repr=False, compare=False)
     _segments: tuple = field(init=False, repr=False, compare=False)
+    _shared: tuple | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         cast = to_bfloat16 if self.bfloat16 else (lambda model: model)
         self._classify = graph_forward(self.classifier)
         self._segments = tuple(graph_forward(cast(m)) for m in (self.unet, *self.extra_unets))
+        self._shared = self._shared_trunk(cast) if isinstance(self.classifier_config,
+                                                              GateConfig) else None
         shapes = {tuple(m.inputs[0].shape[1:]) for m in (self.unet, *self.extra_unets)}
         if len(shapes) > 1:
             raise ModelLoadError(f"U-Nets of different input shapes {sorted(shapes)} cannot be "
                                  "averaged")
 
+
+    def _shared_trunk(self, cast) -> tuple | None:
+        """For a gate on this U-Net's encoder: (encoder, head, decoder) graphs, so that
+        :meth:`predict` runs the encoder once per slice for both stages and the decoder only on
+        the slices the gate passes. None where the U-Net's output is an average (ensemble,
+        mirrored copy): then the gate runs on its own."""
+        if self.extra_unets or self.tta_flips:
+            return None
+        k = self.classifier_config.fine_tune_blocks
+        unet = cast(self.unet)
+        cut = cut_layer_name(unet, k)
+        encoder, decoder = split_unet(unet, () if k == 0 else (cut,))
+        head = self.classifier.get_layer("gate_head")
+
+        def encode(batch):
+            outputs = [tf.cast(t, tf.float32) for t in encoder(batch, training=False)]
+            return outputs[:-1] if k else outputs, outputs[-1]
+
+        sizes = [tuple(int(d) for d in t.shape[1:]) for t in decoder.inputs]
+        return (tf.function(encode, input_signature=[
+                    tf.TensorSpec((None, *encoder.inputs[0].shape[1:]), tf.float32)]),
+                graph_forward(head),
+                tf.function(lambda *parts: decoder(list(parts), training=False),
+                            input_signature=[tf.TensorSpec((None, *size), tf.float32)
+                                             for size in sizes]))
 
     @classmethod
     def load(cls, classifier_path=SHIPPED_CLASSIFIER, unet_path=SHIPPED_UNET,
@@ -120,7 +157,7 @@ class TwoStagePredictor:
         """Load both models and their configs. ``extra_unet_paths`` and ``tta_flips`` default
         to what the U-Net's config says (its ``ensemble`` and ``tta_flips``)."""
         classifier_path, unet_path = Path(classifier_path), Path(unet_path)
-        classifier_config = _config_beside(classifier_path, ClassifierConfig)
+        classifier_config = _config_beside(classifier_path, (ClassifierConfig, GateConfig))
         unet_config = _config_beside(unet_path, UNetConfig)
         if extra_unet_paths is None:
             extra_unet_paths = [unet_path.parent / name for name in unet_config.ensemble]
@@ -137,6 +174,11 @@ class TwoStagePredictor:
         classifier, unet = load_model_file(classifier_path), load_model_file(unet_path)
         check_input(classifier, classifier_config.preprocessing, classifier_path)
         check_input(unet, unet_config.preprocessing, unet_path)
+        if isinstance(classifier_config, GateConfig) and \
+                classifier_config.unet_fingerprint != fingerprint(unet):
+            raise ModelLoadError(f"{classifier_path}: this gate was built on another U-Net's "
+                                 f"encoder than {unet_path}'s; retrain it on this U-Net "
+                                 "(make tune) or load the U-Net it was built on")
         unet_json = unet_path.with_suffix(".json").read_text(encoding="utf-8")
         trained_on = json.loads(unet_json).get("extra", {})
         missing = trained_on.get("data", {}).get("missing_sequence_p") or 0
@@ -208,20 +250,50 @@ class TwoStagePredictor:
         largest_3d = self.unet_config.keep_largest_3d if largest_3d is None else largest_3d
         return finish_volume(masks, largest_3d)
 
+    def _through_shared_trunk(self, images: list[np.ndarray]):
+        """The gate and the U-Net sharing one encoder pass: (probabilities, passed slices,
+        their probability maps on each slice's grid)."""
+        encode, head, decode = self._shared
+        batch = self._model_inputs(images, self.unet_config.preprocessing)
+        parts, probabilities = [], []
+        for (chunk,) in _batches([batch], self.batch_size):
+            skips_and_bottom, cut = encode(chunk)
+            parts.append([t.numpy() for t in skips_and_bottom])
+            probabilities.append(head(cut).numpy().reshape(-1))
+        probabilities = np.concatenate(probabilities)
+        chosen = np.flatnonzero(probabilities >= self.classifier_config.threshold)
+        if not len(chosen):
+            return probabilities, chosen, []
+        inputs = [np.concatenate([p[i] for p in parts])[chosen] for i in range(len(parts[0]))]
+        maps = np.concatenate([decode(*chunk).numpy()
+                               for chunk in _batches(inputs, self.batch_size)])[..., 0]
+        return probabilities, chosen, [to_grid(prob, images[i].shape[0], images[i].shape[1])
+                                       for prob, i in zip(maps, chosen, strict=True)]
+
     def predict(self, images: list[np.ndarray]):
         """Both stages on one volume's uint8 RGB slices, in slice order.
 
         Returns ``(probabilities, masks)``: P(tumour) per slice and a uint8 {0, 1} mask per
         slice at its own size, empty where the classifier says no tumour.
         """
-        probabilities = self.tumour_probabilities(images)
-        chosen = np.flatnonzero(probabilities >= self.classifier_config.threshold)
+        if self._shared is not None and images:
+            probabilities, chosen, found = self._through_shared_trunk(images)
+        else:
+            probabilities = self.tumour_probabilities(images)
+            chosen = np.flatnonzero(probabilities >= self.classifier_config.threshold)
+            found = self.mask_probabilities(images, chosen)
         maps: list[np.ndarray | None] = [None] * len(images)
-        for index, prob in zip(chosen, self.mask_probabilities(images, chosen), strict=True):
+        for index, prob in zip(chosen, found, strict=True):
             maps[index] = prob
         masks = self.volume_masks(maps)
         return probabilities, [m if m is not None else np.zeros(image.shape[:2], np.uint8)
                                for m, image in zip(masks, images, strict=True)]
+
+
+def _batches(arrays, size: int):
+    """Slices of every array in ``arrays`` in steps of ``size``."""
+    for start in range(0, len(arrays[0]), size):
+        yield [a[start:start + size] for a in arrays]
 
 
 def to_grid(probability: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -61,6 +61,33 @@ def build_unet(
     return keras.Model(inputs, outputs, name="unet")
 
 
+def split_unet(unet: keras.Model, extra_outputs: tuple[str, ...] = ()
+               ) -> tuple[keras.Model, keras.Model]:
+    """``unet`` as (encoder, decoder) sharing its layers: the encoder maps a slice to its skip
+    connections, the bottleneck and the outputs of ``extra_outputs`` (layer names); the decoder
+    maps [skips..., bottleneck] to the mask probability, so that
+    ``decoder(encoder(x)[:depth + 1])`` is ``unet(x)``. Lets a gate that shares the encoder
+    send only the slices it passes through the decoder."""
+    depth = sum(layer.name.startswith("up") and layer.name.endswith("_transpose")
+                for layer in unet.layers)
+    skips = [unet.get_layer(f"down{level}_act2").output for level in range(depth)]
+    bottom = unet.get_layer("bottleneck_act2").output
+    extra = [unet.get_layer(name).output for name in extra_outputs]
+    encoder = keras.Model(unet.inputs, [*skips, bottom, *extra], name="unet_encoder")
+    skip_inputs = [keras.Input(tuple(s.shape[1:]), name=f"skip{level}")
+                   for level, s in enumerate(skips)]
+    x = bottom_input = keras.Input(tuple(bottom.shape[1:]), name="bottleneck")
+    for level in reversed(range(depth)):
+        x = unet.get_layer(f"up{level}_transpose")(x)
+        x = unet.get_layer(f"up{level}_concat")([x, skip_inputs[level]])
+        for layer in unet.layers:
+            if layer.name.startswith(f"up{level}_") and layer.name not in (
+                    f"up{level}_transpose", f"up{level}_concat"):
+                x = layer(x)
+    outputs = unet.get_layer("mask_probability")(x)
+    return encoder, keras.Model([*skip_inputs, bottom_input], outputs, name="unet_decoder")
+
+
 def build_unet_from_config(config: UNetConfig) -> keras.Model:
     """:func:`build_unet` with every argument from ``config`` (input from its preprocessing)."""
     return build_unet(config.image_size, config.depth, config.base_filters, config.batch_norm,

@@ -25,6 +25,7 @@ from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.cli import add_common_arguments, apply_threads, keras_verbosity
 from bt_pipeline.config import (
     SHIPPED_CLASSIFIER,
+    SHIPPED_UNET,
     ClassifierConfig,
     DataConfig,
     check_preprocessing,
@@ -32,7 +33,7 @@ from bt_pipeline.config import (
 from bt_pipeline.data.loader import SplitArrays, classifier_dataset, load_split
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.models.classifier import build_classifier_from_config, compile_classifier
-from bt_pipeline.reports import markdown_table
+from bt_pipeline.training.search_reports import trials_table, write_search_reports
 from bt_pipeline.training.train_classifier import retrain_and_ship
 
 DENSE_ACTIVATIONS = ["relu", "sigmoid", "tanh", "elu"]
@@ -99,38 +100,6 @@ def make_tuner(config: ClassifierConfig, work_dir: Path, max_trials: int,
         max_trials=max_trials, executions_per_trial=executions, seed=seed,
         directory=str(work_dir), project_name="classifier", overwrite=False,
     )
-
-
-def trials_table(tuner: keras_tuner.Tuner) -> pd.DataFrame:
-    """One row per trial: id, every hyperparameter, mean val accuracy/loss, status, seconds."""
-    rows = []
-    for trial in tuner.oracle.trials.values():
-        metrics = trial.metrics
-        values = {name: round(value, 6) if isinstance(value, float) else value
-                  for name, value in trial.hyperparameters.values.items()}
-        row = {"trial_id": trial.trial_id, **values}
-        for name in ("val_accuracy", "val_loss", "seconds"):
-            row[name] = metrics.get_last_value(name) if metrics.exists(name) else float("nan")
-        row["status"] = trial.status
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    return table.sort_values("trial_id").reset_index(drop=True) if rows else table
-
-
-def write_search_reports(table: pd.DataFrame, best_hparams: dict, out_dir: Path,
-                         settings: dict) -> None:
-    """``trials.csv``, ``best_hparams.json`` and a readable ``top10.md`` under ``out_dir``."""
-    write_text_atomic(out_dir / "trials.csv", table.to_csv(index=False, lineterminator="\n"))
-    write_text_atomic(out_dir / "best_hparams.json",
-                      json.dumps({"hyperparameters": best_hparams, "search": settings},
-                                 indent=2, sort_keys=True) + "\n")
-    done = table[table["status"] == "COMPLETED"]
-    top = done.sort_values(["val_accuracy", "val_loss"], ascending=[False, True]).head(10)
-    lines = [f"# Top {len(top)} of {len(done)} completed trials (objective: val accuracy)", "",
-             f"Search: {json.dumps(settings, sort_keys=True)}", "",
-             markdown_table(top.round(4))]
-    write_text_atomic(out_dir / "top10.md", "\n".join(lines) + "\n")
-
 
 
 def config_from_hparams(base: ClassifierConfig, hparams: dict) -> ClassifierConfig:
@@ -201,6 +170,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="early-stopping patience of the retrain (epochs)")
     parser.add_argument("--retrain-from", metavar="BEST_HPARAMS_JSON",
                         help="skip the search: retrain the hyperparameters of this file")
+    parser.add_argument("--gate", action="store_true",
+                        help="stage 1 on the U-Net's trained encoder (--trunk) instead of the "
+                             "from-scratch CNN")
+    parser.add_argument("--trunk", default=str(SHIPPED_UNET), metavar="UNET",
+                        help="with --gate: the trained U-Net whose encoder is the trunk")
     parser.add_argument("--out-dir", default="tuning")
     parser.add_argument("--work-dir", default="tuning/work")
     parser.add_argument("--ship-to", default=str(SHIPPED_CLASSIFIER))
@@ -208,6 +182,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
+    if args.gate:
+        from bt_pipeline.training.tune_gate import run_gate_tuning
+
+        data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
+                                 seed=args.seed)
+        table = run_gate_tuning(data_config, Path(args.trunk), Path(args.out_dir),
+                                Path(args.work_dir), args.trials, args.epochs, args.executions,
+                                Path(args.ship_to), keras_verbosity())
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(f"shipped gate: {args.ship_to}; reports in {args.out_dir}/")
+        return 0
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
                              image_size=args.image_size, seed=args.seed,
                              context_slices=args.context_slices)
