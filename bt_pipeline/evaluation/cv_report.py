@@ -135,8 +135,8 @@ def dice_figure(patients: pd.DataFrame, out: Path) -> str:
 
 
 def against(patients: pd.DataFrame, reference: Path) -> pd.DataFrame:
-    """Paired per-patient differences of each score against another report's
-    ``patients.csv`` (this recipe minus that one), over the patients both scored."""
+    """Paired per-patient differences of each score against the baseline recipe's
+    ``patients.csv`` (this recipe minus the baseline), over the patients both scored."""
     other = pd.read_csv(reference)
     return pd.DataFrame([paired_difference(patients, other, score) for score in SCORES])
 
@@ -158,7 +158,7 @@ def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out:
         "training": training,
     }
     if reference is not None and reference.is_file():
-        tables[f"paired_difference_vs_{reference.parent.name}"] = against(patients, reference)
+        tables["paired_difference_vs_baseline"] = against(patients, reference)
     missing = ", ".join(map(str, folds_missing)) or "none"
     intro = [f"Recipe `{recipe}`: {patients['patient_id'].nunique()} held-out development "
              f"patients scored, each by the fold U-Net that never trained on them (folds not "
