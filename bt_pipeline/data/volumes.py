@@ -84,10 +84,18 @@ def read_case(scan: VolumeScan, series_roles: dict[str, str] | None = None) -> C
     Raises:
         VolumeReadError: naming the file or folder that cannot be used.
     """
-    import SimpleITK as sitk
-
     sources = scan.nifti if scan.nifti else _dicom_roles(scan, series_roles or {})
     volumes = {role: _read(path) for role, path in sources.items()}
+    try:
+        return _on_model_grid(volumes, sources)
+    except RuntimeError as exc:  # SimpleITK refusing a geometry it cannot resample
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise VolumeReadError(sources["flair"], f"cannot be resampled ({reason})") from exc
+
+
+def _on_model_grid(volumes: dict, sources: dict[str, Path]) -> CaseVolume:
+    import SimpleITK as sitk
+
     flair = volumes["flair"]
     grid = model_grid(sitk.DICOMOrient(flair, "LPS"))
     channels, replaced = {}, []
@@ -238,7 +246,10 @@ def series_description(folder: Path) -> str:
 
     reader = sitk.ImageFileReader()
     reader.SetFileName(_series_files(folder)[0])
-    reader.ReadImageInformation()
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise VolumeReadError(folder, "its first DICOM file cannot be read") from exc
     return reader.GetMetaData(DICOM_DESCRIPTION_TAG).strip() \
         if reader.HasMetaDataKey(DICOM_DESCRIPTION_TAG) else ""
 
