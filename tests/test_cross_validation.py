@@ -144,9 +144,12 @@ def test_cv_report_scores_each_trained_fold_on_its_own_patients(synthetic_root,
 
 
 def test_the_candidate_to_ship_trains_on_every_development_patient(synthetic_root,
-                                                                    synthetic_manifest, tmp_path):
+                                                                    synthetic_manifest, tmp_path,
+                                                                    monkeypatch):
+    from bt_pipeline.cli import main
     from bt_pipeline.data.manifest import read_manifest
-    from bt_pipeline.training.cross_validation import ALL, development_patients
+    from bt_pipeline.training import cross_validation
+    from bt_pipeline.training.cross_validation import development_patients
 
     manifest = read_manifest(synthetic_manifest)
     everyone = set(development_patients(manifest))
@@ -157,7 +160,12 @@ def test_the_candidate_to_ship_trains_on_every_development_patient(synthetic_roo
     recipe = Recipe("fixed-tiny", UNetConfig(image_size=32, depth=2, base_filters=4, epochs=1,
                                              seed=1, schedule="cosine"),
                     DataConfig(image_size=32, batch_size=8, cache_dir="", seed=1), 0.0)
-    shipped = train_fold(recipe, ALL, str(synthetic_root), str(synthetic_manifest),
-                         tmp_path / "runs", tmp_path / "reports", verbose=0)
-    assert shipped == tmp_path / "reports" / "fixed-tiny" / "models" / "all.keras"
-    assert shipped.is_file() and (tmp_path / "runs" / "fixed-tiny" / "all" / "log.csv").is_file()
+    monkeypatch.setitem(cross_validation.RECIPES, "fixed", lambda precision: recipe)
+    target = tmp_path / "weights" / "unet.keras"
+    assert main(["cv", "--all", "--recipe", "fixed", "--data-dir", str(synthetic_root),
+                 "--manifest", str(synthetic_manifest), "--runs-dir", str(tmp_path / "runs"),
+                 "--out", str(tmp_path / "reports"), "--ship-to", str(target)]) == 0
+    trained = tmp_path / "reports" / "fixed-tiny" / "models" / "all.keras"
+    assert (tmp_path / "runs" / "fixed-tiny" / "all" / "log.csv").is_file()
+    assert target.read_bytes() == trained.read_bytes()
+    assert target.with_suffix(".json").read_text() == trained.with_suffix(".json").read_text()

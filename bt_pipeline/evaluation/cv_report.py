@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from bt_pipeline.atomic import write_text_atomic
+from bt_pipeline.atomic import write_text_atomic, write_with
 from bt_pipeline.cli import UsageError, keras_verbosity, quiet_tensorflow
 from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig, UNetConfig, load_json
 from bt_pipeline.data.manifest import N_FOLDS, read_manifest
@@ -180,6 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=int, nargs="+", default=list(range(N_FOLDS)))
     parser.add_argument("--no-train", action="store_true",
                         help="only score the folds already trained")
+    parser.add_argument("--ship-to", type=Path, metavar="UNET",
+                        help="with --all: copy the trained model and its JSON here")
     parser.add_argument("--write-postprocessing", type=Path, metavar="UNET",
                         help="choose the post-processing rule on the held-out predictions and "
                              "write it into this U-Net's JSON")
@@ -208,6 +211,12 @@ def run(args: argparse.Namespace) -> int:
         path = train_fold(recipe, ALL, args.data_dir, args.manifest, args.runs_dir, args.out,
                           keras_verbosity())
         print(f"trained on every development patient: {path}")
+        if args.ship_to is not None:
+            for source, target in ((path, args.ship_to),
+                                   (path.with_suffix(".json"), args.ship_to.with_suffix(".json"))):
+                write_with(target, lambda tmp, source=source: shutil.copyfile(source, tmp),
+                           suffix=target.suffix)
+            print(f"shipped: {args.ship_to}")
         return 0
     if args.write_postprocessing is not None and args.flair_only:
         raise UsageError("--write-postprocessing chooses for three-channel input: drop "
