@@ -1,11 +1,11 @@
-"""Slow: the shipped models on the real val patients reproduce the README's figures."""
+"""Slow: the shipped models on the real test patients reproduce the README's figures."""
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
 
-def test_shipped_models_reproduce_the_documented_val_figures(real_root):
+def test_shipped_models_reproduce_the_documented_test_figures(real_root):
     from bt_pipeline.config import DataConfig
     from bt_pipeline.data.manifest import read_manifest
     from bt_pipeline.evaluation.metrics import classification_metrics
@@ -14,11 +14,10 @@ def test_shipped_models_reproduce_the_documented_val_figures(real_root):
 
     predictor = TwoStagePredictor.load()
     manifest = read_manifest(DataConfig.manifest)
-    patients, slices = evaluate_split(predictor, manifest, "val", real_root)
+    patients, slices = evaluate_split(predictor, manifest, "test", real_root)
     summary = summarise(patients, slices).iloc[0]
-    assert summary["dice_unet_mean"] == pytest.approx(0.844, abs=0.002)
+    assert summary["dice_unet_mean"] == pytest.approx(0.895, abs=0.002)
     assert summary["dice_pipeline_mean"] == pytest.approx(0.831, abs=0.002)
     metrics = classification_metrics(slices["has_tumor"], slices["classifier_probability"],
                                      predictor.classifier_config.threshold)
-    assert metrics["sensitivity"] >= 0.97  # the threshold rule, on the split that chose it
-    assert metrics["auc"] == pytest.approx(0.956, abs=0.002)
+    assert metrics["auc"] == pytest.approx(0.964, abs=0.002)
