@@ -97,7 +97,23 @@ def check_preprocessing(data: DataConfig, model_config: Any) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassifierConfig:
+class _SliceDecision:
+    """What every stage-1 config carries: its decision threshold and the rule that sets it,
+    and the input fields that, with the subclass's ``image_size``, make its preprocessing."""
+
+    threshold: float = 0.5  # decision threshold on the tumour probability, chosen on val
+    min_val_sensitivity: float = 0.97  # the threshold rule's sensitivity floor (train_classifier)
+    context_slices: int = 0
+    tv_weight: float = 0.0
+    seed: int = 1337
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.image_size, self.context_slices, self.tv_weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig(_SliceDecision):
     """Slice classifier: stacked Conv2D/MaxPool/Dropout blocks, a dense layer, a sigmoid."""
 
     image_size: int = 96
@@ -112,15 +128,6 @@ class ClassifierConfig:
     learning_rate: float = 1e-3
     epochs: int = 40
     patience: int = 10
-    threshold: float = 0.5  # decision threshold on the tumour probability, chosen on val
-    min_val_sensitivity: float = 0.97  # the threshold rule's sensitivity floor (train_classifier)
-    context_slices: int = 0
-    tv_weight: float = 0.0
-    seed: int = 1337
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.image_size, self.context_slices, self.tv_weight)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +179,7 @@ class UNetConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class GateConfig:
+class GateConfig(_SliceDecision):
     """Stage 1 on the U-Net's trained encoder (models/gate.py): which U-Net, how much of its
     trunk fine-tunes, the head, and the decision threshold. Its input is the U-Net's."""
 
@@ -186,16 +193,7 @@ class GateConfig:
     epochs: int = 20
     patience: int = 6
     batch_size: int = 64
-    threshold: float = 0.5  # chosen on held-out patients by the sensitivity rule
-    min_val_sensitivity: float = 0.97
     image_size: int = 160  # the U-Net's
-    context_slices: int = 0
-    tv_weight: float = 0.0
-    seed: int = 1337
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.image_size, self.context_slices, self.tv_weight)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
