@@ -97,12 +97,10 @@ def check_preprocessing(data: DataConfig, model_config: Any) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _SliceDecision:
-    """What every stage-1 config carries: its decision threshold and the rule that sets it,
-    and the input fields that, with the subclass's ``image_size``, make its preprocessing."""
+class _ModelInput:
+    """The input fields every model config carries; with the subclass's ``image_size`` they
+    make its preprocessing."""
 
-    threshold: float = 0.5  # decision threshold on the tumour probability, chosen on val
-    min_val_sensitivity: float = 0.97  # the threshold rule's sensitivity floor (train_classifier)
     context_slices: int = 0
     tv_weight: float = 0.0
     seed: int = 1337
@@ -110,6 +108,15 @@ class _SliceDecision:
     @property
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(self.image_size, self.context_slices, self.tv_weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SliceDecision(_ModelInput):
+    """What every stage-1 config carries besides: its decision threshold and the rule that
+    sets it."""
+
+    threshold: float = 0.5  # decision threshold on the tumour probability, chosen on val
+    min_val_sensitivity: float = 0.97  # the threshold rule's sensitivity floor (train_classifier)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +138,7 @@ class ClassifierConfig(_SliceDecision):
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(_ModelInput):
     """U-Net segmenter."""
 
     image_size: int = 160  # DataConfig.image_size must match
@@ -169,13 +176,6 @@ class UNetConfig:
     # Training compute: "float32" or "mixed_bfloat16" (bfloat16 activations and matmuls, float32
     # weights, output and loss). The shipped model is float32 either way (training.ship_model).
     precision: str = "float32"
-    context_slices: int = 0
-    tv_weight: float = 0.0
-    seed: int = 1337
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.image_size, self.context_slices, self.tv_weight)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -180,16 +180,18 @@ def _volume_cases(folder: Path, problems: list[InputProblem], depth: int = 0
     """The volume cases in ``folder``: itself a DICOM series or a case of series folders, its
     NIfTI files, and (one level down) the same in each sub-folder."""
     entries = sorted(folder.iterdir())
-    if _holds_dicom(folder):
+    if depth == 0 and _holds_dicom(folder):  # a sub-folder's own check is its parent's
         return [VolumeScan(printable(folder.name), folder, dicom_series=[folder])]
     folders = [p for p in entries if p.is_dir()]
-    series = [p for p in folders if _holds_dicom(p)]
+    candidates = [p for p in folders if not _holds_slices(p)]  # a listing, not 50 file reads
+    series = [p for p in candidates if _holds_dicom(p)]
     if series and len(series) == len(folders):
         return [VolumeScan(printable(folder.name), folder, dicom_series=series)]
     cases = _nifti_cases(folder, [p for p in entries if p.is_file() and is_nifti(p)], problems)
     if depth == 0:
-        for sub in (p for p in folders if not _holds_slices(p)):
-            cases.extend(_volume_cases(sub, problems, depth + 1))
+        for sub in candidates:
+            cases.extend([VolumeScan(printable(sub.name), sub, dicom_series=[sub])]
+                         if sub in series else _volume_cases(sub, problems, depth + 1))
     return cases
 
 

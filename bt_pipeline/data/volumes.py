@@ -85,7 +85,7 @@ def read_case(scan: VolumeScan, series_roles: dict[str, str] | None = None) -> C
         VolumeReadError: naming the file or folder that cannot be used.
     """
     sources = scan.nifti if scan.nifti else _dicom_roles(scan, series_roles or {})
-    volumes = {role: _read(path) for role, path in sources.items()}
+    volumes = {role: read_volume(path) for role, path in sources.items()}
     try:
         return _on_model_grid(volumes, sources)
     except RuntimeError as exc:  # SimpleITK refusing a geometry it cannot resample
@@ -182,7 +182,7 @@ def mask_on_input_grid(masks: list[np.ndarray], case: CaseVolume):
     return mask
 
 
-def _read(path: Path):
+def read_volume(path: Path):
     """One 3D scalar volume, from a NIfTI file or a DICOM series folder; the header is checked
     before any voxel is decoded."""
     import SimpleITK as sitk

@@ -19,7 +19,14 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.data.layout import InputProblem, PatientScan, VolumeScan, printable, scan_inputs
+from bt_pipeline.data.layout import (
+    ROLES,
+    InputProblem,
+    PatientScan,
+    VolumeScan,
+    printable,
+    scan_inputs,
+)
 from bt_pipeline.data.preprocess import SliceReadError, read_image, read_mask, replaced_sequences
 from bt_pipeline.evaluation.metrics import dice_score, iou_score
 from bt_pipeline.inference.output_folder import OutputFolder, check_no_overlap
@@ -136,8 +143,7 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
         write_mask_volume(folder / "mask.nii.gz", masks, spacing)
         write_image_volume(folder / "image.nii.gz", images, spacing)
         pixels = int(sum(int(m.sum()) for m in masks))
-        sequences = "+".join(r for r in ("pre", "flair", "post")
-                             if r not in replaced_sequences(images))
+        sequences = "+".join(r for r in ROLES if r not in replaced_sequences(images))
     else:  # a volume in: the mask goes back onto its grid, the spacing is its header's
         pixels = write_on_input_grid(folder, masks, case)
         spacing, sequences = case.spacing, case.sequences

@@ -24,6 +24,7 @@ from bt_pipeline.config import DataConfig
 from bt_pipeline.data.layout import ROLES
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.data.preprocess import read_image
+from bt_pipeline.data.volumes import read_volume
 from bt_pipeline.evaluation.metrics import dice_score
 from bt_pipeline.reports import write_summary
 
@@ -165,8 +166,8 @@ def round_trip(patient_folders: list[Path], predictor, work: Path) -> pd.DataFra
         reference = oriented_mask(runs["slices"] / patient / "mask.nii.gz")
         row = {"patient_id": patient, "slices": len(reference),
                "tumour_voxels_slices": int(reference.sum())}
-        inputs = {"nifti": sitk.ReadImage(str(nifti_in / patient / f"{patient}_0001.nii.gz")),
-                  "dicom": _read_series(dicom_in / patient / "flair")}
+        inputs = {"nifti": read_volume(nifti_in / patient / f"{patient}_0001.nii.gz"),
+                  "dicom": read_volume(dicom_in / patient / "flair")}
         for name in ("nifti", "dicom"):
             written = runs[name] / patient / "mask.nii.gz"
             row[f"dice_{name}"] = dice_score(reference, oriented_mask(written))
@@ -176,14 +177,6 @@ def round_trip(patient_folders: list[Path], predictor, work: Path) -> pd.DataFra
                 geometry(inputs[name])
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _read_series(folder: Path):
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
-    return reader.Execute()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -65,10 +65,15 @@ def fold_patients(manifest: pd.DataFrame, fold: int) -> tuple[list[str], list[st
     """(training patients, held-out patients) of ``fold``; test patients are in neither."""
     if not 0 <= fold < N_FOLDS:
         raise ValueError(f"fold {fold} outside 0..{N_FOLDS - 1}")
-    folds = manifest.drop_duplicates("patient_id").set_index("patient_id")["fold"]
-    development = folds[folds != NO_FOLD]
+    development = _development_folds(manifest)
     return (sorted(development.index[development != fold]),
             sorted(development.index[development == fold]))
+
+
+def _development_folds(manifest: pd.DataFrame) -> pd.Series:
+    """Each development patient's fold (test patients left out)."""
+    folds = manifest.drop_duplicates("patient_id").set_index("patient_id")["fold"]
+    return folds[folds != NO_FOLD]
 
 
 def inner_split(manifest: pd.DataFrame, patients: list[str], fraction: float,
@@ -100,8 +105,7 @@ def fold_model(models_root: Path, recipe: str, fold: int | str) -> Path:
 
 def development_patients(manifest: pd.DataFrame) -> list[str]:
     """Every patient with a fold: all but the test split."""
-    folds = manifest.drop_duplicates("patient_id").set_index("patient_id")["fold"]
-    return sorted(folds.index[folds != NO_FOLD])
+    return sorted(_development_folds(manifest).index)
 
 
 def train_fold(recipe: Recipe, fold: int | str, data_root: str, manifest_path: str, runs_root: Path,

@@ -25,7 +25,7 @@ from bt_pipeline.config import GateConfig, UNetConfig, load_json
 from bt_pipeline.data.loader import SplitArrays, load_split
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.evaluation.metrics import classification_metrics
-from bt_pipeline.models.gate import Gate, build_gate_from_config, encoder_blocks, fingerprint
+from bt_pipeline.models.gate import Gate, build_gate_from_config, cut_layer_name, fingerprint
 from bt_pipeline.training.callbacks import ship_model
 from bt_pipeline.training.search_reports import trials_table, write_search_reports
 from bt_pipeline.training.train_classifier import choose_threshold
@@ -84,9 +84,8 @@ class TrunkFeatures:
     def get(self, fine_tune_blocks: int, split: str) -> np.ndarray:
         key = (fine_tune_blocks, split)
         if key not in self._cache:
-            blocks = encoder_blocks(self.unet)
-            last = blocks[len(blocks) - fine_tune_blocks - 1][-1]
-            trunk = keras.Model(self.unet.inputs, last.output)
+            cut = self.unet.get_layer(cut_layer_name(self.unet, fine_tune_blocks))
+            trunk = keras.Model(self.unet.inputs, cut.output)
             self._cache[key] = trunk.predict(self.splits[split].images,
                                              batch_size=self.batch_size, verbose=0)
         return self._cache[key]
