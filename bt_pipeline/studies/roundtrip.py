@@ -12,6 +12,7 @@ masks; the written mask must carry the input's size, spacing, origin and directi
 from __future__ import annotations
 
 import argparse
+import locale
 import tempfile
 import zlib
 from pathlib import Path
@@ -80,11 +81,21 @@ def write_dicom_series(volume, folder: Path, description: str, series_number: in
     import SimpleITK as sitk
 
     folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    # GDCM's writer sets the process locale to "C", which would make every later text file
+    # opened without an explicit encoding ASCII; the caller's locale is put back.
+    previous = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_slices(volume, folder, writer, description, series_number)
+    finally:
+        locale.setlocale(locale.LC_ALL, previous)
+
+
+def _write_slices(volume, folder: Path, writer, description: str, series_number: int) -> None:
     direction = np.asarray(volume.GetDirection()).reshape(3, 3)
     uid = f"1.2.826.0.1.3680043.2.1125.{series_number}.{zlib.crc32(str(folder).encode())}"
     orientation = "\\".join(f"{v:.10f}" for v in (*direction[:, 0], *direction[:, 1]))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
     for k in range(volume.GetDepth()):
         plane = volume[:, :, k]
         position = volume.TransformIndexToPhysicalPoint((0, 0, k))
