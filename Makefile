@@ -27,7 +27,7 @@ EXP_IMAGE_SIZE ?= 64
 EXP_BASE_FILTERS ?= 8
 
 .PHONY: install data manifest eda test test-quick test-slow lint tune tune-distributed \
-        train-unet postprocess cv demo screenshot evaluate roundtrip experiments bench bench-loader \
+        train-unet postprocess cv demo screenshot evaluate roundtrip radiogenomics experiments bench bench-loader \
         bench-infer clean
 
 install: $(VENV)/.installed
@@ -148,6 +148,11 @@ evaluate: install
 # the slice-folder run's -> reports/roundtrip/.
 roundtrip: install
 	$(PY) -m bt_pipeline roundtrip --data-dir $(KAGGLE_ROOT)
+
+# Shape features of manual and automatic masks against data.csv's genomic subtypes; automatic
+# masks from U-Nets that never trained on the patient (CV folds, shipped for test).
+radiogenomics: install
+	$(PY) -m bt_pipeline radiogenomics --data-dir $(KAGGLE_ROOT) --recipe $(UNET_RECIPE)
 
 clean:
 	rm -rf .cache reports runs predictions tuning/work

@@ -44,6 +44,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench-loader": ("bt_pipeline.studies.bench", "_loader", "tf.data loader throughput"),
     "bench-infer": ("bt_pipeline.studies.bench", "_infer", "end-to-end inference speed"),
     "eda": ("bt_pipeline.studies.eda", "", "plots of the dataset -> reports/eda"),
+    "radiogenomics": ("bt_pipeline.radiogenomics.report", "",
+                      "shape features of manual and automatic masks against genomic subtypes "
+                      "-> reports/radiogenomics"),
     "roundtrip": ("bt_pipeline.studies.roundtrip", "",
                   "test patients as NIfTI and DICOM through infer -> reports/roundtrip"),
 }
