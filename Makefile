@@ -26,7 +26,7 @@ EXP_EPOCHS_OPTIONS ?= 15
 EXP_IMAGE_SIZE ?= 64
 EXP_BASE_FILTERS ?= 8
 
-.PHONY: install data manifest eda test test-quick test-slow lint tune tune-distributed \
+.PHONY: install data manifest eda test test-quick test-slow lint tune tune-gate tune-distributed \
         train-unet postprocess cv demo screenshot evaluate roundtrip radiogenomics experiments bench bench-loader \
         bench-infer clean
 
@@ -74,6 +74,12 @@ lint: install
 tune: install
 	$(PY) -m bt_pipeline tune --data-dir $(KAGGLE_ROOT) --trials $(TRIALS) --epochs $(EPOCHS) \
 		--executions $(EXECUTIONS)
+
+# Stage 1 on the U-Net's encoder, searched on the recipe's cross-validation folds (needs
+# `make cv CV_RECIPE=$(UNET_RECIPE)` and `make train-unet` first); ships the gate.
+tune-gate: install
+	$(PY) -m bt_pipeline tune --gate --recipe $(UNET_RECIPE) --data-dir $(KAGGLE_ROOT) \
+		--trials $(TRIALS) --epochs $(EPOCHS) --executions $(EXECUTIONS)
 
 # A chief (the gRPC oracle) and $(WORKERS) workers on this machine; see README for several.
 tune-distributed: install

@@ -84,30 +84,59 @@ def test_fingerprint_tells_unets_apart(unet):
 
 @pytest.fixture(scope="module")
 def tiny_gate(tiny_models, synthetic_root, synthetic_manifest, tmp_path_factory):
-    """A gate tuned (2 trials x 2 epochs x 2 executions) on the tiny U-Net's encoder."""
+    """A gate tuned (2 trials x 2 epochs x 2 executions) on two cross-validation folds whose
+    U-Nets are copies of the tiny U-Net, then shipped on the tiny U-Net's encoder."""
+    import shutil
+
     from bt_pipeline.cli import main
+    from bt_pipeline.training.cross_validation import fold_model
 
     out = tmp_path_factory.mktemp("gate")
-    assert main(["tune", "--gate", "--trunk", str(tiny_models[1]), "--data-dir",
-                 str(synthetic_root), "--manifest", str(synthetic_manifest), "--trials", "2",
-                 "--epochs", "2", "--executions", "2", "--out-dir", str(out),
-                 "--work-dir", str(out / "work"), "--ship-to", str(out / "gate.keras")]) == 0
+    for fold in TRAINED_FOLDS:
+        target = fold_model(out / "cv", "tiny", fold)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in (".keras", ".json"):
+            shutil.copyfile(tiny_models[1].with_suffix(suffix), target.with_suffix(suffix))
+    assert main(["tune", "--gate", "--trunk", str(tiny_models[1]), "--recipe", "tiny",
+                 "--cv-dir", str(out / "cv"), "--data-dir", str(synthetic_root),
+                 "--manifest", str(synthetic_manifest), "--trials", "2", "--epochs", "2",
+                 "--executions", "2", "--out-dir", str(out), "--work-dir", str(out / "work"),
+                 "--ship-to", str(out / "gate.keras")]) == 0
     return out
 
 
-def test_gate_search_records_its_budget_and_ships_a_gate_for_this_unet(tiny_gate, tiny_models):
+TRAINED_FOLDS = (0, 2)
+
+
+def test_gate_search_records_its_budget_and_ships_a_gate_for_this_unet(tiny_gate, tiny_models,
+                                                                      synthetic_manifest):
     import json
 
     import pandas as pd
 
+    from bt_pipeline.data.manifest import read_manifest
+
     trials = pd.read_csv(tiny_gate / "trials.csv")
     assert len(trials) == 2 and set(trials["epochs"]) == {2} and set(trials["executions"]) == {2}
-    assert {"fine_tune_blocks", "dropout_features", "dense_units", "learning_rate"} <= \
-        set(trials.columns)
+    assert set(trials["folds"]) == {len(TRAINED_FOLDS)}
+    assert {"fine_tune_blocks", "dropout_features", "dense_units", "learning_rate",
+            "best_epoch"} <= set(trials.columns)
     written = json.loads((tiny_gate / "gate.json").read_text())
     unet = keras.saving.load_model(tiny_models[1], compile=False)
     assert written["type"] == "GateConfig" and written["unet_fingerprint"] == fingerprint(unet)
-    assert set(written["extra"]["metrics"]) == {"train", "val", "test"}
+    assert written["epochs"] in set(trials["best_epoch"])  # trained for the search's best epoch
+    metrics = pd.read_csv(tiny_gate / "gate_metrics.csv")
+    assert metrics["patients"].str.startswith(("cv held-out", "test")).all()
+    # every held-out probability comes from the gate of the patient's own fold
+    held_out = pd.read_csv(tiny_gate / "cv" / "tiny" / "gate_heldout.csv")
+    manifest = read_manifest(synthetic_manifest)
+    expected = manifest[manifest["fold"].isin(TRAINED_FOLDS)]
+    assert len(held_out) == len(expected) and set(held_out["fold"]) == set(TRAINED_FOLDS)
+    for fold in TRAINED_FOLDS:
+        fold_gate = json.loads((tiny_gate / "cv" / "tiny" / "models" /
+                                f"gate_fold{fold}.json").read_text())
+        assert fold_gate["threshold"] == pytest.approx(written["threshold"])
+        assert fold_gate["unet_fingerprint"] == fingerprint(unet)
 
 
 def test_shared_trunk_gives_the_masks_of_separate_stages(tiny_gate, tiny_models,
@@ -149,3 +178,18 @@ def test_a_gate_on_another_unet_is_refused(tiny_gate, tiny_models, tmp_path, syn
                  "--quiet"])
     assert code == 2
     assert "built on another U-Net" in capsys.readouterr().err
+
+
+def test_the_cross_validation_gates_each_fold_with_its_own_gate(tiny_gate, tiny_models,
+                                                                synthetic_root,
+                                                                synthetic_manifest):
+    from bt_pipeline.config import GateConfig, UNetConfig
+    from bt_pipeline.data.manifest import read_manifest
+    from bt_pipeline.evaluation.cv_report import score_fold
+
+    manifest = read_manifest(synthetic_manifest)
+    for fold in TRAINED_FOLDS:
+        patients, _, _, predictor = score_fold("tiny", fold, manifest, str(synthetic_root),
+                                               tiny_gate / "cv", tiny_models[0], UNetConfig())
+        assert isinstance(predictor.classifier_config, GateConfig)
+        assert set(patients["split"]) == {f"fold{fold}"}

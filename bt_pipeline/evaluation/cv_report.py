@@ -2,10 +2,11 @@
 held-out patients exactly as ``bt evaluate`` scores a split, and write ``reports/cv/<recipe>/``.
 
 Each patient is scored by the fold U-Net that never trained on them, at 256x256, with the
-shipped U-Net's post-processing rule, so that recipes are compared under one rule. The gate is
-the shipped classifier, which trained on the manifest's train split: for those patients the
-pipeline figure is not held out, so the U-Net figure (every true tumour slice segmented) is the
-cross-validation's yardstick until each fold has a gate of its own.
+shipped U-Net's post-processing rule, so that recipes are compared under one rule. A fold with
+a gate of its own (``gate_fold<k>.keras``, from ``bt tune --gate``) is gated by it, so its
+pipeline figure is held out; otherwise the shipped classifier gates, which trained on the
+manifest's train split, and only the U-Net figure (every true tumour slice segmented) is held
+out.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from bt_pipeline.training.cross_validation import (
     ALL,
     RECIPES,
     fold_dir,
+    fold_gate,
     fold_model,
     fold_patients,
     train_fold,
@@ -55,7 +57,9 @@ def score_fold(recipe: str, fold: int, manifest: pd.DataFrame, data_root: str,
     _, held_out = fold_patients(manifest, fold)
     name = f"fold{fold}"
     rows = manifest[manifest["patient_id"].isin(held_out)].assign(split=name)
-    predictor = TwoStagePredictor.load(classifier, fold_model(models_root, recipe, fold))
+    gate = fold_gate(models_root, recipe, fold)
+    predictor = TwoStagePredictor.load(gate if gate.is_file() else classifier,
+                                       fold_model(models_root, recipe, fold))
     predictor.unet_config = dataclasses.replace(
         predictor.unet_config, min_component_pixels=rule.min_component_pixels,
         keep_largest_3d=rule.keep_largest_3d)
@@ -144,7 +148,8 @@ def against(patients: pd.DataFrame, reference: Path) -> pd.DataFrame:
 
 def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out: Path,
                  folds_missing: list[int], rule: UNetConfig, training: pd.DataFrame,
-                 reference: Path | None = None) -> dict[str, pd.DataFrame]:
+                 reference: Path | None = None,
+                 own_gates: tuple[int, ...] = ()) -> dict[str, pd.DataFrame]:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "patients.csv", patients.to_csv(index=False, lineterminator="\n"))
     write_text_atomic(out / "slices.csv", slices.to_csv(index=False, lineterminator="\n"))
@@ -166,12 +171,23 @@ def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out:
              f"yet trained: {missing}). Post-processing as the shipped U-Net: "
              f"min_component_pixels={rule.min_component_pixels}, "
              f"keep_largest_3d={rule.keep_largest_3d}. `dice_unet`: every true tumour slice "
-             "segmented (no gate); `dice_pipeline`: the shipped classifier gates, and it trained "
-             "on the manifest's train split, so that column is not held out. SEM: standard "
-             "error of the mean over patients."]
+             "segmented (no gate); `dice_pipeline`: " + _gate_note(patients, own_gates) +
+             " SEM: standard error of the mean over patients."]
     write_summary(out / "summary.md", f"Cross-validation: {recipe}", intro, tables,
                   [dice_figure(patients, out)])
     return tables
+
+
+def _gate_note(patients: pd.DataFrame, own_gates: tuple[int, ...]) -> str:
+    folds = sorted(int(split[4:]) for split in patients["split"].unique())
+    if set(folds) <= set(own_gates):
+        return ("each fold's own gate (`bt tune --gate`) on its U-Net's encoder, so the whole "
+                "pipeline is held out.")
+    note = ("the shipped classifier gates, and it trained on the manifest's train split, so "
+            "that column is not held out")
+    if own_gates:
+        note += f" except in folds {', '.join(map(str, own_gates))}, gated by their own gates"
+    return note + "."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -241,9 +257,10 @@ def run(args: argparse.Namespace) -> int:
     label = f"{recipe.name}, FLAIR-only input" if args.flair_only else recipe.name
     reference = args.out / "baseline" / report.relative_to(args.out / recipe.name) / \
         "patients.csv"
+    own_gates = tuple(f for f in trained if fold_gate(args.out, recipe.name, f).is_file())
     tables = write_report(label, patients, slices, report, missing, rule,
                           training_table(recipe.name, trained, args.out, args.runs_dir),
-                          None if recipe.name == "baseline" else reference)
+                          None if recipe.name == "baseline" else reference, own_gates)
     for name, table in tables.items():
         print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.write_postprocessing is not None:

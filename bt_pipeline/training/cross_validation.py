@@ -8,6 +8,8 @@ patients (``fold`` -1 in the manifest) are never used here.
     reports/cv/<recipe>/models/fold<k>.keras   the fold's finished model (+ .json), committed:
                                                its presence marks the fold done, so a rerun
                                                on any machine skips it
+    reports/cv/<recipe>/models/gate_fold<k>.keras  the fold's stage-1 gate on its U-Net's
+                                               encoder (``bt tune --gate``), if searched
     reports/cv/<recipe>/models/all.keras       the recipe trained on every development patient
                                                (``bt cv --all``): the candidate to ship, whose
                                                held-out evidence is the folds above
@@ -101,6 +103,11 @@ def fold_model(models_root: Path, recipe: str, fold: int | str) -> Path:
     the recipe trained on every development patient."""
     name = ALL if fold == ALL else f"fold{fold}"
     return Path(models_root) / recipe / "models" / f"{name}.keras"
+
+
+def fold_gate(models_root: Path, recipe: str, fold: int) -> Path:
+    """Where fold ``fold``'s stage-1 gate on that fold's U-Net is kept (``bt tune --gate``)."""
+    return Path(models_root) / recipe / "models" / f"gate_fold{fold}.keras"
 
 
 def development_patients(manifest: pd.DataFrame) -> list[str]:

@@ -174,7 +174,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stage 1 on the U-Net's trained encoder (--trunk) instead of the "
                              "from-scratch CNN")
     parser.add_argument("--trunk", default=str(SHIPPED_UNET), metavar="UNET",
-                        help="with --gate: the trained U-Net whose encoder is the trunk")
+                        help="with --gate: the trained U-Net whose encoder the shipped gate "
+                             "sits on")
+    parser.add_argument("--recipe", default="fixed",
+                        help="with --gate: the U-Net recipe whose cross-validation folds the "
+                             "search trains and judges on (one gate per fold)")
+    parser.add_argument("--cv-dir", default="reports/cv",
+                        help="with --gate: where the recipe's fold U-Nets are")
     parser.add_argument("--out-dir", default="tuning")
     parser.add_argument("--work-dir", default="tuning/work")
     parser.add_argument("--ship-to", default=str(SHIPPED_CLASSIFIER))
@@ -187,9 +193,10 @@ def run(args: argparse.Namespace) -> int:
 
         data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
                                  seed=args.seed)
-        table = run_gate_tuning(data_config, Path(args.trunk), Path(args.out_dir),
-                                Path(args.work_dir), args.trials, args.epochs, args.executions,
-                                Path(args.ship_to), keras_verbosity())
+        table = run_gate_tuning(data_config, args.recipe, Path(args.cv_dir), Path(args.trunk),
+                                Path(args.out_dir), Path(args.work_dir), args.trials,
+                                args.epochs, args.executions, Path(args.ship_to),
+                                keras_verbosity())
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         print(f"shipped gate: {args.ship_to}; reports in {args.out_dir}/")
         return 0

@@ -1,18 +1,28 @@
-"""Stage 1 on the U-Net's encoder (``bt tune --gate``): RandomSearch over the gate's head and
-how many trunk blocks fine-tune, on trunk features computed once; then the winner retrained,
-its threshold chosen on val, scored on every split and shipped with its config.
+"""Stage 1 on the U-Net's encoder (``bt tune --gate``), searched and scored by the
+cross-validation: RandomSearch over the gate's head and how many trunk blocks fine-tune, each
+trial trained once per trained fold of a U-Net recipe on that fold's own U-Net trunk and judged
+on the fold's held-out patients, whom neither the trunk nor the head saw.
 
-The frozen part of the trunk never changes, so its output for every slice is computed once
-per cut (one cut per ``fine_tune_blocks`` value) and each trial trains only what lies above it:
-seconds per epoch instead of minutes. Trunk features carry no augmentation; the head's dropout
-and early stopping on val ROC AUC stand in for it. Selection is by val patients, whom neither
-the shipped U-Net nor the head trained on; test patients are only scored.
+The winner is then trained at the search's best epoch count (a fixed schedule, no early
+stopping on the patients it is judged on): once per fold, giving every development patient a
+held-out gate probability, from which the threshold is chosen; and once on the shipped U-Net's
+trunk over every development patient, which ships with that threshold. Test patients are only
+scored.
+
+The frozen part of a trunk never changes, so its output for every slice is computed once per
+fold and cut and each trial trains only what lies above it. Trunk features carry no
+augmentation; the head's dropout stands in for it.
+
+    <cv-dir>/<recipe>/models/gate_fold<k>.keras   fold k's gate (on fold k's U-Net)
+    <cv-dir>/<recipe>/gate_heldout.csv            every development slice's held-out probability
+    <out-dir>/trials.csv, top10.md, best_hparams.json, gate_metrics.csv
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -22,11 +32,12 @@ import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.config import GateConfig, UNetConfig, load_json
-from bt_pipeline.data.loader import SplitArrays, load_split
-from bt_pipeline.data.manifest import read_manifest
+from bt_pipeline.data.loader import SplitArrays, load_rows
+from bt_pipeline.data.manifest import NO_FOLD, read_manifest
 from bt_pipeline.evaluation.metrics import classification_metrics
 from bt_pipeline.models.gate import Gate, build_gate_from_config, cut_layer_name, fingerprint
 from bt_pipeline.training.callbacks import ship_model
+from bt_pipeline.training.cross_validation import fold_gate, fold_model
 from bt_pipeline.training.search_reports import trials_table, write_search_reports
 from bt_pipeline.training.train_classifier import choose_threshold
 
@@ -57,43 +68,57 @@ def compile_head(gate: Gate, learning_rate: float) -> keras.Model:
     return gate.head
 
 
+@dataclass
+class Trunk:
+    """A U-Net whose encoder a gate sits on, and which slices (indices into the arrays) its
+    head trains on and is judged on; ``held_out`` is empty for the shipped trunk."""
+
+    name: str
+    unet: keras.Model
+    train: np.ndarray
+    held_out: np.ndarray
+    fold: int = NO_FOLD
+
+
 class GateHyperModel(keras_tuner.HyperModel):
     """``build(hp)`` only turns ``hp`` into the gate builder's arguments; it returns the part
-    that trains (fine-tuned blocks and head), fed by cached trunk features."""
+    that trains (fine-tuned blocks and head), fed by cached trunk features. The trunk is the
+    first fold's unless :meth:`head` names another."""
 
-    def __init__(self, unet: keras.Model, config: GateConfig):
+    def __init__(self, trunks: list[Trunk], config: GateConfig):
         super().__init__(name="encoder_gate")
-        self.unet, self.config = unet, config
+        self.trunks, self.config = trunks, config
 
-    def gate(self, hp: keras_tuner.HyperParameters) -> tuple[Gate, GateConfig]:
+    def head(self, hp: keras_tuner.HyperParameters, unet: keras.Model) -> keras.Model:
         config = dataclasses.replace(self.config, **gate_kwargs_from_hp(hp))
-        return build_gate_from_config(self.unet, config), config
+        return compile_head(build_gate_from_config(unet, config), config.learning_rate)
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
-        gate, config = self.gate(hp)
-        return compile_head(gate, config.learning_rate)
+        return self.head(hp, self.trunks[0].unet)
 
 
 class TrunkFeatures:
-    """Each split's trunk output at each cut, computed on first use and kept in memory."""
+    """Every slice's output of each trunk at each cut, computed on first use and kept."""
 
-    def __init__(self, unet: keras.Model, splits: dict[str, SplitArrays], batch_size: int = 32):
-        self.unet, self.splits, self.batch_size = unet, splits, batch_size
-        self._cache: dict[tuple[int, str], np.ndarray] = {}
+    def __init__(self, arrays: SplitArrays, batch_size: int = 32):
+        self.arrays, self.batch_size = arrays, batch_size
+        self._cache: dict[tuple[str, int], np.ndarray] = {}
 
-    def get(self, fine_tune_blocks: int, split: str) -> np.ndarray:
-        key = (fine_tune_blocks, split)
+    def get(self, trunk: Trunk, fine_tune_blocks: int) -> np.ndarray:
+        key = (trunk.name, fine_tune_blocks)
         if key not in self._cache:
-            cut = self.unet.get_layer(cut_layer_name(self.unet, fine_tune_blocks))
-            trunk = keras.Model(self.unet.inputs, cut.output)
-            self._cache[key] = trunk.predict(self.splits[split].images,
-                                             batch_size=self.batch_size, verbose=0)
+            cut = trunk.unet.get_layer(cut_layer_name(trunk.unet, fine_tune_blocks))
+            encoder = keras.Model(trunk.unet.inputs, cut.output)
+            self._cache[key] = encoder.predict(self.arrays.images, batch_size=self.batch_size,
+                                               verbose=0)
         return self._cache[key]
 
 
 class GateSearch(keras_tuner.RandomSearch):
-    """RandomSearch whose trials train on cached trunk features and report the mean over
-    executions of each execution's best val ROC AUC, and the trial's wall time."""
+    """RandomSearch whose trials train a head per fold on that fold's cached trunk features for
+    ``epochs`` epochs, ``executions_per_trial`` times, and report the held-out ROC AUC curve
+    averaged over folds and executions: its best value (``val_auc``), the epoch it is reached
+    (``best_epoch``, what the winner is then trained for) and the trial's wall time."""
 
     def __init__(self, hypermodel: GateHyperModel, features: TrunkFeatures, *, seed: int,
                  **kwargs):
@@ -101,109 +126,156 @@ class GateSearch(keras_tuner.RandomSearch):
         self.features, self.search_seed = features, seed
 
     def run_trial(self, trial, epochs: int, batch_size: int, verbose="auto"):
-        started, aucs, losses = time.monotonic(), [], []
+        started, curves, losses = time.monotonic(), [], []
         k = trial.hyperparameters.get("fine_tune_blocks")
-        train, val = self.features.get(k, "train"), self.features.get(k, "val")
-        labels = {name: self.features.splits[name].labels for name in ("train", "val")}
-        for execution in range(self.executions_per_trial):
-            keras.utils.set_random_seed(self.search_seed + 10 * int(trial.trial_id) + execution)
-            head = self.hypermodel.build(trial.hyperparameters)
-            history = head.fit(train, labels["train"], validation_data=(val, labels["val"]),
-                               epochs=epochs, batch_size=batch_size, shuffle=True,
-                               verbose=verbose)
-            best = int(np.argmax(history.history["val_auc"]))
-            aucs.append(history.history["val_auc"][best])
-            losses.append(history.history["val_loss"][best])
-        return {"val_auc": float(np.mean(aucs)), "val_loss": float(np.mean(losses)),
+        labels = self.features.arrays.labels
+        for trunk in self.hypermodel.trunks:
+            features = self.features.get(trunk, k)
+            for execution in range(self.executions_per_trial):
+                keras.utils.set_random_seed(self.search_seed + 10 * int(trial.trial_id)
+                                            + execution)
+                head = self.hypermodel.head(trial.hyperparameters, trunk.unet)
+                history = head.fit(features[trunk.train], labels[trunk.train],
+                                   validation_data=(features[trunk.held_out],
+                                                    labels[trunk.held_out]),
+                                   epochs=epochs, batch_size=batch_size, shuffle=True,
+                                   verbose=verbose)
+                curves.append(history.history["val_auc"])
+                losses.append(history.history["val_loss"])
+        curve = np.mean(curves, axis=0)
+        best = int(np.argmax(curve))
+        return {"val_auc": float(curve[best]), "val_loss": float(np.mean(losses, axis=0)[best]),
+                "best_epoch": best + 1, "val_auc_last_epoch": float(curve[-1]),
                 "seconds": time.monotonic() - started, "epochs": epochs,
-                "executions": self.executions_per_trial}
+                "executions": self.executions_per_trial, "folds": len(self.hypermodel.trunks)}
 
     def save_model(self, trial_id, model, step=0):  # the best configuration is retrained
         pass
 
 
-def make_gate_tuner(unet: keras.Model, config: GateConfig, features: TrunkFeatures,
-                    work_dir: Path, max_trials: int, executions: int) -> GateSearch:
-    return GateSearch(GateHyperModel(unet, config), features,
-                      objective=keras_tuner.Objective("val_auc", "max"),
-                      max_trials=max_trials, executions_per_trial=executions, seed=config.seed,
-                      directory=str(work_dir), project_name="gate", overwrite=False)
-
-
-def retrain_gate(unet: keras.Model, config: GateConfig, features: TrunkFeatures,
-                 verbose="auto") -> Gate:
-    """Train ``config``'s gate on the train split's trunk features, keeping the epoch with the
-    best val ROC AUC."""
+def train_gate(trunk: Trunk, config: GateConfig, features: TrunkFeatures,
+               verbose="auto") -> Gate:
+    """``config``'s gate on ``trunk``, its head trained on the trunk's training slices for
+    ``config.epochs`` epochs (a fixed schedule: nothing is watched)."""
     keras.utils.set_random_seed(config.seed)
-    gate = build_gate_from_config(unet, config)
+    gate = build_gate_from_config(trunk.unet, config)
     head = compile_head(gate, config.learning_rate)
-    k, splits = config.fine_tune_blocks, features.splits
-    head.fit(features.get(k, "train"), splits["train"].labels,
-             validation_data=(features.get(k, "val"), splits["val"].labels),
-             epochs=config.epochs, batch_size=config.batch_size, shuffle=True, verbose=verbose,
-             callbacks=[keras.callbacks.EarlyStopping("val_auc", mode="max",
-                                                      patience=config.patience,
-                                                      restore_best_weights=True)])
+    head.fit(features.get(trunk, config.fine_tune_blocks)[trunk.train],
+             features.arrays.labels[trunk.train], epochs=config.epochs,
+             batch_size=config.batch_size, shuffle=True, verbose=verbose)
     return gate
 
 
-def threshold_score_and_ship_gate(gate: Gate, config: GateConfig, features: TrunkFeatures,
-                                  ship_to: Path | None, facts: dict) -> pd.DataFrame:
-    """Threshold by the sensitivity rule on val, every split scored, the whole gate (trunk and
-    head) shipped with its config. Returns the per-split metrics."""
-    k, splits = config.fine_tune_blocks, features.splits
-    probabilities = {name: gate.head.predict(features.get(k, name), batch_size=256,
-                                             verbose=0).ravel() for name in splits}
-    threshold = choose_threshold(splits["val"].labels, probabilities["val"],
+def _probabilities(gate: Gate, trunk: Trunk, config: GateConfig, features: TrunkFeatures,
+                   indices: np.ndarray) -> np.ndarray:
+    cached = features.get(trunk, config.fine_tune_blocks)[indices]
+    return gate.head.predict(cached, batch_size=256, verbose=0).ravel()
+
+
+def fold_trunks(manifest: pd.DataFrame, rows: pd.DataFrame, recipe: str,
+                cv_dir: Path) -> list[Trunk]:
+    """A trunk per trained fold of ``recipe``: that fold's U-Net, its head trained on the other
+    folds' slices and judged on the fold's own."""
+    folds = rows["fold"].to_numpy()
+    trunks = []
+    for fold in sorted(set(manifest["fold"]) - {NO_FOLD}):
+        path = fold_model(cv_dir, recipe, fold)
+        if path.is_file():
+            trunks.append(Trunk(f"fold{fold}", keras.saving.load_model(path, compile=False),
+                                np.flatnonzero((folds != fold) & (folds != NO_FOLD)),
+                                np.flatnonzero(folds == fold), int(fold)))
+    if not trunks:
+        raise FileNotFoundError(f"{fold_model(cv_dir, recipe, 0).parent}: no fold U-Net of "
+                                f"recipe {recipe!r} is trained; the gate is searched on them "
+                                f"(make cv CV_RECIPE={recipe})")
+    return trunks
+
+
+def cross_validated_gates(trunks: list[Trunk], config: GateConfig, features: TrunkFeatures,
+                          cv_dir: Path, recipe: str,
+                          verbose="auto") -> tuple[pd.DataFrame, float]:
+    """Train ``config``'s gate on every fold's trunk; every development slice's held-out
+    probability; the threshold chosen on them by the sensitivity rule. Each fold's gate ships
+    as ``gate_fold<k>.keras`` beside its U-Net, with that threshold."""
+    rows, parts, gates = features.arrays.rows, [], []
+    for trunk in trunks:
+        gates.append(train_gate(trunk, config, features, verbose))
+        parts.append(rows.iloc[trunk.held_out][["patient_id", "slice", "fold", "has_tumor"]]
+                     .assign(gate_probability=_probabilities(gates[-1], trunk, config, features,
+                                                             trunk.held_out)))
+    held_out = pd.concat(parts, ignore_index=True)
+    threshold = choose_threshold(held_out["has_tumor"], held_out["gate_probability"],
                                  config.min_val_sensitivity)
-    config = dataclasses.replace(config, threshold=threshold,
-                                 unet_fingerprint=fingerprint(features.unet))
-    table = pd.DataFrame([{"split": name, **classification_metrics(arrays.labels,
-                                                                   probabilities[name], threshold)}
-                          for name, arrays in splits.items()])
-    if ship_to is not None:
-        ship_model(gate.full, ship_to, config, {
-            **facts, "parameters": int(gate.full.count_params()),
-            "trainable_parameters": int(sum(np.prod(w.shape)
-                                            for w in gate.head.trainable_weights)),
-            "metrics": table.set_index("split").to_dict(orient="index")})
-    return table
+    for trunk, gate in zip(trunks, gates, strict=True):
+        ship_model(gate.full, fold_gate(cv_dir, recipe, trunk.fold),
+                   dataclasses.replace(config, threshold=threshold,
+                                       unet_fingerprint=fingerprint(trunk.unet)),
+                   {"trunk": f"{trunk.name}.keras", "threshold_chosen_on": "cv held-out"})
+    return held_out, threshold
 
 
-def run_gate_tuning(data_config, unet_path: Path, out_dir: Path, work_dir: Path, trials: int,
-                    epochs: int, executions: int, ship_to: Path | None,
-                    verbose="auto") -> pd.DataFrame | None:
-    """The whole of ``bt tune --gate``: search, retrain the winner, threshold, score, ship.
-    Returns the per-split metrics table."""
+def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out_dir: Path,
+                    work_dir: Path, trials: int, epochs: int, executions: int,
+                    ship_to: Path | None, verbose="auto") -> pd.DataFrame:
+    """The whole of ``bt tune --gate``: search on the folds, the winner trained per fold
+    (held-out probabilities, threshold) and on the shipped U-Net (shipped), scores. Returns
+    the metrics table."""
     if not Path(unet_path).is_file():
         raise FileNotFoundError(f"{unet_path}: no trained U-Net; the gate is built on one, so "
                                 "train it first (make train-unet), then make tune")
-    unet = keras.saving.load_model(unet_path, compile=False)
     preprocessing = load_json(Path(unet_path).with_suffix(".json"), UNetConfig).preprocessing
     data_config = dataclasses.replace(data_config, image_size=preprocessing.image_size,
                                       context_slices=preprocessing.context_slices,
                                       tv_weight=preprocessing.tv_weight)
     manifest = read_manifest(data_config.manifest)
-    splits = {name: load_split(manifest, name, data_config) for name in ("train", "val", "test")}
+    arrays = load_rows(manifest, data_config)
+    trunks = fold_trunks(manifest, arrays.rows, recipe, cv_dir)
     base = GateConfig(image_size=preprocessing.image_size,
                       context_slices=preprocessing.context_slices,
                       tv_weight=preprocessing.tv_weight, epochs=epochs, seed=data_config.seed)
-    features = TrunkFeatures(unet, splits)
-    tuner = make_gate_tuner(unet, base, features, work_dir, trials, executions)
+    features = TrunkFeatures(arrays)
+    tuner = GateSearch(GateHyperModel(trunks, base), features, seed=base.seed,
+                       objective=keras_tuner.Objective("val_auc", "max"), max_trials=trials,
+                       executions_per_trial=executions, directory=str(work_dir),
+                       project_name=f"gate_{recipe}", overwrite=False)
     started = time.monotonic()
     tuner.search(epochs=epochs, batch_size=base.batch_size, verbose=verbose)
-    best = tuner.get_best_hyperparameters(1)[0]
-    table = trials_table(tuner, objective="val_auc", extra=("epochs", "executions"))
-    settings = {"trials": trials, "epochs_per_trial": epochs, "executions_per_trial": executions,
-                "image_size": preprocessing.image_size, "seed": data_config.seed,
-                "trunk": str(unet_path), "objective": "val_auc",
-                "trial_seconds_total": round(float(table["seconds"].sum()), 1)}
-    write_search_reports(table, best.values, out_dir, settings, objective="val_auc")
-    config = dataclasses.replace(base, **gate_kwargs_from_hp(best))
-    gate = retrain_gate(unet, config, features, verbose)
-    metrics = threshold_score_and_ship_gate(gate, config, features, ship_to, {
-        "data": dataclasses.asdict(data_config), "trunk": str(unet_path),
-        "search_and_retrain_wall_seconds": round(time.monotonic() - started, 1)})
+    best_trial = tuner.oracle.get_best_trials(1)[0]
+    table = trials_table(tuner, objective="val_auc",
+                         extra=("best_epoch", "val_auc_last_epoch", "epochs", "executions",
+                                "folds"))
+    config = dataclasses.replace(base, **gate_kwargs_from_hp(best_trial.hyperparameters),
+                                 epochs=int(best_trial.metrics.get_last_value("best_epoch")))
+    write_search_reports(table, best_trial.hyperparameters.values, out_dir, {
+        "trials": trials, "epochs_per_trial": epochs, "executions_per_trial": executions,
+        "folds": [t.name for t in trunks], "recipe": recipe, "objective": "val_auc (held-out "
+        "ROC AUC averaged over folds and executions, best epoch)", "seed": base.seed,
+        "trial_seconds_total": round(float(table["seconds"].sum()), 1)}, objective="val_auc")
+    held_out, threshold = cross_validated_gates(trunks, config, features, cv_dir, recipe,
+                                                verbose)
+    write_text_atomic(Path(cv_dir) / recipe / "gate_heldout.csv",
+                      held_out.to_csv(index=False, lineterminator="\n", float_format="%.6f"))
+    folds = arrays.rows["fold"].to_numpy()
+    shipped = Trunk("shipped", keras.saving.load_model(unet_path, compile=False),
+                    np.flatnonzero(folds != NO_FOLD), np.flatnonzero(folds == NO_FOLD))
+    gate = train_gate(shipped, config, features, verbose)
+    test = _probabilities(gate, shipped, config, features, shipped.held_out)
+    metrics = pd.DataFrame([
+        {"patients": f"cv held-out ({held_out['patient_id'].nunique()}, folds "
+                     f"{','.join(str(t.fold) for t in trunks)})",
+         **classification_metrics(held_out["has_tumor"], held_out["gate_probability"],
+                                  threshold)},
+        {"patients": "test (shipped gate, only reported)",
+         **classification_metrics(arrays.labels[shipped.held_out], test, threshold)}])
+    config = dataclasses.replace(config, threshold=threshold,
+                                 unet_fingerprint=fingerprint(shipped.unet))
+    if ship_to is not None:
+        ship_model(gate.full, ship_to, config, {
+            "data": dataclasses.asdict(data_config), "trunk": str(unet_path),
+            "cv_recipe": recipe, "threshold_chosen_on": "cv held-out",
+            "parameters": int(gate.full.count_params()),
+            "search_and_training_wall_seconds": round(time.monotonic() - started, 1),
+            "metrics": metrics.set_index("patients").to_dict(orient="index")})
     write_text_atomic(out_dir / "gate_metrics.csv",
                       metrics.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
     return metrics
