@@ -179,6 +179,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", default="fixed",
                         help="with --gate: the U-Net recipe whose cross-validation folds the "
                              "search trains and judges on (one gate per fold)")
+    parser.add_argument("--fine-tune-choices", type=int, nargs="+", default=[0, 1],
+                        metavar="BLOCKS",
+                        help="with --gate: how many top trunk blocks a trial may fine-tune "
+                             "(0 = frozen, its features computed once; 1 = the bottleneck "
+                             "trains too, far slower)")
     parser.add_argument("--cv-dir", default="reports/cv",
                         help="with --gate: where the recipe's fold U-Nets are")
     parser.add_argument("--out-dir", default="tuning")
@@ -196,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         table = run_gate_tuning(data_config, args.recipe, Path(args.cv_dir), Path(args.trunk),
                                 Path(args.out_dir), Path(args.work_dir), args.trials,
                                 args.epochs, args.executions, Path(args.ship_to),
-                                keras_verbosity())
+                                keras_verbosity(), tuple(args.fine_tune_choices))
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         print(f"shipped gate: {args.ship_to}; reports in {args.out_dir}/")
         return 0

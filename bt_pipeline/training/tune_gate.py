@@ -43,15 +43,17 @@ from bt_pipeline.training.train_classifier import choose_threshold
 
 DENSE_ACTIVATIONS = ["relu", "sigmoid", "tanh", "elu"]
 #: Trunk blocks that may fine-tune: the bottleneck (1) at most; deeper cuts cost minutes per
-#: epoch on 2 cores, which the full 20 x 20 x 2 budget cannot afford.
-FINE_TUNE_CHOICES = [0, 1]
+#: epoch on 2 cores. Even the bottleneck took 64 s per epoch on 2 cores shared with a training
+#: run, so ``--fine-tune-choices 0`` is how a small machine affords the full budget.
+FINE_TUNE_CHOICES = (0, 1)
 
 
-def gate_kwargs_from_hp(hp: keras_tuner.HyperParameters) -> dict:
+def gate_kwargs_from_hp(hp: keras_tuner.HyperParameters,
+                        fine_tune_choices=FINE_TUNE_CHOICES) -> dict:
     """Map hyperparameters to GateConfig fields (the builder's arguments and the LR)."""
     dropout = dict(min_value=0.0, max_value=0.5, step=0.05, default=0.2)
     return {
-        "fine_tune_blocks": hp.Choice("fine_tune_blocks", FINE_TUNE_CHOICES, default=0),
+        "fine_tune_blocks": hp.Choice("fine_tune_blocks", list(fine_tune_choices), default=0),
         "feature_dropout": hp.Float("dropout_features", **dropout),
         "dense_dropout": hp.Float("dropout_dense", **dropout),
         "dense_units": hp.Int("dense_units", 32, 512, step=32, default=128),
@@ -85,12 +87,14 @@ class GateHyperModel(keras_tuner.HyperModel):
     that trains (fine-tuned blocks and head), fed by cached trunk features. The trunk is the
     first fold's unless :meth:`head` names another."""
 
-    def __init__(self, trunks: list[Trunk], config: GateConfig):
+    def __init__(self, trunks: list[Trunk], config: GateConfig,
+                 fine_tune_choices=FINE_TUNE_CHOICES):
         super().__init__(name="encoder_gate")
-        self.trunks, self.config = trunks, config
+        self.trunks, self.config, self.fine_tune_choices = trunks, config, fine_tune_choices
 
     def head(self, hp: keras_tuner.HyperParameters, unet: keras.Model) -> keras.Model:
-        config = dataclasses.replace(self.config, **gate_kwargs_from_hp(hp))
+        config = dataclasses.replace(self.config,
+                                     **gate_kwargs_from_hp(hp, self.fine_tune_choices))
         return compile_head(build_gate_from_config(unet, config), config.learning_rate)
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
@@ -216,7 +220,8 @@ def cross_validated_gates(trunks: list[Trunk], config: GateConfig, features: Tru
 
 def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out_dir: Path,
                     work_dir: Path, trials: int, epochs: int, executions: int,
-                    ship_to: Path | None, verbose="auto") -> pd.DataFrame:
+                    ship_to: Path | None, verbose="auto",
+                    fine_tune_choices=FINE_TUNE_CHOICES) -> pd.DataFrame:
     """The whole of ``bt tune --gate``: search on the folds, the winner trained per fold
     (held-out probabilities, threshold) and on the shipped U-Net (shipped), scores. Returns
     the metrics table."""
@@ -234,7 +239,7 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out
                       context_slices=preprocessing.context_slices,
                       tv_weight=preprocessing.tv_weight, epochs=epochs, seed=data_config.seed)
     features = TrunkFeatures(arrays)
-    tuner = GateSearch(GateHyperModel(trunks, base), features, seed=base.seed,
+    tuner = GateSearch(GateHyperModel(trunks, base, fine_tune_choices), features, seed=base.seed,
                        objective=keras_tuner.Objective("val_auc", "max"), max_trials=trials,
                        executions_per_trial=executions, directory=str(work_dir),
                        project_name=f"gate_{recipe}", overwrite=False)
@@ -244,11 +249,13 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out
     table = trials_table(tuner, objective="val_auc",
                          extra=("best_epoch", "val_auc_last_epoch", "epochs", "executions",
                                 "folds"))
-    config = dataclasses.replace(base, **gate_kwargs_from_hp(best_trial.hyperparameters),
+    config = dataclasses.replace(base, **gate_kwargs_from_hp(best_trial.hyperparameters,
+                                                             fine_tune_choices),
                                  epochs=int(best_trial.metrics.get_last_value("best_epoch")))
     write_search_reports(table, best_trial.hyperparameters.values, out_dir, {
         "trials": trials, "epochs_per_trial": epochs, "executions_per_trial": executions,
-        "folds": [t.name for t in trunks], "recipe": recipe, "objective": "val_auc (held-out "
+        "folds": [t.name for t in trunks], "recipe": recipe,
+        "fine_tune_choices": list(fine_tune_choices), "objective": "val_auc (held-out "
         "ROC AUC averaged over folds and executions, best epoch)", "seed": base.seed,
         "trial_seconds_total": round(float(table["seconds"].sum()), 1)}, objective="val_auc")
     held_out, threshold = cross_validated_gates(trunks, config, features, cv_dir, recipe,
