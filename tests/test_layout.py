@@ -8,7 +8,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bt_pipeline"
 #: Stage of each folder; a module may import its own stage and earlier ones only.
-STAGES = {"data": 1, "models": 2, "training": 3, "inference": 4, "evaluation": 5, "studies": 6}
+STAGES = {"data": 1, "models": 2, "training": 3, "inference": 4, "evaluation": 5,
+          "radiogenomics": 6, "studies": 7}
 #: Leaves every stage may use: configuration, atomic writes, report helpers, the command front
 #: (its helpers import only the config), and the NumPy metrics that training's threshold rule
 #: and inference's Dice against truth share with evaluation.
