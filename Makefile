@@ -79,7 +79,8 @@ tune: install
 # `make cv CV_RECIPE=$(UNET_RECIPE)` and `make train-unet` first); ships the gate.
 tune-gate: install
 	$(PY) -m bt_pipeline tune --gate --recipe $(UNET_RECIPE) --data-dir $(KAGGLE_ROOT) \
-		--trials $(TRIALS) --epochs $(EPOCHS) --executions $(EXECUTIONS)
+		--trials $(TRIALS) --epochs $(EPOCHS) --executions $(EXECUTIONS) \
+		--out-dir tuning/gate --work-dir tuning/work/gate
 
 # A chief (the gRPC oracle) and $(WORKERS) workers on this machine; see README for several.
 tune-distributed: install
