@@ -86,6 +86,15 @@ def _load(unet: Path, classifier: Path, rule: UNetConfig):
     return predictor
 
 
+def _shown(path: Path | None) -> str:
+    """A model's path for the table: relative to the working folder when under it, so that the
+    committed table does not change with where the repository sits."""
+    if path is None:
+        return ""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def patient_features(manifest: pd.DataFrame, data_root: str | Path,
                      models: dict[str, Path | None], classifier: Path,
                      rule: UNetConfig) -> pd.DataFrame:
@@ -103,7 +112,7 @@ def patient_features(manifest: pd.DataFrame, data_root: str | Path,
             group = ordered[ordered["patient_id"] == patient]
             manual, automatic = _volumes(group, root, predictor)
             base = {"patient_id": patient, "institution": group["institution"].iloc[0],
-                    "fold": int(group["fold"].iloc[0]), "model": "" if path is None else str(path)}
+                    "fold": int(group["fold"].iloc[0]), "model": _shown(path)}
             rows.append({**base, "source": "manual", "dice_vs_manual": 1.0,
                          **shape_features(manual)})
             if automatic is not None:
