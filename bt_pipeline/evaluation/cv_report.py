@@ -48,21 +48,28 @@ from bt_pipeline.training.cross_validation import (
 SCORES = ("dice_unet", "dice_pipeline")
 
 
+def load_under_rule(classifier: Path, unet: Path, rule: UNetConfig):
+    """A predictor for ``classifier`` and ``unet`` whose post-processing is ``rule``'s, so that
+    U-Nets shipped under other rules are scored under one."""
+    from bt_pipeline.inference.predictor import TwoStagePredictor
+
+    predictor = TwoStagePredictor.load(classifier, unet)
+    predictor.unet_config = dataclasses.replace(
+        predictor.unet_config, min_component_pixels=rule.min_component_pixels,
+        keep_largest_3d=rule.keep_largest_3d)
+    return predictor
+
+
 def score_fold(recipe: str, fold: int, manifest: pd.DataFrame, data_root: str,
                models_root: Path, classifier: Path, rule: UNetConfig, flair_alone: bool = False):
     """Per-patient and per-slice tables of fold ``fold``'s held-out patients, their
     predictions and the fold's predictor."""
-    from bt_pipeline.inference.predictor import TwoStagePredictor
-
     _, held_out = fold_patients(manifest, fold)
     name = f"fold{fold}"
     rows = manifest[manifest["patient_id"].isin(held_out)].assign(split=name)
     gate = fold_gate(models_root, recipe, fold)
-    predictor = TwoStagePredictor.load(gate if gate.is_file() else classifier,
-                                       fold_model(models_root, recipe, fold))
-    predictor.unet_config = dataclasses.replace(
-        predictor.unet_config, min_component_pixels=rule.min_component_pixels,
-        keep_largest_3d=rule.keep_largest_3d)
+    predictor = load_under_rule(gate if gate.is_file() else classifier,
+                                fold_model(models_root, recipe, fold), rule)
     predictions = predict_split(predictor, rows, name, data_root, flair_alone)
     return (*score_split(predictor, predictions, name), predictions, predictor)
 

@@ -19,7 +19,6 @@ be held out for them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from bt_pipeline.cli import quiet_tensorflow
 from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig, UNetConfig, load_json
 from bt_pipeline.data.manifest import NO_FOLD, read_manifest
 from bt_pipeline.data.preprocess import read_image, read_mask
+from bt_pipeline.evaluation.cv_report import load_under_rule
 from bt_pipeline.evaluation.metrics import dice_score
 from bt_pipeline.radiogenomics.association import (
     PAPER_ALPHA,
@@ -74,18 +74,6 @@ def _volumes(rows: pd.DataFrame, root: Path, predictor) -> tuple[np.ndarray, np.
     return manual, np.stack(predictor.volume_masks(maps)).astype(bool)
 
 
-def _load(unet: Path, classifier: Path, rule: UNetConfig):
-    """A predictor for ``unet`` whose post-processing is ``rule``'s (the classifier is loaded
-    because the predictor holds one; it gates nothing here)."""
-    from bt_pipeline.inference.predictor import TwoStagePredictor
-
-    predictor = TwoStagePredictor.load(classifier, unet)
-    predictor.unet_config = dataclasses.replace(
-        predictor.unet_config, min_component_pixels=rule.min_component_pixels,
-        keep_largest_3d=rule.keep_largest_3d)
-    return predictor
-
-
 def _shown(path: Path | None) -> str:
     """A model's path for the table: relative to the working folder when under it, so that the
     committed table does not change with where the repository sits."""
@@ -107,7 +95,7 @@ def patient_features(manifest: pd.DataFrame, data_root: str | Path,
         by_model.setdefault(path, []).append(patient)
     progress = tqdm(total=len(models), desc="masks and features", unit="patient")
     for path, patients in sorted(by_model.items(), key=lambda item: str(item[0])):
-        predictor = None if path is None else _load(path, classifier, rule)
+        predictor = None if path is None else load_under_rule(classifier, path, rule)
         for patient in sorted(patients):
             group = ordered[ordered["patient_id"] == patient]
             manual, automatic = _volumes(group, root, predictor)
