@@ -177,13 +177,13 @@ def _probabilities(gate: Gate, trunk: Trunk, config: GateConfig, features: Trunk
     return gate.head.predict(cached, batch_size=256, verbose=0).ravel()
 
 
-def fold_trunks(manifest: pd.DataFrame, rows: pd.DataFrame, recipe: str,
-                cv_dir: Path) -> list[Trunk]:
+def fold_trunks(rows: pd.DataFrame, recipe: str, cv_dir: Path) -> list[Trunk]:
     """A trunk per trained fold of ``recipe``: that fold's U-Net, its head trained on the other
-    folds' slices and judged on the fold's own."""
+    folds' slices (``rows``: every manifest row, in the arrays' order) and judged on the
+    fold's own."""
     folds = rows["fold"].to_numpy()
     trunks = []
-    for fold in sorted(set(manifest["fold"]) - {NO_FOLD}):
+    for fold in sorted(set(folds) - {NO_FOLD}):
         path = fold_model(cv_dir, recipe, fold)
         if path.is_file():
             trunks.append(Trunk(f"fold{fold}", keras.saving.load_model(path, compile=False),
@@ -235,7 +235,7 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out
                                       tv_weight=preprocessing.tv_weight)
     manifest = read_manifest(data_config.manifest)
     arrays = load_rows(manifest, data_config)
-    trunks = fold_trunks(manifest, arrays.rows, recipe, cv_dir)
+    trunks = fold_trunks(arrays.rows, recipe, cv_dir)
     base = GateConfig(image_size=preprocessing.image_size,
                       context_slices=preprocessing.context_slices,
                       tv_weight=preprocessing.tv_weight, epochs=epochs, seed=data_config.seed)
