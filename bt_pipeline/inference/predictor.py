@@ -29,6 +29,7 @@ from bt_pipeline.config import (
 )
 from bt_pipeline.data.preprocess import preprocess_image, with_context
 from bt_pipeline.inference.postprocess import finish_volume, slice_masks
+from bt_pipeline.models.batch_norm import with_fused_batch_norm
 from bt_pipeline.models.gate import cut_layer_name, fingerprint
 from bt_pipeline.models.precision import with_dtype_policy
 from bt_pipeline.models.unet import split_unet
@@ -39,15 +40,17 @@ class ModelLoadError(ValueError):
 
 
 def load_model_file(path: str | os.PathLike) -> keras.Model:
-    """Load a ``.keras`` file for inference (safe mode, not compiled)."""
+    """Load a ``.keras`` file for inference (safe mode, not compiled, batch norm through the
+    fused kernel)."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: model file not found")
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a damaged archive
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{path}: not a loadable Keras model ({reason[:200]})") from exc
+    return with_fused_batch_norm(model)
 
 
 def graph_forward(model: keras.Model):

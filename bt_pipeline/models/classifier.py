@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import keras
 
 from bt_pipeline.config import ClassifierConfig
+from bt_pipeline.models.batch_norm import FusedBatchNormalization
 
 
 def build_classifier(
@@ -46,7 +47,7 @@ def build_classifier(
             x = keras.layers.Conv2D(width, 3, padding="same", use_bias=not batch_norm,
                                     name=f"block{block}_conv{suffix}")(x)
             if batch_norm:
-                x = keras.layers.BatchNormalization(momentum=0.9,
+                x = FusedBatchNormalization(momentum=0.9,
                                                     name=f"block{block}_bn{suffix}")(x)
             x = keras.layers.Activation(conv_activation, name=f"block{block}_act{suffix}")(x)
         x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)

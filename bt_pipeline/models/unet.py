@@ -11,6 +11,7 @@ from __future__ import annotations
 import keras
 
 from bt_pipeline.config import UNetConfig
+from bt_pipeline.models.batch_norm import FusedBatchNormalization
 from bt_pipeline.models.losses import LOSSES, dice_metric, iou_metric
 
 
@@ -21,7 +22,7 @@ def _double_conv(x, width: int, batch_norm: bool, activation: str, name: str):
         if batch_norm:
             # momentum 0.9, not Keras' 0.99: with ~35 steps per epoch on a CPU the moving
             # statistics must settle within an epoch or validation sees a different network.
-            x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{index}")(x)
+            x = FusedBatchNormalization(momentum=0.9, name=f"{name}_bn{index}")(x)
         x = keras.layers.Activation(activation, name=f"{name}_act{index}")(x)
     return x
 

@@ -35,6 +35,7 @@ from bt_pipeline.config import GateConfig, UNetConfig, load_json
 from bt_pipeline.data.loader import SplitArrays, load_rows
 from bt_pipeline.data.manifest import NO_FOLD, read_manifest
 from bt_pipeline.evaluation.metrics import classification_metrics
+from bt_pipeline.models.batch_norm import with_fused_batch_norm
 from bt_pipeline.models.gate import Gate, build_gate_from_config, cut_layer_name, fingerprint
 from bt_pipeline.training.callbacks import ship_model
 from bt_pipeline.training.cross_validation import fold_gate, fold_model
@@ -177,6 +178,11 @@ def _probabilities(gate: Gate, trunk: Trunk, config: GateConfig, features: Trunk
     return gate.head.predict(cached, batch_size=256, verbose=0).ravel()
 
 
+def load_trunk(path: Path) -> keras.Model:
+    """A saved U-Net whose encoder a gate is built on (batch norm through the fused kernel)."""
+    return with_fused_batch_norm(keras.saving.load_model(path, compile=False))
+
+
 def fold_trunks(rows: pd.DataFrame, recipe: str, cv_dir: Path) -> list[Trunk]:
     """A trunk per trained fold of ``recipe``: that fold's U-Net, its head trained on the other
     folds' slices (``rows``: every manifest row, in the arrays' order) and judged on the
@@ -186,7 +192,7 @@ def fold_trunks(rows: pd.DataFrame, recipe: str, cv_dir: Path) -> list[Trunk]:
     for fold in sorted(set(folds) - {NO_FOLD}):
         path = fold_model(cv_dir, recipe, fold)
         if path.is_file():
-            trunks.append(Trunk(f"fold{fold}", keras.saving.load_model(path, compile=False),
+            trunks.append(Trunk(f"fold{fold}", load_trunk(path),
                                 np.flatnonzero((folds != fold) & (folds != NO_FOLD)),
                                 np.flatnonzero(folds == fold), int(fold)))
     if not trunks:
@@ -264,7 +270,7 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out
     write_text_atomic(Path(cv_dir) / recipe / "gate_heldout.csv",
                       held_out.to_csv(index=False, lineterminator="\n", float_format="%.6f"))
     folds = arrays.rows["fold"].to_numpy()
-    shipped = Trunk("shipped", keras.saving.load_model(unet_path, compile=False),
+    shipped = Trunk("shipped", load_trunk(unet_path),
                     np.flatnonzero(folds != NO_FOLD), np.flatnonzero(folds == NO_FOLD))
     gate = train_gate(shipped, config, features, verbose)
     test = _probabilities(gate, shipped, config, features, shipped.held_out)
