@@ -2,11 +2,11 @@
 
 Keras 3 normalizes in several separate ops (cast to float32, two reductions for the moments,
 the affine map, cast back). TensorFlow's ``FusedBatchNormV3`` does the same in one oneDNN kernel
-that reads bfloat16 directly and keeps its statistics in float32, and Grappler folds it into the
-preceding convolution at inference. On this 2-core CPU that makes a U-Net training step 1.24x
-faster in float32 and 1.55x faster in bfloat16, and bfloat16 inference 1.4x faster
-(docs/speed.md). The weights (gamma, beta, moving mean and variance) are Keras' own, in the
-same order, so a model converts either way without retraining.
+that reads bfloat16 directly and keeps its statistics in float32. Per CPU-second on this 2-core
+CPU, that makes a U-Net training step 1.24x faster in float32 and 1.55x faster in bfloat16, and
+bfloat16 inference 1.4x faster (docs/speed.md). The weights (gamma, beta, moving mean and
+variance) are Keras' own, in the same order, so a model converts either way without
+retraining.
 """
 
 from __future__ import annotations

@@ -47,8 +47,7 @@ def build_classifier(
             x = keras.layers.Conv2D(width, 3, padding="same", use_bias=not batch_norm,
                                     name=f"block{block}_conv{suffix}")(x)
             if batch_norm:
-                x = FusedBatchNormalization(momentum=0.9,
-                                                    name=f"block{block}_bn{suffix}")(x)
+                x = FusedBatchNormalization(momentum=0.9, name=f"block{block}_bn{suffix}")(x)
             x = keras.layers.Activation(conv_activation, name=f"block{block}_act{suffix}")(x)
         x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
         x = keras.layers.Dropout(rate, name=f"block{block}_dropout")(x)
