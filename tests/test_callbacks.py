@@ -175,8 +175,12 @@ def test_tuning_resumes_after_sigkill_without_recording_a_trial_twice(
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
     def completed():
-        states = [json.loads(p.read_text()).get("status")
-                  for p in work.glob("classifier/trial_*/trial.json")]
+        states = []
+        for path in work.glob("classifier/trial_*/trial.json"):
+            try:  # Keras Tuner rewrites trial.json in place: it may be caught half-written
+                states.append(json.loads(path.read_text()).get("status"))
+            except json.JSONDecodeError:
+                continue
         return states.count("COMPLETED")
 
     first = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
