@@ -49,6 +49,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                       "-> reports/radiogenomics"),
     "roundtrip": ("bt_pipeline.studies.roundtrip", "",
                   "test patients as NIfTI and DICOM through infer -> reports/roundtrip"),
+    "stage1-choice": ("bt_pipeline.studies.stage1_choice", "",
+                      "encoder gates against another stage 1 and no gate on held-out "
+                      "development patients -> reports/cv/<recipe>/stage1_choice"),
 }
 
 

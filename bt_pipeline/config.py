@@ -20,6 +20,10 @@ T = TypeVar("T")
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 SHIPPED_CLASSIFIER = WEIGHTS_DIR / "classifier.keras"
 SHIPPED_UNET = WEIGHTS_DIR / "unet.keras"
+#: The from-scratch slice CNN shipped before the encoder gate, kept as the baseline recipe's
+#: stage 1: it gates what no gate fits (cross-validation folds without their own gate, the
+#: experiments' small U-Nets), since a gate only runs on the U-Net it was built on.
+BASELINE_CLASSIFIER = Path("reports/cv/baseline/models/classifier.keras")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,9 +4,10 @@ held-out patients exactly as ``bt evaluate`` scores a split, and write ``reports
 Each patient is scored by the fold U-Net that never trained on them, at 256x256, with the
 shipped U-Net's post-processing rule, so that recipes are compared under one rule. A fold with
 a gate of its own (``gate_fold<k>.keras``, from ``bt tune --gate``) is gated by it, so its
-pipeline figure is held out; otherwise the shipped classifier gates, which trained on the
-manifest's train split, and only the U-Net figure (every true tumour slice segmented) is held
-out.
+pipeline figure is held out; otherwise the baseline recipe's from-scratch slice CNN gates
+(``reports/cv/baseline/models/classifier.keras``, the stage 1 shipped before the encoder gate),
+which trained on the manifest's train split, and only the U-Net figure (every true tumour slice
+segmented) is held out.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic, write_with
 from bt_pipeline.cli import UsageError, keras_verbosity, quiet_tensorflow
-from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig, UNetConfig, load_json
+from bt_pipeline.config import SHIPPED_UNET, DataConfig, UNetConfig, load_json
 from bt_pipeline.data.manifest import N_FOLDS, read_manifest
 from bt_pipeline.evaluation.evaluate import by_slice_level
 from bt_pipeline.evaluation.scoring import (
@@ -58,6 +59,12 @@ def load_under_rule(classifier: Path, unet: Path, rule: UNetConfig):
         predictor.unet_config, min_component_pixels=rule.min_component_pixels,
         keep_largest_3d=rule.keep_largest_3d)
     return predictor
+
+
+def baseline_classifier(models_root: Path) -> Path:
+    """The baseline recipe's stage 1 under ``models_root`` (``config.BASELINE_CLASSIFIER`` for
+    the default ``reports/cv``): it gates the folds that have no gate of their own."""
+    return Path(models_root) / "baseline" / "models" / "classifier.keras"
 
 
 def score_fold(recipe: str, fold: int, manifest: pd.DataFrame, data_root: str,
@@ -190,8 +197,8 @@ def _gate_note(patients: pd.DataFrame, own_gates: tuple[int, ...]) -> str:
     if set(folds) <= set(own_gates):
         return ("each fold's own gate (`bt tune --gate`) on its U-Net's encoder, so the whole "
                 "pipeline is held out.")
-    note = ("the shipped classifier gates, and it trained on the manifest's train split, so "
-            "that column is not held out")
+    note = ("the baseline's from-scratch classifier gates, and it trained on the manifest's "
+            "train split, so that column is not held out")
     if own_gates:
         note += f" except in folds {', '.join(map(str, own_gates))}, gated by their own gates"
     return note + "."
@@ -219,7 +226,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training compute")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/cv"),
                         help="scratch: the folds' training runs (logs, backups)")
-    parser.add_argument("--classifier", type=Path, default=SHIPPED_CLASSIFIER)
+    parser.add_argument("--classifier", type=Path, default=None,
+                        help="stage 1 of the folds without a gate of their own (default: the "
+                             "from-scratch CNN of the baseline recipe, "
+                             "<out>/baseline/models/classifier.keras)")
     parser.add_argument("--rule-from", type=Path, default=SHIPPED_UNET,
                         help="U-Net whose JSON gives the post-processing rule")
     parser.add_argument("--out", type=Path, default=Path("reports/cv"),
@@ -245,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--write-postprocessing chooses for three-channel input: drop "
                          "--flair-only")
     rule = load_json(args.rule_from.with_suffix(".json"), UNetConfig)
+    classifier = args.classifier or baseline_classifier(args.out)
     results, missing = [], []
     for fold in args.folds:
         if not args.no_train:
@@ -254,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
             missing.append(fold)
             continue
         results.append(score_fold(recipe.name, fold, manifest, args.data_dir, args.out,
-                                  args.classifier, rule, args.flair_only))
+                                  classifier, rule, args.flair_only))
     if not results:
         raise FileNotFoundError(f"{args.out / recipe.name / 'models'}: no fold is trained yet")
     patients = pd.concat([r[0] for r in results], ignore_index=True)

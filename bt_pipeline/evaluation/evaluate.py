@@ -232,7 +232,8 @@ def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits
     if "val" in splits:
         figures.append(_sweep_figure(sweep, predictor, out))
     intro = [f"Splits: {', '.join(splits)} (patient-level, from `{data_config.manifest}`). "
-             f"Classifier threshold {predictor.classifier_config.threshold:.4f} (chosen on val); "
+             f"Stage-1 threshold {predictor.classifier_config.threshold:.4f} (chosen on "
+             "development patients, never test); "
              f"mask threshold {predictor.mask_threshold}; U-Nets {1 + len(predictor.extra_unets)}; "
              f"flip TTA {'on' if predictor.tta_flips else 'off'}; "
              f"{'bfloat16' if predictor.bfloat16 else 'float32'} compute. "

@@ -8,8 +8,8 @@ never trained on the patient: a development patient's from its cross-validation 
 development patient whose fold is not trained yet has no automatic mask, and the report says so.
 
 The automatic mask is the U-Net on every slice with the shipped post-processing rule, but no
-stage-1 gate: the shipped classifier trained on development patients, so gated masks would not
-be held out for them.
+stage-1 gate: a gate is bound to the U-Net it was built on and the from-scratch classifier
+trained on development patients, so gated masks would not be held out for all of them.
 
     reports/radiogenomics/features.csv      per patient and mask source, every feature
     reports/radiogenomics/associations.csv  per mask source, subtype and feature: Fisher p
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.cli import quiet_tensorflow
-from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig, UNetConfig, load_json
+from bt_pipeline.config import BASELINE_CLASSIFIER, SHIPPED_UNET, DataConfig, UNetConfig, load_json
 from bt_pipeline.data.manifest import NO_FOLD, read_manifest
 from bt_pipeline.data.preprocess import read_image, read_mask
 from bt_pipeline.evaluation.cv_report import load_under_rule
@@ -246,7 +246,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the recipes' fold models are (<recipe>/models/)")
     parser.add_argument("--unet", type=Path, default=SHIPPED_UNET,
                         help="segments the test patients; its JSON gives the post-processing")
-    parser.add_argument("--classifier", type=Path, default=SHIPPED_CLASSIFIER)
+    parser.add_argument("--classifier", type=Path, default=BASELINE_CLASSIFIER,
+                        help="loaded beside each U-Net, never gates (the masks are ungated)")
     parser.add_argument("--out", type=Path, default=Path("reports/radiogenomics"))
 
 

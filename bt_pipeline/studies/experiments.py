@@ -28,7 +28,7 @@ import pandas as pd
 from bt_pipeline.atomic import write_text_atomic, write_with
 from bt_pipeline.cli import add_common_arguments, apply_threads, keras_verbosity
 from bt_pipeline.config import (
-    SHIPPED_CLASSIFIER,
+    BASELINE_CLASSIFIER,
     ClassifierConfig,
     DataConfig,
     UNetConfig,
@@ -161,9 +161,10 @@ def curves_figure(curves: pd.DataFrame, group: str, panel: str, line: str,
 
 def score_options(models: dict[Run, keras.Model], runs: list[Run], scale: Scale,
                   manifest: pd.DataFrame, data_root: str, ensemble_size: int,
-                  tv_weight: float, classifier_path=SHIPPED_CLASSIFIER) -> pd.DataFrame:
+                  tv_weight: float, classifier_path=BASELINE_CLASSIFIER) -> pd.DataFrame:
     """Val scores of the baseline and of each next-step option, scored as ``make evaluate``
-    scores (per patient, at each slice's original grid, shipped classifier as the gate)."""
+    scores (per patient, at each slice's original grid), gated by the from-scratch classifier
+    (a shipped gate runs only on the U-Net it was built on)."""
     classifier = load_model_file(classifier_path)
     classifier_config = load_json(Path(classifier_path).with_suffix(".json"), ClassifierConfig)
     unet_config = UNetConfig(image_size=scale.image_size, depth=scale.depth,
@@ -202,7 +203,7 @@ def score_options(models: dict[Run, keras.Model], runs: list[Run], scale: Scale,
 def run_experiments(data: DataConfig, scale: Scale, out: Path, epochs_lr_bn: int,
                     epochs_batch: int, epochs_options: int, ensemble_size: int = 3,
                     tv_weight: float = 0.1, verbose="auto",
-                    classifier_path=SHIPPED_CLASSIFIER) -> dict[str, pd.DataFrame]:
+                    classifier_path=BASELINE_CLASSIFIER) -> dict[str, pd.DataFrame]:
     """Train every planned run not already done, then write the tables, figures and summary."""
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(data.manifest)

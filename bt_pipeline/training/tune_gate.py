@@ -285,7 +285,7 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out
                                  unet_fingerprint=fingerprint(shipped.unet))
     if ship_to is not None:
         ship_model(gate.full, ship_to, config, {
-            "data": dataclasses.asdict(data_config), "trunk": str(unet_path),
+            "data": dataclasses.asdict(data_config), "trunk": Path(unet_path).name,
             "cv_recipe": recipe, "threshold_chosen_on": "cv held-out",
             "parameters": int(gate.full.count_params()),
             "search_and_training_wall_seconds": round(time.monotonic() - started, 1),
