@@ -193,3 +193,13 @@ def test_the_cross_validation_gates_each_fold_with_its_own_gate(tiny_gate, tiny_
                                                tiny_gate / "cv", tiny_models[0], UNetConfig())
         assert isinstance(predictor.classifier_config, GateConfig)
         assert set(patients["split"]) == {f"fold{fold}"}
+
+
+@pytest.mark.parametrize("choices", [(0,), (1,), (0, 1)])
+def test_a_search_may_offer_any_set_of_fine_tune_depths(choices):
+    import keras_tuner
+
+    from bt_pipeline.training.tune_gate import gate_kwargs_from_hp
+
+    kwargs = gate_kwargs_from_hp(keras_tuner.HyperParameters(), choices)
+    assert kwargs["fine_tune_blocks"] == min(choices)

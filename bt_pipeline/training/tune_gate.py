@@ -55,7 +55,8 @@ def gate_kwargs_from_hp(hp: keras_tuner.HyperParameters,
     """Map hyperparameters to GateConfig fields (the builder's arguments and the LR)."""
     dropout = dict(min_value=0.0, max_value=0.5, step=0.05, default=0.2)
     return {
-        "fine_tune_blocks": hp.Choice("fine_tune_blocks", list(fine_tune_choices), default=0),
+        "fine_tune_blocks": hp.Choice("fine_tune_blocks", list(fine_tune_choices),
+                                      default=min(fine_tune_choices)),
         "feature_dropout": hp.Float("dropout_features", **dropout),
         "dense_dropout": hp.Float("dropout_dense", **dropout),
         "dense_units": hp.Int("dense_units", 32, 512, step=32, default=128),
