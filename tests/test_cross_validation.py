@@ -1,6 +1,7 @@
 """Cross-validation folds: who trains and who is held out, finished folds kept, bf16 training
 shipping a float32 model, a fixed schedule without validation."""
 
+import dataclasses
 import json
 import shutil
 
@@ -169,3 +170,13 @@ def test_the_candidate_to_ship_trains_on_every_development_patient(synthetic_roo
     assert (tmp_path / "runs" / "fixed-tiny" / "all" / "log.csv").is_file()
     assert target.read_bytes() == trained.read_bytes()
     assert target.with_suffix(".json").read_text() == trained.with_suffix(".json").read_text()
+
+
+def test_a_second_run_of_a_recipe_changes_only_its_seeds():
+    from bt_pipeline.training.cross_validation import fixed_recipe, with_seed
+
+    recipe, other = fixed_recipe(), with_seed(fixed_recipe(), 7)
+    assert (other.unet.seed, other.data.seed) == (7, 7)
+    assert dataclasses.replace(other.unet, seed=recipe.unet.seed) == recipe.unet
+    assert dataclasses.replace(other.data, seed=recipe.data.seed) == recipe.data
+    assert (other.name, other.inner_val_fraction) == (recipe.name, recipe.inner_val_fraction)

@@ -43,6 +43,7 @@ from bt_pipeline.training.cross_validation import (
     fold_model,
     fold_patients,
     train_fold,
+    with_seed,
 )
 
 #: Per-patient scores whose mean, median and standard error the report gives.
@@ -224,6 +225,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "<recipe>/flair_only/")
     parser.add_argument("--precision", default="mixed_bfloat16", choices=PRECISIONS,
                         help="training compute")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="train with this seed instead of the recipe's (with --out "
+                             "elsewhere: a second run of a fold, to size run-to-run noise)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/cv"),
                         help="scratch: the folds' training runs (logs, backups)")
     parser.add_argument("--classifier", type=Path, default=None,
@@ -239,6 +243,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     quiet_tensorflow()
     recipe = RECIPES[args.recipe](args.precision)
+    if args.seed is not None:
+        recipe = with_seed(recipe, args.seed)
     manifest = read_manifest(args.manifest)
     if args.all:
         path = train_fold(recipe, ALL, args.data_dir, args.manifest, args.runs_dir, args.out,

@@ -63,6 +63,13 @@ def fixed_recipe(precision: str = "mixed_bfloat16") -> Recipe:
 RECIPES = {"baseline": baseline_recipe, "fixed": fixed_recipe}
 
 
+def with_seed(recipe: Recipe, seed: int) -> Recipe:
+    """``recipe`` with another seed for its weights, sampling and augmentation: how much of a
+    difference between two runs of one fold is the run itself."""
+    return dataclasses.replace(recipe, unet=dataclasses.replace(recipe.unet, seed=seed),
+                               data=dataclasses.replace(recipe.data, seed=seed))
+
+
 def fold_patients(manifest: pd.DataFrame, fold: int) -> tuple[list[str], list[str]]:
     """(training patients, held-out patients) of ``fold``; test patients are in neither."""
     if not 0 <= fold < N_FOLDS:
