@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 TRIALS ?= 20
 EPOCHS ?= 20
 EXECUTIONS ?= 2
-# make tune: how many top encoder blocks a gate trial may fine-tune (0 = frozen trunk, features
+# make tune-gate: how many top encoder blocks a gate trial may fine-tune (0 = frozen trunk, features
 # cached; 1 costs hours at the reference budget on 2 cores).
 FINE_TUNE_CHOICES ?= 0
 WORKERS ?= 2
@@ -29,7 +29,7 @@ EXP_EPOCHS_OPTIONS ?= 15
 EXP_IMAGE_SIZE ?= 64
 EXP_BASE_FILTERS ?= 8
 
-.PHONY: install data manifest eda test test-quick test-slow lint tune tune-classifier stage1-choice tune-distributed \
+.PHONY: install data manifest eda test test-quick test-slow lint tune tune-gate stage1-choice tune-distributed \
         train-unet postprocess cv demo screenshot evaluate roundtrip radiogenomics experiments bench bench-loader \
         bench-infer clean
 
@@ -74,24 +74,24 @@ test-slow: install
 lint: install
 	$(VENV)/bin/ruff check bt_pipeline tests
 
-# Stage 1 as shipped: the gate on the U-Net's encoder, searched and thresholded on the recipe's
-# cross-validation folds, then trained on the shipped U-Net's encoder and shipped. Order:
-# `make cv CV_RECIPE=$(UNET_RECIPE)`, `make train-unet`, then `make tune`.
+# Stage 1 as shipped: RandomSearch for the from-scratch slice CNN on val; retrains and ships the best.
 tune: install
+	$(PY) -m bt_pipeline tune --data-dir $(KAGGLE_ROOT) --trials $(TRIALS) --epochs $(EPOCHS) \
+		--executions $(EXECUTIONS)
+
+# Stage 1 on the U-Net's encoder, searched and thresholded on the recipe's cross-validation
+# folds (one gate per fold, beside the fold U-Nets), then trained on the shipped U-Net's encoder
+# into runs/gate/ (not shipped: docs/training.md says why). Order: `make cv
+# CV_RECIPE=$(UNET_RECIPE)`, `make train-unet`, then `make tune-gate`.
+tune-gate: install
 	$(PY) -m bt_pipeline tune --gate --recipe $(UNET_RECIPE) --data-dir $(KAGGLE_ROOT) \
 		--trials $(TRIALS) --epochs $(EPOCHS) --executions $(EXECUTIONS) \
-		--fine-tune-choices $(FINE_TUNE_CHOICES) --out-dir tuning/gate --work-dir tuning/work/gate
-
-# The from-scratch slice CNN, kept as an option and as the baseline row of stage 1: searched on
-# val, written to runs/classifier/ (not shipped; `--ship-to bt_pipeline/weights/classifier.keras`
-# would ship it).
-tune-classifier: install
-	$(PY) -m bt_pipeline tune --data-dir $(KAGGLE_ROOT) --trials $(TRIALS) --epochs $(EPOCHS) \
-		--executions $(EXECUTIONS) --ship-to runs/classifier/classifier.keras
+		--fine-tune-choices $(FINE_TUNE_CHOICES) --out-dir tuning/gate --work-dir tuning/work/gate \
+		--ship-to runs/gate/classifier.keras
 
 # Which stage 1 ships: the encoder gates against the from-scratch CNN (STAGE1_OTHER, by default
-# the one shipped before, kept as the baseline recipe's stage 1) and against no gate, whole
-# pipeline, on development patients neither saw -> reports/cv/$(UNET_RECIPE)/stage1_choice/
+# the baseline recipe's copy of it) and against no gate, whole pipeline, on development patients
+# neither saw -> reports/cv/$(UNET_RECIPE)/stage1_choice/
 STAGE1_OTHER ?= reports/cv/baseline/models/classifier.keras
 stage1-choice: install
 	$(PY) -m bt_pipeline stage1-choice --data-dir $(KAGGLE_ROOT) --recipe $(UNET_RECIPE) \
@@ -100,8 +100,7 @@ stage1-choice: install
 # A chief (the gRPC oracle) and $(WORKERS) workers on this machine; see README for several.
 tune-distributed: install
 	WORKERS=$(WORKERS) ORACLE_PORT=$(ORACLE_PORT) PY=$(PY) bash tuning/run_distributed.sh \
-		--data-dir $(KAGGLE_ROOT) --trials $(TRIALS) --epochs $(EPOCHS) --executions $(EXECUTIONS) \
-		--ship-to runs/classifier/classifier.keras
+		--data-dir $(KAGGLE_ROOT) --trials $(TRIALS) --epochs $(EPOCHS) --executions $(EXECUTIONS)
 
 # Train the U-Net recipe $(UNET_RECIPE) on every development patient (train + val; about an
 # hour in bfloat16 on 2 cores) and ship it, then choose its post-processing on that recipe's
