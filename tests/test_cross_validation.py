@@ -143,6 +143,18 @@ def test_cv_report_scores_each_trained_fold_on_its_own_patients(synthetic_root,
                  "--out", str(out)]) == 0
     assert "FLAIR-only input" in (out / "baseline" / "flair_only" / "summary.md").read_text()
 
+    # another run of the same folds, paired patient by patient with this one
+    other = tmp_path / "other_run.csv"
+    patients.assign(dice_unet=patients["dice_unet"] - 0.25).to_csv(other, index=False)
+    assert main(["cv", "--no-train", "--data-dir", str(synthetic_root), "--manifest",
+                 str(synthetic_manifest), "--runs-dir", str(runs), "--classifier",
+                 str(tiny_models[0]), "--rule-from", str(tiny_models[1]), "--out", str(out),
+                 "--against", str(other)]) == 0
+    summary = (out / "baseline" / "summary.md").read_text()
+    assert f"this run minus `{other}`" in summary
+    row = next(line for line in summary.splitlines() if line.startswith("| dice_unet |"))
+    assert f"| {len(held_out)} | 0.25 |" in row
+
 
 def test_the_candidate_to_ship_trains_on_every_development_patient(synthetic_root,
                                                                     synthetic_manifest, tmp_path,

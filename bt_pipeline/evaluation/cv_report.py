@@ -155,8 +155,9 @@ def dice_figure(patients: pd.DataFrame, out: Path) -> str:
 
 
 def against(patients: pd.DataFrame, reference: Path) -> pd.DataFrame:
-    """Paired per-patient differences of each score against the baseline recipe's
-    ``patients.csv`` (this recipe minus the baseline), over the patients both scored."""
+    """Paired per-patient differences of each score against another run's ``patients.csv``
+    (the baseline recipe's by default; this run minus that one), over the patients both
+    scored."""
     other = pd.read_csv(reference)
     return pd.DataFrame([paired_difference(patients, other, score) for score in SCORES])
 
@@ -164,7 +165,8 @@ def against(patients: pd.DataFrame, reference: Path) -> pd.DataFrame:
 def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out: Path,
                  folds_missing: list[int], rule: UNetConfig, training: pd.DataFrame,
                  reference: Path | None = None,
-                 own_gates: tuple[int, ...] = ()) -> dict[str, pd.DataFrame]:
+                 own_gates: tuple[int, ...] = (),
+                 reference_label: str = "baseline") -> dict[str, pd.DataFrame]:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "patients.csv", patients.to_csv(index=False, lineterminator="\n"))
     write_text_atomic(out / "slices.csv", slices.to_csv(index=False, lineterminator="\n"))
@@ -179,7 +181,7 @@ def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out:
         "training": training,
     }
     if reference is not None and reference.is_file():
-        tables["paired_difference_vs_baseline"] = against(patients, reference)
+        tables[f"paired_difference_vs_{reference_label}"] = against(patients, reference)
     missing = ", ".join(map(str, folds_missing)) or "none"
     intro = [f"Recipe `{recipe}`: {patients['patient_id'].nunique()} held-out development "
              f"patients scored, each by the fold U-Net that never trained on them (folds not "
@@ -188,6 +190,8 @@ def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out:
              f"keep_largest_3d={rule.keep_largest_3d}. `dice_unet`: every true tumour slice "
              "segmented (no gate); `dice_pipeline`: " + _gate_note(patients, own_gates) +
              " SEM: standard error of the mean over patients."]
+    if reference is not None and reference_label != "baseline":
+        intro.append(f"Paired differences: this run minus `{reference}`.")
     write_summary(out / "summary.md", f"Cross-validation: {recipe}", intro, tables,
                   [dice_figure(patients, out)])
     return tables
@@ -236,6 +240,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "<out>/baseline/models/classifier.keras)")
     parser.add_argument("--rule-from", type=Path, default=SHIPPED_UNET,
                         help="U-Net whose JSON gives the post-processing rule")
+    parser.add_argument("--against", type=Path, metavar="PATIENTS_CSV",
+                        help="pair each patient's scores with another run's patients.csv "
+                             "(default: the baseline recipe's)")
     parser.add_argument("--out", type=Path, default=Path("reports/cv"),
                         help="the reports and the folds' finished models (<recipe>/models/)")
 
@@ -282,9 +289,14 @@ def run(args: argparse.Namespace) -> int:
     reference = args.out / "baseline" / report.relative_to(args.out / recipe.name) / \
         "patients.csv"
     own_gates = tuple(f for f in trained if fold_gate(args.out, recipe.name, f).is_file())
+    if args.against is not None:
+        reference, reference_label = args.against, "reference"
+    else:
+        reference = None if recipe.name == "baseline" else reference
+        reference_label = "baseline"
     tables = write_report(label, patients, slices, report, missing, rule,
                           training_table(recipe.name, trained, args.out, args.runs_dir),
-                          None if recipe.name == "baseline" else reference, own_gates)
+                          reference, own_gates, reference_label)
     for name, table in tables.items():
         print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.write_postprocessing is not None:
