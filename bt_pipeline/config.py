@@ -20,9 +20,9 @@ T = TypeVar("T")
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 SHIPPED_CLASSIFIER = WEIGHTS_DIR / "classifier.keras"
 SHIPPED_UNET = WEIGHTS_DIR / "unet.keras"
-#: The from-scratch slice CNN shipped before the encoder gate, kept as the baseline recipe's
-#: stage 1: it gates what no gate fits (cross-validation folds without their own gate, the
-#: experiments' small U-Nets), since a gate only runs on the U-Net it was built on.
+#: A copy of the from-scratch slice CNN, kept as the baseline recipe's stage 1: it gates what no
+#: gate fits (cross-validation folds without their own gate, the experiments' small U-Nets; a
+#: gate runs only on the U-Net it was built on) and stays fixed when `make tune` ships another.
 BASELINE_CLASSIFIER = Path("reports/cv/baseline/models/classifier.keras")
 
 

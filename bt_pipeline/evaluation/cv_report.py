@@ -5,7 +5,7 @@ Each patient is scored by the fold U-Net that never trained on them, at 256x256,
 shipped U-Net's post-processing rule, so that recipes are compared under one rule. A fold with
 a gate of its own (``gate_fold<k>.keras``, from ``bt tune --gate``) is gated by it, so its
 pipeline figure is held out; otherwise the baseline recipe's from-scratch slice CNN gates
-(``reports/cv/baseline/models/classifier.keras``, the stage 1 shipped before the encoder gate),
+(``reports/cv/baseline/models/classifier.keras``, a copy of the shipped classifier),
 which trained on the manifest's train split, and only the U-Net figure (every true tumour slice
 segmented) is held out.
 """

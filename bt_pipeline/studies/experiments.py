@@ -163,8 +163,8 @@ def score_options(models: dict[Run, keras.Model], runs: list[Run], scale: Scale,
                   manifest: pd.DataFrame, data_root: str, ensemble_size: int,
                   tv_weight: float, classifier_path=BASELINE_CLASSIFIER) -> pd.DataFrame:
     """Val scores of the baseline and of each next-step option, scored as ``make evaluate``
-    scores (per patient, at each slice's original grid), gated by the from-scratch classifier
-    (a shipped gate runs only on the U-Net it was built on)."""
+    scores (per patient, at each slice's original grid), gated by the baseline's copy of the
+    from-scratch classifier (an encoder gate runs only on the U-Net it was built on)."""
     classifier = load_model_file(classifier_path)
     classifier_config = load_json(Path(classifier_path).with_suffix(".json"), ClassifierConfig)
     unet_config = UNetConfig(image_size=scale.image_size, depth=scale.depth,
