@@ -72,14 +72,23 @@ def score_fold(recipe: str, fold: int, manifest: pd.DataFrame, data_root: str,
                models_root: Path, classifier: Path, rule: UNetConfig, flair_alone: bool = False):
     """Per-patient and per-slice tables of fold ``fold``'s held-out patients, their
     predictions and the fold's predictor."""
+    predictions, predictor = fold_predictions(recipe, fold, manifest, data_root, models_root,
+                                              classifier, rule, flair_alone)
+    return (*score_split(predictor, predictions, f"fold{fold}"), predictions, predictor)
+
+
+def fold_predictions(recipe: str, fold: int, manifest: pd.DataFrame, data_root: str,
+                     models_root: Path, classifier: Path, rule: UNetConfig,
+                     flair_alone: bool = False):
+    """Fold ``fold``'s predictor (its U-Net, gated by its own gate where it has one, else by
+    ``classifier``) and its predictions for the fold's held-out patients."""
     _, held_out = fold_patients(manifest, fold)
     name = f"fold{fold}"
     rows = manifest[manifest["patient_id"].isin(held_out)].assign(split=name)
     gate = fold_gate(models_root, recipe, fold)
     predictor = load_under_rule(gate if gate.is_file() else classifier,
                                 fold_model(models_root, recipe, fold), rule)
-    predictions = predict_split(predictor, rows, name, data_root, flair_alone)
-    return (*score_split(predictor, predictions, name), predictions, predictor)
+    return predict_split(predictor, rows, name, data_root, flair_alone), predictor
 
 
 def mean_and_sem(patients: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
@@ -92,7 +101,7 @@ def mean_and_sem(patients: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
             values = group[score].dropna()
             row[f"{score}_mean"] = values.mean()
             row[f"{score}_median"] = values.median()
-            row[f"{score}_sem"] = _sem(values)
+            row[f"{score}_sem"] = standard_error(values)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -104,10 +113,10 @@ def paired_difference(patients: pd.DataFrame, other: pd.DataFrame, score: str) -
         other.set_index("patient_id")[score].to_frame("b"), how="inner").dropna()
     diff = both["a"] - both["b"]
     return {"score": score, "patients": len(diff), "mean_difference": diff.mean(),
-            "sem": _sem(diff)}
+            "sem": standard_error(diff)}
 
 
-def _sem(values: pd.Series) -> float:
+def standard_error(values: pd.Series) -> float:
     """Standard error of the mean (sample standard deviation); NaN for fewer than 2 values."""
     return values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
 

@@ -71,7 +71,7 @@ def score_patient(predictor: TwoStagePredictor, prediction: PatientPrediction):
     rows, truths, probabilities = prediction.rows, prediction.truths, prediction.probabilities
     gate = probabilities >= predictor.classifier_config.threshold
     has_tumour = np.array([t.any() for t in truths])
-    unet_masks = _volume(predictor, prediction.maps, has_tumour, truths)
+    unet_masks = gated_volume(predictor, prediction.maps, has_tumour, truths)
     pipeline_masks = pipeline_volume(predictor, prediction)
     tumour_idx = np.flatnonzero(has_tumour)
     slice_rows = []
@@ -102,8 +102,8 @@ def score_patient(predictor: TwoStagePredictor, prediction: PatientPrediction):
     return patient, slice_rows
 
 
-def _volume(predictor: TwoStagePredictor, maps: list[np.ndarray], chosen: np.ndarray,
-            truths: list[np.ndarray], **rule) -> list[np.ndarray]:
+def gated_volume(predictor: TwoStagePredictor, maps: list[np.ndarray], chosen: np.ndarray,
+                 truths: list[np.ndarray], **rule) -> list[np.ndarray]:
     """Bool masks of one volume segmented on the ``chosen`` slices only (others empty)."""
     masks = predictor.volume_masks([m if c else None for m, c in zip(maps, chosen, strict=True)],
                                    **rule)
@@ -120,7 +120,7 @@ def pipeline_volume(predictor: TwoStagePredictor,
                     prediction: PatientPrediction) -> list[np.ndarray]:
     """The two-stage pipeline's bool masks for one patient, as ``infer`` would write them."""
     gate = prediction.probabilities >= predictor.classifier_config.threshold
-    return _volume(predictor, prediction.maps, gate, prediction.truths)
+    return gated_volume(predictor, prediction.maps, gate, prediction.truths)
 
 
 def score_split(predictor: TwoStagePredictor, predictions: list[PatientPrediction],

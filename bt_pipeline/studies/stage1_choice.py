@@ -23,9 +23,12 @@ from bt_pipeline.cli import quiet_tensorflow
 from bt_pipeline.config import SHIPPED_UNET, DataConfig, UNetConfig, load_json
 from bt_pipeline.data.manifest import N_FOLDS, read_manifest
 from bt_pipeline.data.preprocess import read_image
+from bt_pipeline.evaluation.cv_report import baseline_classifier, fold_predictions, standard_error
 from bt_pipeline.evaluation.metrics import dice_score
-from bt_pipeline.evaluation.scoring import PatientPrediction
+from bt_pipeline.evaluation.scoring import PatientPrediction, gated_volume
+from bt_pipeline.inference.predictor import TwoStagePredictor
 from bt_pipeline.reports import write_summary
+from bt_pipeline.training.cross_validation import fold_gate
 
 #: The gates compared, in report order.
 GATES = ("no_gate", "encoder_gate", "other")
@@ -33,10 +36,7 @@ GATES = ("no_gate", "encoder_gate", "other")
 
 def gated_dice(predictor, prediction: PatientPrediction, passed: np.ndarray) -> float:
     """Whole-volume Dice of one patient's pipeline masks when stage 1 passes ``passed``."""
-    masks = predictor.volume_masks([m if p else None
-                                    for m, p in zip(prediction.maps, passed, strict=True)])
-    masks = [m.astype(bool) if m is not None else np.zeros(t.shape, bool)
-             for m, t in zip(masks, prediction.truths, strict=True)]
+    masks = gated_volume(predictor, prediction.maps, passed, prediction.truths)
     return dice_score(np.stack(prediction.truths), np.stack(masks))
 
 
@@ -81,8 +81,7 @@ def compare(patients: pd.DataFrame) -> pd.DataFrame:
             diff = (group[f"dice_{a}"] - group[f"dice_{b}"]).dropna()
             if len(diff) > 1:
                 rows.append({"patients": name, "n": len(diff), "gate": f"{a} - {b}",
-                             "dice_pipeline_mean": diff.mean(),
-                             "sem": diff.std(ddof=1) / np.sqrt(len(diff))})
+                             "dice_pipeline_mean": diff.mean(), "sem": standard_error(diff)})
     return pd.DataFrame(rows)
 
 
@@ -101,10 +100,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     quiet_tensorflow()
-    from bt_pipeline.evaluation.cv_report import baseline_classifier, score_fold
-    from bt_pipeline.inference.predictor import TwoStagePredictor
-    from bt_pipeline.training.cross_validation import fold_gate
-
     other_path = args.other or baseline_classifier(args.cv_dir)
     if not other_path.is_file():
         raise FileNotFoundError(f"{other_path}: no such stage-1 model")
@@ -114,10 +109,10 @@ def run(args: argparse.Namespace) -> int:
     other = TwoStagePredictor.load(other_path, args.rule_from)
     rows = []
     for fold in range(N_FOLDS):
-        if not fold_gate(args.cv_dir, args.recipe, fold).is_file():
-            raise FileNotFoundError(f"{fold_gate(args.cv_dir, args.recipe, fold)}: fold {fold} "
-                                    "has no encoder gate (make tune)")
-        _, _, predictions, predictor = score_fold(args.recipe, fold, manifest, args.data_dir,
+        gate = fold_gate(args.cv_dir, args.recipe, fold)
+        if not gate.is_file():
+            raise FileNotFoundError(f"{gate}: fold {fold} has no encoder gate (make tune-gate)")
+        predictions, predictor = fold_predictions(args.recipe, fold, manifest, args.data_dir,
                                                   args.cv_dir, other_path, rule)
         for prediction in tqdm(predictions, desc=f"gating fold {fold}", unit="patient"):
             in_val = prediction.rows["patient_id"].iloc[0] in val
