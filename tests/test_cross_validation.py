@@ -192,3 +192,38 @@ def test_a_second_run_of_a_recipe_changes_only_its_seeds():
     assert dataclasses.replace(other.unet, seed=recipe.unet.seed) == recipe.unet
     assert dataclasses.replace(other.data, seed=recipe.data.seed) == recipe.data
     assert (other.name, other.inner_val_fraction) == (recipe.name, recipe.inner_val_fraction)
+
+
+def test_a_continuing_recipe_starts_from_the_same_fold_of_the_recipe_it_continues(
+        synthetic_root, synthetic_manifest, tmp_path):
+    import pytest
+
+    unet = UNetConfig(image_size=32, depth=2, base_filters=4, epochs=1, seed=1,
+                      batch_norm=False, schedule="cosine")
+    data = DataConfig(image_size=32, batch_size=8, cache_dir="", seed=1)
+    first = Recipe("first-tiny", unet, data, 0.0)
+    # a rate too small to move a weight: the continued model is the one it started from
+    second = Recipe("second-tiny", dataclasses.replace(unet, learning_rate=1e-12, seed=2),
+                    data, 0.0, continues="first-tiny")
+    runs, models = tmp_path / "runs", tmp_path / "reports"
+    args = (str(synthetic_root), str(synthetic_manifest), runs, models)
+    with pytest.raises(FileNotFoundError, match="first-tiny"):
+        train_fold(second, 0, *args, verbose=0)
+    start = train_fold(first, 0, *args, verbose=0)
+    continued = train_fold(second, 0, *args, verbose=0)
+    assert json.loads(continued.with_suffix(".json").read_text())["init_from"] == str(start)
+    for before, after in zip(keras.saving.load_model(start, compile=False).get_weights(),
+                             keras.saving.load_model(continued, compile=False).get_weights(),
+                             strict=True):
+        np.testing.assert_allclose(after, before, atol=1e-6)
+
+
+def test_the_longer_recipe_is_fixed_restarted_at_half_its_rate_with_fresh_draws():
+    from bt_pipeline.training.cross_validation import fixed_recipe, longer_recipe
+
+    first, second = fixed_recipe(), longer_recipe()
+    assert second.continues == first.name
+    assert second.unet.learning_rate == first.unet.learning_rate / 2
+    assert dataclasses.replace(second.unet, learning_rate=first.unet.learning_rate) == first.unet
+    assert second.data.seed != first.data.seed
+    assert dataclasses.replace(second.data, seed=first.data.seed) == first.data
