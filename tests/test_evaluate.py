@@ -54,3 +54,29 @@ def test_input_size_ceiling_scores_the_truth_after_the_trip_to_the_unet_size_and
     assert 0.98 < shrunk["area"] < 1.0
     assert shrunk["nearest"] < shrunk["area"] - 0.02
     assert input_size_ceiling([patient], 32)["area"] < shrunk["area"]
+
+
+def test_a_patient_is_scored_with_a_perfect_gate_with_its_stage_1_and_with_none(tiny_models):
+    import numpy as np
+
+    from bt_pipeline.evaluation.scoring import PatientPrediction, score_patient
+    from bt_pipeline.inference.predictor import TwoStagePredictor
+
+    predictor = TwoStagePredictor.load(*tiny_models)
+    truths = [np.zeros((16, 16), bool) for _ in range(3)]
+    truths[0][2:6, 2:6] = True
+    truths[1][2:4, 2:6] = True
+    maps = [np.zeros((16, 16), np.float32) for _ in range(3)]
+    maps[0][2:6, 2:6] = 0.9  # found
+    maps[1][2:4, 2:6] = 0.9  # found, if the gate lets the slice through
+    maps[2][8:12, 8:12] = 0.9  # a false alarm on a tumour-free slice
+    threshold = predictor.classifier_config.threshold
+    rows = pd.DataFrame({"patient_id": ["p"] * 3, "institution": ["CS"] * 3,
+                         "slice": [1, 2, 3], "n_slices": [3] * 3})
+    prediction = PatientPrediction(rows=rows, truths=truths, maps=maps,
+                                   probabilities=np.array([1.0, 0.0, 1.0]) * (threshold + 1))
+    patient, _ = score_patient(predictor, prediction)
+    assert not predictor.unet_config.keep_largest_3d  # every component counts
+    assert patient["dice_unet"] == 1.0
+    assert patient["dice_pipeline"] == pytest.approx(2 * 16 / (24 + 32))  # slice 2 gated away
+    assert patient["dice_no_gate"] == pytest.approx(2 * 24 / (24 + 40))  # the false alarm kept

@@ -47,7 +47,7 @@ from bt_pipeline.training.cross_validation import (
 )
 
 #: Per-patient scores whose mean, median and standard error the report gives.
-SCORES = ("dice_unet", "dice_pipeline")
+SCORES = ("dice_unet", "dice_pipeline", "dice_no_gate")
 
 
 def load_under_rule(classifier: Path, unet: Path, rule: UNetConfig):
@@ -97,7 +97,7 @@ def mean_and_sem(patients: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
     rows = []
     for key, group in groups:
         row = {by or "patients": key, "n": len(group)}
-        for score in SCORES:
+        for score in (s for s in SCORES if s in group.columns):
             values = group[score].dropna()
             row[f"{score}_mean"] = values.mean()
             row[f"{score}_median"] = values.median()
@@ -109,6 +109,9 @@ def mean_and_sem(patients: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
 def paired_difference(patients: pd.DataFrame, other: pd.DataFrame, score: str) -> dict:
     """Mean per-patient difference ``patients - other`` on ``score`` over the patients both
     scored, with its standard error (the yardstick for adopting a recipe)."""
+    if score not in other.columns:  # a report written before this score existed
+        return {"score": score, "patients": 0, "mean_difference": float("nan"),
+                "sem": float("nan")}
     both = patients.set_index("patient_id")[score].to_frame("a").join(
         other.set_index("patient_id")[score].to_frame("b"), how="inner").dropna()
     diff = both["a"] - both["b"]
@@ -197,7 +200,8 @@ def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out:
              f"yet trained: {missing}). Post-processing as the shipped U-Net: "
              f"min_component_pixels={rule.min_component_pixels}, "
              f"keep_largest_3d={rule.keep_largest_3d}. `dice_unet`: every true tumour slice "
-             "segmented (no gate); `dice_pipeline`: " + _gate_note(patients, own_gates) +
+             "segmented (a perfect gate); `dice_no_gate`: every slice segmented, no stage 1, held "
+             "out whatever gates; `dice_pipeline`: " + _gate_note(patients, own_gates) +
              " SEM: standard error of the mean over patients."]
     if reference is not None and reference_label != "baseline":
         intro.append(f"Paired differences: this run minus `{reference}`.")

@@ -73,6 +73,7 @@ def score_patient(predictor: TwoStagePredictor, prediction: PatientPrediction):
     has_tumour = np.array([t.any() for t in truths])
     unet_masks = gated_volume(predictor, prediction.maps, has_tumour, truths)
     pipeline_masks = pipeline_volume(predictor, prediction)
+    every_slice = gated_volume(predictor, prediction.maps, np.ones(len(truths), bool), truths)
     tumour_idx = np.flatnonzero(has_tumour)
     slice_rows = []
     for k, row in enumerate(rows.itertuples(index=False)):
@@ -98,6 +99,8 @@ def score_patient(predictor: TwoStagePredictor, prediction: PatientPrediction):
                                 np.stack([unet_masks[i] for i in tumour_idx]))
         if len(tumour_idx) else float("nan"),
         "dice_pipeline": dice_score(np.stack(truths), np.stack(pipeline_masks)),
+        # what stage 1 adds: the same U-Net and rule on every slice, no gate
+        "dice_no_gate": dice_score(np.stack(truths), np.stack(every_slice)),
     }
     return patient, slice_rows
 
