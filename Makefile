@@ -104,14 +104,18 @@ tune-distributed: install
 
 # Train the U-Net recipe $(UNET_RECIPE) on every development patient (train + val; about an
 # hour in bfloat16 on 2 cores) and ship it, then choose its post-processing on that recipe's
-# held-out cross-validation predictions and write it into its JSON.
+# held-out cross-validation predictions, under the intensity rule $(INTENSITY), and write both
+# into its JSON.
 train-unet: install
 	$(PY) -m bt_pipeline cv --data-dir $(KAGGLE_ROOT) --recipe $(UNET_RECIPE) --all \
 		--ship-to bt_pipeline/weights/unet.keras
 	$(MAKE) --no-print-directory postprocess
 
+# Intensity rule the shipped U-Net runs under (docs/training.md, "One intensity scale").
+INTENSITY ?= volume_p99
 postprocess: install
 	$(PY) -m bt_pipeline cv --data-dir $(KAGGLE_ROOT) --recipe $(UNET_RECIPE) --no-train \
+		--intensity $(INTENSITY) --against reports/cv/$(UNET_RECIPE)/patients.csv \
 		--write-postprocessing bt_pipeline/weights/unet.keras
 
 # 5-fold cross-validation over the development patients: trains the missing folds (bf16),

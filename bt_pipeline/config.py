@@ -34,6 +34,7 @@ class Preprocessing:
     image_size: int
     context_slices: int = 0  # 2.5D: neighbouring slices per side stacked as channels
     tv_weight: float = 0.0  # Total Variation denoising weight; 0 = off
+    intensity: str = "raw"  # per-volume intensity rule; see data.preprocess.INTENSITY_RULES
 
     @property
     def channels(self) -> int:
@@ -74,6 +75,9 @@ class DataConfig:
     missing_sequence_p: float = 0.0
     # Total Variation denoising weight of the input slices (0 = off); see preprocess_image.
     tv_weight: float = 0.0
+    # How each volume's intensities are put on one scale after the slices are preprocessed
+    # ("raw": as the files hold them; see data.preprocess.standardise_volume).
+    intensity: str = "raw"
     # 2.5D input: this many neighbouring slices on each side (same patient, edge slices
     # repeated) are stacked with the slice as extra channels; 0 = the slice alone.
     context_slices: int = 0
@@ -90,7 +94,7 @@ class DataConfig:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.image_size, self.context_slices, self.tv_weight)
+        return Preprocessing(self.image_size, self.context_slices, self.tv_weight, self.intensity)
 
 
 def check_preprocessing(data: DataConfig, model_config: Any) -> None:
@@ -107,11 +111,12 @@ class _ModelInput:
 
     context_slices: int = 0
     tv_weight: float = 0.0
+    intensity: str = "raw"
     seed: int = 1337
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.image_size, self.context_slices, self.tv_weight)
+        return Preprocessing(self.image_size, self.context_slices, self.tv_weight, self.intensity)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -99,3 +99,47 @@ def test_bad_slices_raise_clear_error_naming_the_file(synthetic_root, tmp_path, 
         load_slice(bad, 32)
     message = str(info.value)
     assert str(bad) in message and "\n" not in message
+
+
+def test_volume_p99_puts_a_dark_and_a_bright_copy_of_one_volume_on_one_scale():
+    from bt_pipeline.data.preprocess import VOLUME_P99_TARGET, standardise_volume
+
+    rng = np.random.default_rng(0)
+    volume = np.zeros((4, 32, 32, 3), np.float32)
+    volume[:, 8:24, 8:24] = rng.uniform(0.2, 0.5, (4, 16, 16, 3))  # brain; background stays 0
+    dark, bright = volume * 0.4, np.minimum(volume * 1.6, 1.0)
+    a, b = standardise_volume(dark, "volume_p99"), standardise_volume(bright, "volume_p99")
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    brain = a[a[..., 1] > 0]
+    np.testing.assert_allclose(np.percentile(brain, 99, axis=0), VOLUME_P99_TARGET, rtol=1e-5)
+    assert (a[:, :8] == 0).all()  # background is not lifted
+    assert standardise_volume(dark, "raw") is dark
+    empty = np.zeros((2, 8, 8, 3), np.float32)
+    assert (standardise_volume(empty, "volume_p99") == 0).all()
+    with pytest.raises(ValueError, match="intensity"):
+        standardise_volume(dark, "zscore")
+
+
+def test_the_loader_and_the_predictor_standardise_a_patient_alike(synthetic_root,
+                                                                   synthetic_manifest):
+    """Training and inference feed a volume_p99 model the same numbers."""
+    from bt_pipeline.config import DataConfig
+    from bt_pipeline.data.loader import load_patients
+    from bt_pipeline.data.manifest import read_manifest
+    from bt_pipeline.config import Preprocessing
+    from bt_pipeline.data.preprocess import read_image
+    from bt_pipeline.inference.predictor import TwoStagePredictor
+
+    manifest = read_manifest(synthetic_manifest)
+    patient = manifest["patient_id"].iloc[0]
+    config = DataConfig(data_root=str(synthetic_root), image_size=32, cache_dir="",
+                        intensity="volume_p99")
+    arrays = load_patients(manifest, [patient], config)
+    rows = arrays.rows.sort_values("slice")
+    images = [read_image(synthetic_root / p) for p in rows["image"]]
+    batch = TwoStagePredictor._model_inputs(images, Preprocessing(32, intensity="volume_p99"),
+                                            [1, 2])
+    np.testing.assert_allclose(batch, arrays.images[rows.index.to_numpy()][[1, 2]], atol=1e-6)
+    raw = load_patients(manifest, [patient], DataConfig(data_root=str(synthetic_root),
+                                                        image_size=32, cache_dir=""))
+    assert not np.allclose(raw.images, arrays.images)

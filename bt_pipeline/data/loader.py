@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from bt_pipeline.atomic import write_with
 from bt_pipeline.config import DataConfig
 from bt_pipeline.data.augment import augment_batch
-from bt_pipeline.data.preprocess import load_mask, load_slice, with_context
+from bt_pipeline.data.preprocess import load_mask, load_slice, standardise_volume, with_context
 
 _CACHE_VERSION = 1  # bump when preprocessing changes, to invalidate disk caches
 
@@ -97,6 +97,11 @@ def load_rows(rows: pd.DataFrame, config: DataConfig) -> SplitArrays:
                     [root / p for p in rows["mask"]], config.image_size, config.cache_dir,
                     f"masks-{config.mask_resize}")
     labels = rows["has_tumor"].to_numpy(dtype=np.float32)
+    if config.intensity != "raw":
+        images = images.copy()  # the cache holds the slices before the volume rule
+        for _, group in rows.groupby("patient_id", sort=False):
+            order = group.index.to_numpy()
+            images[order] = standardise_volume(images[order], config.intensity)
     if config.context_slices > 0:
         images = _stack_context(images, rows, config.context_slices)
     return SplitArrays(images=images, masks=masks, labels=labels, rows=rows)

@@ -23,8 +23,9 @@ import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic, write_with
 from bt_pipeline.cli import UsageError, keras_verbosity, quiet_tensorflow
-from bt_pipeline.config import SHIPPED_UNET, DataConfig, UNetConfig, load_json
+from bt_pipeline.config import SHIPPED_UNET, DataConfig, GateConfig, UNetConfig, load_json
 from bt_pipeline.data.manifest import N_FOLDS, read_manifest
+from bt_pipeline.data.preprocess import INTENSITY_RULES
 from bt_pipeline.evaluation.evaluate import by_slice_level
 from bt_pipeline.evaluation.scoring import (
     predict_split,
@@ -51,14 +52,21 @@ SCORES = ("dice_unet", "dice_pipeline", "dice_no_gate")
 
 
 def load_under_rule(classifier: Path, unet: Path, rule: UNetConfig):
-    """A predictor for ``classifier`` and ``unet`` whose post-processing is ``rule``'s, so that
-    U-Nets shipped under other rules are scored under one."""
+    """A predictor for ``classifier`` and ``unet`` whose post-processing and intensity rule are
+    ``rule``'s, so that U-Nets shipped under other rules are scored under one."""
     from bt_pipeline.inference.predictor import TwoStagePredictor
 
     predictor = TwoStagePredictor.load(classifier, unet)
+    # a U-Net trained on standardised volumes is always fed them; one trained on raw
+    # intensities may be run under either rule
+    trained_on = predictor.unet_config.intensity
     predictor.unet_config = dataclasses.replace(
         predictor.unet_config, min_component_pixels=rule.min_component_pixels,
-        keep_largest_3d=rule.keep_largest_3d)
+        keep_largest_3d=rule.keep_largest_3d,
+        intensity=rule.intensity if trained_on == "raw" else trained_on)
+    if isinstance(predictor.classifier_config, GateConfig):  # it reads the U-Net's encoder
+        predictor.classifier_config = dataclasses.replace(predictor.classifier_config,
+                                                          intensity=predictor.unet_config.intensity)
     return predictor
 
 
@@ -109,9 +117,6 @@ def mean_and_sem(patients: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
 def paired_difference(patients: pd.DataFrame, other: pd.DataFrame, score: str) -> dict:
     """Mean per-patient difference ``patients - other`` on ``score`` over the patients both
     scored, with its standard error (the yardstick for adopting a recipe)."""
-    if score not in other.columns:  # a report written before this score existed
-        return {"score": score, "patients": 0, "mean_difference": float("nan"),
-                "sem": float("nan")}
     both = patients.set_index("patient_id")[score].to_frame("a").join(
         other.set_index("patient_id")[score].to_frame("b"), how="inner").dropna()
     diff = both["a"] - both["b"]
@@ -171,7 +176,9 @@ def against(patients: pd.DataFrame, reference: Path) -> pd.DataFrame:
     (the baseline recipe's by default; this run minus that one), over the patients both
     scored."""
     other = pd.read_csv(reference)
-    return pd.DataFrame([paired_difference(patients, other, score) for score in SCORES])
+    # a report written before a score existed has no column for it
+    return pd.DataFrame([paired_difference(patients, other, score) for score in SCORES
+                         if score in other.columns])
 
 
 def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out: Path,
@@ -199,7 +206,7 @@ def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out:
              f"patients scored, each by the fold U-Net that never trained on them (folds not "
              f"yet trained: {missing}). Post-processing as the shipped U-Net: "
              f"min_component_pixels={rule.min_component_pixels}, "
-             f"keep_largest_3d={rule.keep_largest_3d}. `dice_unet`: every true tumour slice "
+             f"keep_largest_3d={rule.keep_largest_3d}; intensity rule {rule.intensity}. `dice_unet`: every true tumour slice "
              "segmented (a perfect gate); `dice_no_gate`: every slice segmented, no stage 1, held "
              "out whatever gates; `dice_pipeline`: " + _gate_note(patients, own_gates) +
              " SEM: standard error of the mean over patients."]
@@ -252,7 +259,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "from-scratch CNN of the baseline recipe, "
                              "<out>/baseline/models/classifier.keras)")
     parser.add_argument("--rule-from", type=Path, default=SHIPPED_UNET,
-                        help="U-Net whose JSON gives the post-processing rule")
+                        help="U-Net whose JSON gives the post-processing and intensity rules")
+    parser.add_argument("--intensity", choices=INTENSITY_RULES, default=None,
+                        help="score under this intensity rule instead of --rule-from's, into "
+                             "<recipe>/intensity_<rule>/ (with --write-postprocessing: ship it)")
     parser.add_argument("--against", type=Path, metavar="PATIENTS_CSV",
                         help="pair each patient's scores with another run's patients.csv "
                              "(default: the baseline recipe's)")
@@ -281,6 +291,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--write-postprocessing chooses for three-channel input: drop "
                          "--flair-only")
     rule = load_json(args.rule_from.with_suffix(".json"), UNetConfig)
+    if args.intensity is not None:
+        rule = dataclasses.replace(rule, intensity=args.intensity)
     classifier = args.classifier or baseline_classifier(args.out)
     results, missing = [], []
     for fold in args.folds:
@@ -297,7 +309,10 @@ def run(args: argparse.Namespace) -> int:
     patients = pd.concat([r[0] for r in results], ignore_index=True)
     slices = pd.concat([r[1] for r in results], ignore_index=True)
     trained = [fold for fold in args.folds if fold not in missing]
-    report = args.out / recipe.name / ("flair_only" if args.flair_only else "")
+    report = args.out / recipe.name
+    if args.intensity is not None:
+        report = report / f"intensity_{args.intensity}"
+    report = report / ("flair_only" if args.flair_only else "")
     label = f"{recipe.name}, FLAIR-only input" if args.flair_only else recipe.name
     reference = args.out / "baseline" / report.relative_to(args.out / recipe.name) / \
         "patients.csv"
@@ -327,7 +342,10 @@ def choose_on_cv(results, folds: list[int], recipe: str, report: Path, unet: Pat
                       sweep.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
     on = (f"cv:{recipe} folds {','.join(map(str, folds))} "
           f"({len(predictions)} held-out patients)")
-    choice = choose_postprocessing(sweep, predictor.classifier_config.threshold, on)
+    choice = dataclasses.replace(
+        choose_postprocessing(sweep, predictor.classifier_config.threshold, on),
+        intensity=predictor.unet_config.intensity)
     config = write_choice(unet, choice)
     print(f"\n{unet.with_suffix('.json')}: min_component_pixels={config.min_component_pixels}, "
-          f"keep_largest_3d={config.keep_largest_3d} (gain {choice.gain:+.4f} on {on})")
+          f"keep_largest_3d={config.keep_largest_3d}, intensity={config.intensity} "
+          f"(gain {choice.gain:+.4f} on {on})")

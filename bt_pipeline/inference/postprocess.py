@@ -70,6 +70,7 @@ class PostprocessingChoice:
     keep_largest_3d: bool
     gain: float  # mean pipeline Dice of the best rule minus that of no post-processing
     chosen_on: str  # which held-out patients the sweep scored
+    intensity: str | None = None  # the intensity rule it was chosen under; None: keep the JSON's
 
 
 def choose_postprocessing(sweep: pd.DataFrame, classifier_threshold: float, chosen_on: str,
@@ -90,13 +91,16 @@ def choose_postprocessing(sweep: pd.DataFrame, classifier_threshold: float, chos
 
 
 def write_choice(unet_path: str | Path, choice: PostprocessingChoice) -> UNetConfig:
-    """Write ``choice`` into the JSON beside ``unet_path`` (its config fields, and the evidence
-    under ``extra.postprocessing``); every other key is kept. Returns the new config."""
+    """Write ``choice`` into the JSON beside ``unet_path`` (its config fields, with the intensity
+    rule it was chosen under when it names one, and the evidence under
+    ``extra.postprocessing``); every other key is kept. Returns the new config."""
     json_path = Path(unet_path).with_suffix(".json")
     extra = json.loads(json_path.read_text(encoding="utf-8")).get("extra", {})
     config = dataclasses.replace(load_json(json_path, UNetConfig),
                                  min_component_pixels=choice.min_component_pixels,
                                  keep_largest_3d=choice.keep_largest_3d)
+    if choice.intensity is not None:
+        config = dataclasses.replace(config, intensity=choice.intensity)
     extra["postprocessing"] = {"chosen_on": choice.chosen_on,
                                "mean_dice_gain": round(choice.gain, 4),
                                "min_gain_to_adopt": MIN_POSTPROCESS_GAIN}

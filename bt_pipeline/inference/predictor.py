@@ -27,7 +27,7 @@ from bt_pipeline.config import (
     UNetConfig,
     load_json,
 )
-from bt_pipeline.data.preprocess import preprocess_image, with_context
+from bt_pipeline.data.preprocess import preprocess_image, standardise_volume, with_context
 from bt_pipeline.inference.postprocess import finish_volume, slice_masks
 from bt_pipeline.models.batch_norm import with_fused_batch_norm
 from bt_pipeline.models.gate import cut_layer_name, fingerprint
@@ -200,9 +200,12 @@ class TwoStagePredictor:
         """One volume's slices as a model's input batch: each slice preprocessed, stacked with
         its neighbours for a 2.5D model, then the slices at ``indices`` (default all)."""
         size, tv_weight = preprocessing.image_size, preprocessing.tv_weight
-        if preprocessing.context_slices == 0 and indices is not None:  # only those slices
+        if preprocessing.context_slices == 0 and indices is not None \
+                and preprocessing.intensity == "raw":  # only those slices
             images, indices = [images[int(i)] for i in indices], None
         volume = np.stack([preprocess_image(image, size, tv_weight) for image in images])
+        # the intensity rule reads the whole volume, so every slice is preprocessed first
+        volume = standardise_volume(volume, preprocessing.intensity)
         volume = with_context(volume, preprocessing.context_slices)
         return volume if indices is None else volume[np.asarray(indices, dtype=int)]
 
