@@ -143,3 +143,19 @@ def test_the_loader_and_the_predictor_standardise_a_patient_alike(synthetic_root
     raw = load_patients(manifest, [patient], DataConfig(data_root=str(synthetic_root),
                                                         image_size=32, cache_dir=""))
     assert not np.allclose(raw.images, arrays.images)
+
+
+def test_volume_brightness_is_one_row_per_patient_on_the_brain_pixels(synthetic_root,
+                                                                      synthetic_manifest):
+    from bt_pipeline.data.manifest import read_manifest
+    from bt_pipeline.data.preprocess import read_image
+    from bt_pipeline.studies.eda import volume_brightness
+
+    table = read_manifest(synthetic_manifest)
+    brightness = volume_brightness(table, synthetic_root).set_index("patient_id")
+    assert sorted(brightness.index) == sorted(table["patient_id"].unique())
+    patient = brightness.index[0]
+    pixels = np.concatenate([read_image(synthetic_root / p).reshape(-1, 3)
+                             for p in table.loc[table["patient_id"] == patient, "image"]])
+    flair = pixels[pixels[:, 1] > 10, 1]
+    assert brightness.loc[patient, "flair_p99"] == pytest.approx(np.percentile(flair, 99))

@@ -1,4 +1,5 @@
-"""Plots of the dataset (``make eda``): class balance, volume sizes, tumour areas, examples."""
+"""Plots of the dataset (``make eda``): class balance, volume sizes, tumour areas, examples,
+the brightness of each volume."""
 
 from __future__ import annotations
 
@@ -74,23 +75,59 @@ def _example_grid(table: pd.DataFrame, data_root: Path, out: Path, n: int = 16,
     return save_figure(figure, out / "examples.png")
 
 
+def volume_brightness(table: pd.DataFrame, data_root: Path) -> pd.DataFrame:
+    """Per patient: each channel's 99th percentile (0-255) over the brain pixels (FLAIR above
+    10) of the whole volume, the statistic the "volume_p99" intensity rule equalises."""
+    rows = []
+    for patient, group in table.groupby("patient_id", sort=True):
+        pixels = np.concatenate([read_image(data_root / p).reshape(-1, 3) for p in group["image"]])
+        brain = pixels[pixels[:, 1] > 10]
+        level = np.percentile(brain, 99, axis=0) if len(brain) else np.full(3, np.nan)
+        rows.append({"patient_id": patient, "split": group["split"].iloc[0],
+                     "pre_p99": level[0], "flair_p99": level[1], "post_p99": level[2]})
+    return pd.DataFrame(rows)
+
+
+def _brightness(table: pd.DataFrame, data_root: Path, out: Path, cv_patients: Path | None) -> str:
+    """FLAIR brightness per volume, against the held-out U-Net Dice where a CV report exists."""
+    brightness = volume_brightness(table, data_root)
+    brightness.to_csv(out / "volume_brightness.csv", index=False, float_format="%.1f")
+    figure, ax = plt.subplots(figsize=(6, 4))
+    if cv_patients is not None and cv_patients.is_file():
+        scored = brightness.merge(pd.read_csv(cv_patients)[["patient_id", "dice_unet"]])
+        rho = scored["flair_p99"].corr(scored["dice_unet"], method="spearman")
+        ax.scatter(scored["flair_p99"], scored["dice_unet"], s=12)
+        ax.set_ylabel(f"held-out U-Net Dice ({cv_patients.parent.name})")
+        ax.set_title(f"{len(scored)} patients, Spearman rho {rho:.2f}")
+    else:
+        ax.hist(brightness["flair_p99"], bins=20)
+        ax.set_ylabel("patients")
+    ax.set_xlabel("FLAIR 99th percentile over the brain (of 255)")
+    return save_figure(figure, out / "volume_brightness.png")
+
+
 def write_eda_figures(manifest: str | os.PathLike, data_root: str | os.PathLike,
-                      out_dir: str | os.PathLike) -> list[str]:
-    """Write the EDA PNGs to ``out_dir``; returns their paths."""
+                      out_dir: str | os.PathLike, cv_patients: Path | None = None) -> list[str]:
+    """Write the EDA PNGs (and ``volume_brightness.csv``) to ``out_dir``; returns the PNGs'
+    paths."""
     table = read_manifest(manifest)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return [_class_counts(table, out), _slices_per_patient(table, out), _tumour_area(table, out),
-            _example_grid(table, Path(data_root), out)]
+            _example_grid(table, Path(data_root), out),
+            _brightness(table, Path(data_root), out, cv_patients)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=DataConfig.data_root)
     parser.add_argument("--manifest", default=DataConfig.manifest)
     parser.add_argument("--out", default="reports/eda")
+    parser.add_argument("--cv-patients", type=Path, default=Path("reports/cv/fixed/patients.csv"),
+                        help="a cross-validation's patients.csv: plot volume brightness against "
+                             "its held-out U-Net Dice")
 
 
 def run(args: argparse.Namespace) -> int:
-    for path in write_eda_figures(args.manifest, args.data_dir, args.out):
+    for path in write_eda_figures(args.manifest, args.data_dir, args.out, args.cv_patients):
         print(path)
     return 0
