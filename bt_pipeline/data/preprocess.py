@@ -180,14 +180,18 @@ def standardise_volume(volume: np.ndarray, intensity: str) -> np.ndarray:
         return volume
     if intensity != "volume_p99":
         raise ValueError(f"unknown intensity rule {intensity!r}; known: {INTENSITY_RULES}")
-    brain = volume[volume[..., 1] > BRAIN_FLAIR_FLOOR]
-    if len(brain) == 0:
+    brain = volume[..., 1] > BRAIN_FLAIR_FLOOR
+    if not brain.any():
         return volume
-    level = np.percentile(brain, 99, axis=0)
+    # channel by channel: a percentile over one contiguous selection is 2-3x faster than
+    # over the columns of an (N, 3) selection, and inference pays it on every volume
+    level = np.array([np.percentile(volume[..., c][brain], 99)
+                      for c in range(volume.shape[-1])])
     gains = np.where(level > BRAIN_FLAIR_FLOOR, VOLUME_P99_TARGET / np.maximum(level, 1e-6), 1.0)
+    scaled = volume * gains.astype(np.float32)
     # clipped like every training image after augmentation (data.augment): a dark volume's
     # brightest 1 % would otherwise reach values no model saw
-    return np.clip(volume * gains.astype(np.float32), 0.0, 1.0).astype(np.float32)
+    return np.clip(scaled, 0.0, 1.0, out=scaled)
 
 
 def with_context(volume: np.ndarray, context_slices: int) -> np.ndarray:
