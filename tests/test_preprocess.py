@@ -123,10 +123,9 @@ def test_volume_p99_puts_a_dark_and_a_bright_copy_of_one_volume_on_one_scale():
 def test_the_loader_and_the_predictor_standardise_a_patient_alike(synthetic_root,
                                                                    synthetic_manifest):
     """Training and inference feed a volume_p99 model the same numbers."""
-    from bt_pipeline.config import DataConfig
+    from bt_pipeline.config import DataConfig, Preprocessing
     from bt_pipeline.data.loader import load_patients
     from bt_pipeline.data.manifest import read_manifest
-    from bt_pipeline.config import Preprocessing
     from bt_pipeline.data.preprocess import read_image
     from bt_pipeline.inference.predictor import TwoStagePredictor
 

@@ -174,8 +174,8 @@ def standardise_volume(volume: np.ndarray, intensity: str) -> np.ndarray:
     asks for. "volume_p99": each channel multiplied by one gain for the whole volume, the gain
     that brings its 99th percentile over the brain pixels (FLAIR above BRAIN_FLAIR_FLOOR) to
     VOLUME_P99_TARGET, the result clipped to [0, 1]; a volume without brain pixels is left as it
-    is. Gains act on whole
-    volumes, so the slices of one patient keep their contrast to each other."""
+    is. Gains act on whole volumes, so the slices of one patient keep their contrast to each
+    other."""
     if intensity == "raw":
         return volume
     if intensity != "volume_p99":

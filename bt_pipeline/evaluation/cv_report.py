@@ -206,9 +206,10 @@ def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out:
              f"patients scored, each by the fold U-Net that never trained on them (folds not "
              f"yet trained: {missing}). Post-processing as the shipped U-Net: "
              f"min_component_pixels={rule.min_component_pixels}, "
-             f"keep_largest_3d={rule.keep_largest_3d}; intensity rule {rule.intensity}. `dice_unet`: every true tumour slice "
-             "segmented (a perfect gate); `dice_no_gate`: every slice segmented, no stage 1, held "
-             "out whatever gates; `dice_pipeline`: " + _gate_note(patients, own_gates) +
+             f"keep_largest_3d={rule.keep_largest_3d}; intensity rule {rule.intensity}. "
+             "`dice_unet`: every true tumour slice segmented (a perfect gate); "
+             "`dice_no_gate`: every slice segmented, no stage 1, held out whatever gates; "
+             "`dice_pipeline`: " + _gate_note(patients, own_gates) +
              " SEM: standard error of the mean over patients."]
     if reference is not None and reference_label != "baseline":
         intro.append(f"Paired differences: this run minus `{reference}`.")

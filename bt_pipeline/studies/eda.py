@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.config import DataConfig
 from bt_pipeline.data.manifest import read_manifest
-from bt_pipeline.data.preprocess import read_image, read_mask
+from bt_pipeline.data.preprocess import BRAIN_FLAIR_FLOOR, read_image, read_mask
 from bt_pipeline.reports import draw_outline, plt, save_figure
 
 
@@ -77,11 +78,12 @@ def _example_grid(table: pd.DataFrame, data_root: Path, out: Path, n: int = 16,
 
 def volume_brightness(table: pd.DataFrame, data_root: Path) -> pd.DataFrame:
     """Per patient: each channel's 99th percentile (0-255) over the brain pixels (FLAIR above
-    10) of the whole volume, the statistic the "volume_p99" intensity rule equalises."""
+    BRAIN_FLAIR_FLOOR) of the whole volume at its own grid, the statistic the "volume_p99"
+    intensity rule equalises (on the model's grid)."""
     rows = []
     for patient, group in table.groupby("patient_id", sort=True):
         pixels = np.concatenate([read_image(data_root / p).reshape(-1, 3) for p in group["image"]])
-        brain = pixels[pixels[:, 1] > 10]
+        brain = pixels[pixels[:, 1] > BRAIN_FLAIR_FLOOR * 255]
         level = np.percentile(brain, 99, axis=0) if len(brain) else np.full(3, np.nan)
         rows.append({"patient_id": patient, "split": group["split"].iloc[0],
                      "pre_p99": level[0], "flair_p99": level[1], "post_p99": level[2]})
@@ -91,7 +93,8 @@ def volume_brightness(table: pd.DataFrame, data_root: Path) -> pd.DataFrame:
 def _brightness(table: pd.DataFrame, data_root: Path, out: Path, cv_patients: Path | None) -> str:
     """FLAIR brightness per volume, against the held-out U-Net Dice where a CV report exists."""
     brightness = volume_brightness(table, data_root)
-    brightness.to_csv(out / "volume_brightness.csv", index=False, float_format="%.1f")
+    write_text_atomic(out / "volume_brightness.csv",
+                      brightness.to_csv(index=False, lineterminator="\n", float_format="%.1f"))
     figure, ax = plt.subplots(figsize=(6, 4))
     if cv_patients is not None and cv_patients.is_file():
         scored = brightness.merge(pd.read_csv(cv_patients)[["patient_id", "dice_unet"]])
