@@ -98,7 +98,8 @@ def load_rows(rows: pd.DataFrame, config: DataConfig) -> SplitArrays:
                     f"masks-{config.mask_resize}")
     labels = rows["has_tumor"].to_numpy(dtype=np.float32)
     if config.intensity != "raw":
-        images = images.copy()  # the cache holds the slices before the volume rule
+        # in place: ``images`` is this call's own array (the disk cache holds the slices
+        # before the volume rule, and is not touched)
         for _, group in rows.groupby("patient_id", sort=False):
             order = group.index.to_numpy()
             images[order] = standardise_volume(images[order], config.intensity)

@@ -169,6 +169,18 @@ BRAIN_FLAIR_FLOOR = 10 / 255
 INTENSITY_RULES = ("raw", "volume_p99")
 
 
+def brain_p99(volume: np.ndarray, flair_floor: float) -> np.ndarray | None:
+    """Each channel's 99th percentile over the brain pixels of one volume (..., 3): those
+    whose FLAIR (channel 1) is above ``flair_floor``, in the volume's own units; None when the
+    volume has no brain pixel."""
+    brain = volume[..., 1] > flair_floor
+    if not brain.any():
+        return None
+    # channel by channel: a percentile over one contiguous selection is 2-3x faster than
+    # over the columns of an (N, 3) selection, and inference pays it on every volume
+    return np.array([np.percentile(volume[..., c][brain], 99) for c in range(volume.shape[-1])])
+
+
 def standardise_volume(volume: np.ndarray, intensity: str) -> np.ndarray:
     """One patient's preprocessed slices (N, S, S, 3), float32, on the scale ``intensity``
     asks for. "volume_p99": each channel multiplied by one gain for the whole volume, the gain
@@ -180,13 +192,9 @@ def standardise_volume(volume: np.ndarray, intensity: str) -> np.ndarray:
         return volume
     if intensity != "volume_p99":
         raise ValueError(f"unknown intensity rule {intensity!r}; known: {INTENSITY_RULES}")
-    brain = volume[..., 1] > BRAIN_FLAIR_FLOOR
-    if not brain.any():
+    level = brain_p99(volume, BRAIN_FLAIR_FLOOR)
+    if level is None:
         return volume
-    # channel by channel: a percentile over one contiguous selection is 2-3x faster than
-    # over the columns of an (N, 3) selection, and inference pays it on every volume
-    level = np.array([np.percentile(volume[..., c][brain], 99)
-                      for c in range(volume.shape[-1])])
     gains = np.where(level > BRAIN_FLAIR_FLOOR, VOLUME_P99_TARGET / np.maximum(level, 1e-6), 1.0)
     scaled = volume * gains.astype(np.float32)
     # clipped like every training image after augmentation (data.augment): a dark volume's

@@ -13,7 +13,7 @@ import pandas as pd
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.config import DataConfig
 from bt_pipeline.data.manifest import read_manifest
-from bt_pipeline.data.preprocess import BRAIN_FLAIR_FLOOR, read_image, read_mask
+from bt_pipeline.data.preprocess import BRAIN_FLAIR_FLOOR, brain_p99, read_image, read_mask
 from bt_pipeline.reports import draw_outline, plt, save_figure
 
 
@@ -83,8 +83,9 @@ def volume_brightness(table: pd.DataFrame, data_root: Path) -> pd.DataFrame:
     rows = []
     for patient, group in table.groupby("patient_id", sort=True):
         pixels = np.concatenate([read_image(data_root / p).reshape(-1, 3) for p in group["image"]])
-        brain = pixels[pixels[:, 1] > BRAIN_FLAIR_FLOOR * 255]
-        level = np.percentile(brain, 99, axis=0) if len(brain) else np.full(3, np.nan)
+        level = brain_p99(pixels, BRAIN_FLAIR_FLOOR * 255)
+        if level is None:
+            level = np.full(3, np.nan)
         rows.append({"patient_id": patient, "split": group["split"].iloc[0],
                      "pre_p99": level[0], "flair_p99": level[1], "post_p99": level[2]})
     return pd.DataFrame(rows)
