@@ -162,6 +162,10 @@ def test_shared_trunk_gives_the_masks_of_separate_stages(tiny_gate, tiny_models,
             np.testing.assert_array_equal(a, b)
         gated.extend(p1 >= 0.3)
     assert 0 < sum(gated) < len(gated), "the comparison needs passed and stopped slices"
+    # a batch in which the gate passes nothing goes through the same graph
+    shared.classifier_config = dataclasses.replace(shared.classifier_config, threshold=1.1)
+    _, masks = shared.predict(images)
+    assert len(masks) == len(images) and not any(mask.any() for mask in masks)
 
 
 def test_a_gate_on_another_unet_is_refused(tiny_gate, tiny_models, tmp_path, synthetic_root,

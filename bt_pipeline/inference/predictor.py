@@ -114,7 +114,7 @@ class TwoStagePredictor:
     missing_sequence_training: bool = False
     _classify: object = field(init=False, repr=False, compare=False)
     _segments: tuple = field(init=False, repr=False, compare=False)
-    _shared: tuple | None = field(init=False, repr=False, compare=False)
+    _shared: object = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         cast = to_bfloat16 if self.bfloat16 else (lambda model: model)
@@ -128,30 +128,41 @@ class TwoStagePredictor:
                                  "averaged")
 
 
-    def _shared_trunk(self, cast) -> tuple | None:
-        """For a gate on this U-Net's encoder: (encoder, head, decoder) graphs, so that
-        :meth:`predict` runs the encoder once per slice for both stages and the decoder only on
-        the slices the gate passes. None where the U-Net's output is an average (ensemble,
-        mirrored copy): then the gate runs on its own."""
+    def _shared_trunk(self, cast):
+        """For a gate on this U-Net's encoder: one traced graph from a batch of slices and the
+        threshold to (P(tumour) per slice, indices of the passed slices, their probability
+        maps), running the encoder once per slice for both stages and the decoder only on the
+        slices the gate passes. Skip connections stay inside the graph in the U-Net's own
+        precision. None where the U-Net's output is an average (ensemble, mirrored copy): then
+        the gate runs on its own."""
         if self.extra_unets or self.tta_flips:
             return None
         k = self.classifier_config.fine_tune_blocks
         unet = cast(self.unet)
-        cut = cut_layer_name(unet, k)
-        encoder, decoder = split_unet(unet, () if k == 0 else (cut,))
+        encoder, decoder = split_unet(unet, () if k == 0 else (cut_layer_name(unet, k),))
         head = self.classifier.get_layer("gate_head")
+        size = tuple(int(d) for d in encoder.inputs[0].shape[1:])
 
-        def encode(batch):
-            outputs = [tf.cast(t, tf.float32) for t in encoder(batch, training=False)]
-            return outputs[:-1] if k else outputs, outputs[-1]
+        @tf.function(input_signature=[tf.TensorSpec((None, *size), tf.float32),
+                                      tf.TensorSpec((), tf.float32)])
+        def gated(batch, threshold):
+            outputs = encoder(batch, training=False)
+            # k = 0: the head reads the bottleneck, the decoder's last input; otherwise the
+            # encoder's extra output at the cut, which the decoder does not take
+            parts = outputs[:-1] if k else outputs
+            probability = tf.reshape(head(tf.cast(outputs[-1], tf.float32), training=False),
+                                     [-1])
+            passed = tf.where(probability >= threshold)[:, 0]
 
-        sizes = [tuple(int(d) for d in t.shape[1:]) for t in decoder.inputs]
-        return (tf.function(encode, input_signature=[
-                    tf.TensorSpec((None, *encoder.inputs[0].shape[1:]), tf.float32)]),
-                graph_forward(head),
-                tf.function(lambda *parts: decoder(list(parts), training=False),
-                            input_signature=[tf.TensorSpec((None, *size), tf.float32)
-                                             for size in sizes]))
+            def decode():
+                maps = decoder([tf.gather(part, passed) for part in parts], training=False)
+                return tf.cast(maps, tf.float32)[..., 0]
+
+            # the convolutions refuse an empty batch
+            maps = tf.cond(tf.size(passed) > 0, decode, lambda: tf.zeros((0, *size[:2])))
+            return probability, passed, maps
+
+        return gated
 
     @classmethod
     def load(cls, classifier_path=SHIPPED_CLASSIFIER, unet_path=SHIPPED_UNET,
@@ -259,22 +270,19 @@ class TwoStagePredictor:
     def _through_shared_trunk(self, images: list[np.ndarray]):
         """The gate and the U-Net sharing one encoder pass: (probabilities, passed slices,
         their probability maps on each slice's grid)."""
-        encode, head, decode = self._shared
         batch = self._model_inputs(images, self.unet_config.preprocessing)
-        parts, probabilities = [], []
-        for (chunk,) in _batches([batch], self.batch_size):
-            skips_and_bottom, cut = encode(chunk)
-            parts.append([t.numpy() for t in skips_and_bottom])
-            probabilities.append(head(cut).numpy().reshape(-1))
-        probabilities = np.concatenate(probabilities)
-        chosen = np.flatnonzero(probabilities >= self.classifier_config.threshold)
-        if not len(chosen):
-            return probabilities, chosen, []
-        inputs = [np.concatenate([p[i] for p in parts])[chosen] for i in range(len(parts[0]))]
-        maps = np.concatenate([decode(*chunk).numpy()
-                               for chunk in _batches(inputs, self.batch_size)])[..., 0]
-        return probabilities, chosen, [to_grid(prob, images[i].shape[0], images[i].shape[1])
-                                       for prob, i in zip(maps, chosen, strict=True)]
+        threshold = tf.constant(self.classifier_config.threshold, tf.float32)
+        probabilities, chosen, maps = [], [], []
+        for start in range(0, len(batch), self.batch_size):
+            probability, passed, found = self._shared(batch[start:start + self.batch_size],
+                                                      threshold)
+            probabilities.append(probability.numpy())
+            chosen.append(passed.numpy() + start)
+            maps.extend(found.numpy())
+        chosen = np.concatenate(chosen).astype(int)
+        return np.concatenate(probabilities), chosen, [
+            to_grid(prob, images[i].shape[0], images[i].shape[1])
+            for prob, i in zip(maps, chosen, strict=True)]
 
     def predict(self, images: list[np.ndarray]):
         """Both stages on one volume's uint8 RGB slices, in slice order.
@@ -294,12 +302,6 @@ class TwoStagePredictor:
         masks = self.volume_masks(maps)
         return probabilities, [m if m is not None else np.zeros(image.shape[:2], np.uint8)
                                for m, image in zip(masks, images, strict=True)]
-
-
-def _batches(arrays, size: int):
-    """Slices of every array in ``arrays`` in steps of ``size``."""
-    for start in range(0, len(arrays[0]), size):
-        yield [a[start:start + size] for a in arrays]
 
 
 def to_grid(probability: np.ndarray, height: int, width: int) -> np.ndarray:
