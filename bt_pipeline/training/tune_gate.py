@@ -226,6 +226,12 @@ def cross_validated_gates(trunks: list[Trunk], config: GateConfig, features: Tru
     return held_out, threshold
 
 
+def search_name(recipe: str, intensity: str) -> str:
+    """The Keras Tuner project of a search: one per U-Net recipe and intensity rule, so that a
+    rerun resumes its own trials and never reuses another rule's."""
+    return f"gate_{recipe}" if intensity == "raw" else f"gate_{recipe}_{intensity}"
+
+
 def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out_dir: Path,
                     work_dir: Path, trials: int, epochs: int, executions: int,
                     ship_to: Path | None, verbose="auto",
@@ -237,20 +243,25 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out
         raise FileNotFoundError(f"{unet_path}: no trained U-Net; the gate is built on one, so "
                                 "train it first (make train-unet), then make tune")
     preprocessing = load_json(Path(unet_path).with_suffix(".json"), UNetConfig).preprocessing
+    # the gate reads the U-Net's encoder, so it is fed what the U-Net is fed: same size,
+    # context and intensity rule
     data_config = dataclasses.replace(data_config, image_size=preprocessing.image_size,
                                       context_slices=preprocessing.context_slices,
-                                      tv_weight=preprocessing.tv_weight)
+                                      tv_weight=preprocessing.tv_weight,
+                                      intensity=preprocessing.intensity)
     manifest = read_manifest(data_config.manifest)
     arrays = load_rows(manifest, data_config)
     trunks = fold_trunks(arrays.rows, recipe, cv_dir)
     base = GateConfig(image_size=preprocessing.image_size,
                       context_slices=preprocessing.context_slices,
-                      tv_weight=preprocessing.tv_weight, epochs=epochs, seed=data_config.seed)
+                      tv_weight=preprocessing.tv_weight, intensity=preprocessing.intensity,
+                      epochs=epochs, seed=data_config.seed)
     features = TrunkFeatures(arrays)
     tuner = GateSearch(GateHyperModel(trunks, base, fine_tune_choices), features, seed=base.seed,
                        objective=keras_tuner.Objective("val_auc", "max"), max_trials=trials,
                        executions_per_trial=executions, directory=str(work_dir),
-                       project_name=f"gate_{recipe}", overwrite=False)
+                       project_name=search_name(recipe, preprocessing.intensity),
+                       overwrite=False)
     started = time.monotonic()
     tuner.search(epochs=epochs, batch_size=base.batch_size, verbose=verbose)
     best_trial = tuner.oracle.get_best_trials(1)[0]
@@ -263,6 +274,7 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out
     write_search_reports(table, best_trial.hyperparameters.values, out_dir, {
         "trials": trials, "epochs_per_trial": epochs, "executions_per_trial": executions,
         "folds": [t.name for t in trunks], "recipe": recipe,
+        "intensity": preprocessing.intensity,
         "fine_tune_choices": list(fine_tune_choices), "objective": "val_auc (held-out "
         "ROC AUC averaged over folds and executions, best epoch)", "seed": base.seed,
         "trial_seconds_total": round(float(table["seconds"].sum()), 1)}, objective="val_auc")
