@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "baseline recipe's from-scratch CNN, "
                              "<cv-dir>/baseline/models/classifier.keras)")
     parser.add_argument("--rule-from", type=Path, default=SHIPPED_UNET,
-                        help="U-Net whose JSON gives the post-processing rule")
+                        help="U-Net whose JSON gives the post-processing and intensity rules")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,14 +119,18 @@ def run(args: argparse.Namespace) -> int:
             rows.append(patient_rows(predictor, other, prediction, fold, in_val,
                                      Path(args.data_dir)))
     patients = pd.DataFrame(rows)
-    out = args.cv_dir / args.recipe / "stage1_choice"
+    # beside the CV report scored under the same intensity rule (bt cv --intensity)
+    out = args.cv_dir / args.recipe / ("" if rule.intensity == "raw" else
+                                       f"intensity_{rule.intensity}") / "stage1_choice"
     write_text_atomic(out / "patients.csv",
                       patients.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
     table = compare(patients)
     write_summary(out / "summary.md", f"Stage 1 compared on the {args.recipe} folds", [
         f"Whole-pipeline mean Dice under each stage 1; `other` is `{other_path}`, scored on "
         "the val patients only (it trained on the train split; its threshold was chosen on "
-        "val). Every patient is segmented by the fold U-Net that never trained on them."],
+        "val). Every patient is segmented by the fold U-Net that never trained on them, "
+        f"under the intensity rule {rule.intensity} (from "
+        f"`{args.rule_from.with_suffix('.json')}`)."],
         {"comparison": table}, [])
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"report: {out / 'summary.md'}")
