@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 TRIALS ?= 20
 EPOCHS ?= 20
 EXECUTIONS ?= 2
-# make tune-gate: how many top encoder blocks a gate trial may fine-tune (0 = frozen trunk, features
+# make tune: how many top encoder blocks a gate trial may fine-tune (0 = frozen trunk, features
 # cached; 1 costs hours at the reference budget on 2 cores).
 FINE_TUNE_CHOICES ?= 0
 WORKERS ?= 2
@@ -29,7 +29,7 @@ EXP_EPOCHS_OPTIONS ?= 15
 EXP_IMAGE_SIZE ?= 64
 EXP_BASE_FILTERS ?= 8
 
-.PHONY: install data manifest eda test test-quick test-slow lint tune tune-gate stage1-choice tune-distributed \
+.PHONY: install data manifest eda test test-quick test-slow lint tune tune-classifier stage1-choice tune-distributed \
         train-unet postprocess cv demo screenshot evaluate roundtrip radiogenomics experiments bench bench-loader \
         bench-infer clean
 
@@ -74,20 +74,20 @@ test-slow: install
 lint: install
 	$(VENV)/bin/ruff check bt_pipeline tests
 
-# Stage 1 as shipped: RandomSearch for the from-scratch slice CNN on val; retrains and ships the best.
+# Stage 1 as shipped: a head on the shipped U-Net's encoder, searched (RandomSearch) and
+# thresholded on the recipe's cross-validation folds (one gate per fold, beside the fold U-Nets),
+# then trained on the shipped U-Net's encoder and shipped. It needs those U-Nets first:
+# `make cv CV_RECIPE=$(UNET_RECIPE)`, `make train-unet`, then `make tune`.
 tune: install
-	$(PY) -m bt_pipeline tune --data-dir $(KAGGLE_ROOT) --trials $(TRIALS) --epochs $(EPOCHS) \
-		--executions $(EXECUTIONS)
-
-# Stage 1 on the U-Net's encoder, searched and thresholded on the recipe's cross-validation
-# folds (one gate per fold, beside the fold U-Nets), then trained on the shipped U-Net's encoder
-# into runs/gate/ (not shipped: docs/training.md says why). Order: `make cv
-# CV_RECIPE=$(UNET_RECIPE)`, `make train-unet`, then `make tune-gate`.
-tune-gate: install
 	$(PY) -m bt_pipeline tune --gate --recipe $(UNET_RECIPE) --data-dir $(KAGGLE_ROOT) \
 		--trials $(TRIALS) --epochs $(EPOCHS) --executions $(EXECUTIONS) \
-		--fine-tune-choices $(FINE_TUNE_CHOICES) --out-dir tuning/gate --work-dir tuning/work/gate \
-		--ship-to runs/gate/classifier.keras
+		--fine-tune-choices $(FINE_TUNE_CHOICES) --out-dir tuning/gate --work-dir tuning/work/gate
+
+# The from-scratch slice CNN, stage 1 before the gate, kept as an option and as the baseline row:
+# RandomSearch on val, the best retrained into runs/classifier/ (not shipped).
+tune-classifier: install
+	$(PY) -m bt_pipeline tune --data-dir $(KAGGLE_ROOT) --trials $(TRIALS) --epochs $(EPOCHS) \
+		--executions $(EXECUTIONS) --ship-to runs/classifier/classifier.keras
 
 # Which stage 1 ships: the encoder gates against the from-scratch CNN (STAGE1_OTHER, by default
 # the baseline recipe's copy of it) and against no gate, whole pipeline, on development patients
@@ -105,7 +105,7 @@ tune-distributed: install
 # Train the U-Net recipe $(UNET_RECIPE) on every development patient (train + val; about an
 # hour in bfloat16 on 2 cores) and ship it, then choose its post-processing on that recipe's
 # held-out cross-validation predictions, under the intensity rule $(INTENSITY), and write both
-# into its JSON.
+# into its JSON. The shipped gate reads this U-Net's encoder: `make tune` after it.
 train-unet: install
 	$(PY) -m bt_pipeline cv --data-dir $(KAGGLE_ROOT) --recipe $(UNET_RECIPE) --all \
 		--ship-to bt_pipeline/weights/unet.keras

@@ -10,8 +10,9 @@ from pathlib import Path
 from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Which models run, and how: --classifier, --unet, --extra-unet, --tta-flips."""
+def add_model_arguments(parser: argparse.ArgumentParser, precision: str = "float32") -> None:
+    """Which models run, and how: --classifier, --unet, --extra-unet, --tta-flips, and
+    --precision (default ``precision``)."""
     parser.add_argument("--classifier", type=Path, default=SHIPPED_CLASSIFIER)
     parser.add_argument("--unet", type=Path, default=SHIPPED_UNET)
     parser.add_argument("--extra-unet", type=Path, nargs="*", default=None, metavar="KERAS",
@@ -21,9 +22,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also segment each slice mirrored left-right and average "
                              "(default: as the U-Net config says)")
     parser.add_argument("--precision", choices=["float32", "bfloat16", "auto"],
-                        default="float32",
-                        help="U-Net compute precision; auto = bfloat16 where the CPU has it "
-                             "natively (docs/speed.md)")
+                        default=precision,
+                        help="compute precision of the U-Net (and of the gate's encoder, which "
+                             "it shares); auto = bfloat16 where the CPU has it natively, else "
+                             f"float32 (default: {precision}; docs/speed.md)")
 
 
 def load_predictor(args: argparse.Namespace, mask_threshold: float = 0.5):

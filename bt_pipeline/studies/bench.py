@@ -223,7 +223,8 @@ def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
     # ran just before it (page cache, CPU clocks), enough to invert a float32/bf16 ranking.
     runs = {"": [], "bf16_": []}
     for _ in range(2):
-        for prefix, extra in (("", ()), ("bf16_", ("--precision", "bfloat16"))):
+        for prefix, extra in (("", ("--precision", "float32")),
+                              ("bf16_", ("--precision", "bfloat16"))):
             with tempfile.TemporaryDirectory() as out:
                 runs[prefix].append(infer_throughput(folders, out, extra))
     for prefix, measured in runs.items():
