@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.cli import quiet_tensorflow
-from bt_pipeline.config import DataConfig
+from bt_pipeline.config import DataConfig, GateConfig
 from bt_pipeline.data.loader import classifier_dataset, load_split, unet_dataset
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.data.preprocess import read_image
@@ -183,6 +183,11 @@ def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
     rng = np.random.default_rng(0)
     models = {"classifier": (predictor.classifier, "binary_crossentropy", False),
               "unet": (predictor.unet, LOSSES[predictor.unet_config.loss], True)}
+    # a gate trains only its head, on trunk features computed once (training/tune_gate.py): a
+    # training step on images is not how it trains, and its frozen trunk would inflate the
+    # efficiency counted from the whole model's FLOPs
+    trains_on_images = {"classifier": not isinstance(predictor.classifier_config, GateConfig),
+                        "unet": True}
     for name, (model, loss, per_pixel_targets) in models.items():
         flops = forward_flops(model)
         size, channels = int(model.inputs[0].shape[1]), int(model.inputs[0].shape[-1])
@@ -197,6 +202,8 @@ def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
             results[f"{name}_infer_graph_batch{other}_slices_per_s"] = inference_rate(
                 variants["graph"], batch[:other] if other <= len(batch)
                 else np.concatenate([batch] * (other // len(batch))), seconds)
+        if not trains_on_images[name]:
+            continue
         shape = (batch_size, size, size, 1) if per_pixel_targets else (batch_size, 1)
         targets = (rng.random(shape) > 0.5).astype(np.float32)
         for variant, jit, precision in (("graph", False, "float32"), ("xla", True, "float32"),
