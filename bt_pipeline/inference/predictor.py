@@ -106,8 +106,10 @@ class TwoStagePredictor:
     #: Test-time augmentation: also segment the left-right mirrored slice, average the two.
     tta_flips: bool = False
     #: Run the U-Net(s) in bfloat16 (weights and outputs stay float32; see cpu_has_bfloat16).
-    #: The classifier stays float32: it is cheap, and its val-chosen threshold sits where a
-    #: bfloat16 rounding flipped a slice (``make bench``, docs/speed.md).
+    #: A from-scratch classifier stays float32: it is cheap, and its val-chosen threshold sat
+    #: where a bfloat16 rounding flipped a slice (``make bench``, docs/speed.md). A gate's head
+    #: reads the shared encoder as the U-Net computes it (on the test split in bfloat16, one
+    #: gate decision of 551 differs from float32's).
     bfloat16: bool = False
     #: Whether the U-Net trained with sequences replaced by FLAIR at random (its JSON's
     #: ``missing_sequence_p``), so that it serves FLAIR-only input.
