@@ -339,3 +339,19 @@ def test_mask_volume_lands_in_the_anatomical_corner_the_slices_show(tmp_path):
         assert (world[:, 1] > centre[1]).all()  # +y: anterior
         assert (world[:, 2] > centre[2]).all()  # +z: superior
         assert len(voxels) == 4 * 5
+
+
+def test_infer_runs_bfloat16_where_native_by_default_and_evaluate_float32():
+    import argparse
+
+    from bt_pipeline.evaluation import evaluate
+    from bt_pipeline.inference import infer
+
+    defaults = {}
+    for name, module, argv in (("infer", infer, ["scans"]), ("evaluate", evaluate, [])):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        defaults[name] = parser.parse_args(argv).precision
+    # README: infer's default is auto (bfloat16 only on CPUs with native support); the
+    # reported test figures come from evaluate in float32, the same on every machine
+    assert defaults == {"infer": "auto", "evaluate": "float32"}
