@@ -186,8 +186,7 @@ def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
     # a gate trains only its head, on trunk features computed once (training/tune_gate.py): a
     # training step on images is not how it trains, and its frozen trunk would inflate the
     # efficiency counted from the whole model's FLOPs
-    trains_on_images = {"classifier": not isinstance(predictor.classifier_config, GateConfig),
-                        "unet": True}
+    gate = isinstance(predictor.classifier_config, GateConfig)
     for name, (model, loss, per_pixel_targets) in models.items():
         flops = forward_flops(model)
         size, channels = int(model.inputs[0].shape[1]), int(model.inputs[0].shape[-1])
@@ -202,7 +201,7 @@ def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
             results[f"{name}_infer_graph_batch{other}_slices_per_s"] = inference_rate(
                 variants["graph"], batch[:other] if other <= len(batch)
                 else np.concatenate([batch] * (other // len(batch))), seconds)
-        if not trains_on_images[name]:
+        if name == "classifier" and gate:
             continue
         shape = (batch_size, size, size, 1) if per_pixel_targets else (batch_size, 1)
         targets = (rng.random(shape) > 0.5).astype(np.float32)

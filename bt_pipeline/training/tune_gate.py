@@ -243,19 +243,14 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out
         raise FileNotFoundError(f"{unet_path}: no trained U-Net; the gate is built on one, so "
                                 "train it first (make train-unet), then make tune")
     preprocessing = load_json(Path(unet_path).with_suffix(".json"), UNetConfig).preprocessing
-    # the gate reads the U-Net's encoder, so it is fed what the U-Net is fed: same size,
-    # context and intensity rule
-    data_config = dataclasses.replace(data_config, image_size=preprocessing.image_size,
-                                      context_slices=preprocessing.context_slices,
-                                      tv_weight=preprocessing.tv_weight,
-                                      intensity=preprocessing.intensity)
+    # the gate reads the U-Net's encoder, so it is fed what the U-Net is fed: every
+    # preprocessing field (size, context, denoising, intensity rule)
+    fed_as_unet = dataclasses.asdict(preprocessing)
+    data_config = dataclasses.replace(data_config, **fed_as_unet)
     manifest = read_manifest(data_config.manifest)
     arrays = load_rows(manifest, data_config)
     trunks = fold_trunks(arrays.rows, recipe, cv_dir)
-    base = GateConfig(image_size=preprocessing.image_size,
-                      context_slices=preprocessing.context_slices,
-                      tv_weight=preprocessing.tv_weight, intensity=preprocessing.intensity,
-                      epochs=epochs, seed=data_config.seed)
+    base = GateConfig(**fed_as_unet, epochs=epochs, seed=data_config.seed)
     features = TrunkFeatures(arrays)
     tuner = GateSearch(GateHyperModel(trunks, base, fine_tune_choices), features, seed=base.seed,
                        objective=keras_tuner.Objective("val_auc", "max"), max_trials=trials,
