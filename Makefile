@@ -19,8 +19,10 @@ FINE_TUNE_CHOICES ?= 0
 WORKERS ?= 2
 ORACLE_PORT ?= 8000
 # The recipe of the U-Net that ships (training/cross_validation.py), chosen on the
-# cross-validation: `make cv CV_RECIPE=...` scores any recipe.
-UNET_RECIPE ?= fixed
+# cross-validation: `make cv CV_RECIPE=...` scores any recipe. `longer` continues each of
+# `fixed`'s models (committed in reports/cv/fixed/models/), so from scratch it needs
+# `make cv CV_RECIPE=fixed` and `bt cv --recipe fixed --all` first.
+UNET_RECIPE ?= longer
 CV_RECIPE ?= baseline
 # make experiments: epochs per table (the reference study used 100 and 30) and the scale.
 EXP_EPOCHS_LR_BN ?= 12
