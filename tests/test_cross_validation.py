@@ -3,17 +3,22 @@ shipping a float32 model, a fixed schedule without validation."""
 
 import dataclasses
 import json
+import re
 import shutil
+from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
 
-from bt_pipeline.config import DataConfig, UNetConfig
+from bt_pipeline.config import SHIPPED_UNET, DataConfig, UNetConfig
 from bt_pipeline.data.manifest import NO_FOLD, read_manifest
 from bt_pipeline.training.cross_validation import (
+    ALL,
+    SHIPPED_RECIPE,
     Recipe,
     fold_dir,
+    fold_model,
     fold_patients,
     inner_split,
     train_fold,
@@ -227,3 +232,12 @@ def test_the_longer_recipe_is_fixed_restarted_at_half_its_rate_with_fresh_draws(
     assert dataclasses.replace(second.unet, learning_rate=first.unet.learning_rate) == first.unet
     assert second.data.seed != first.data.seed
     assert dataclasses.replace(second.data, seed=first.data.seed) == first.data
+
+
+def test_the_shipped_unet_is_the_shipped_recipes_all_patient_model_and_make_agrees():
+    """`make train-unet` ships reports/cv/<UNET_RECIPE>/models/all.keras; the CLI defaults name
+    the same recipe, so a gate search or study without --recipe reads the shipped U-Net's folds."""
+    makefile = Path("Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^UNET_RECIPE \?= (\S+)$", makefile, re.M).group(1) == SHIPPED_RECIPE
+    all_patients = fold_model(Path("reports/cv"), SHIPPED_RECIPE, ALL)
+    assert Path(SHIPPED_UNET).read_bytes() == all_patients.read_bytes()

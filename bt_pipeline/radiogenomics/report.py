@@ -41,7 +41,7 @@ from bt_pipeline.radiogenomics.association import (
 )
 from bt_pipeline.radiogenomics.shape import FEATURES, shape_features
 from bt_pipeline.reports import plt, save_figure, write_summary
-from bt_pipeline.training.cross_validation import fold_model
+from bt_pipeline.training.cross_validation import SHIPPED_RECIPE, fold_model
 
 #: What Buda et al. (2019) report in their abstract, for the README's comparison.
 PAPER_FINDINGS = (
@@ -240,7 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=DataConfig.data_root,
                         help="the dataset's kaggle_3m folder (slices and data.csv)")
     parser.add_argument("--manifest", default=DataConfig.manifest)
-    parser.add_argument("--recipe", default="fixed",
+    parser.add_argument("--recipe", default=SHIPPED_RECIPE,
                         help="whose cross-validation fold U-Nets segment development patients")
     parser.add_argument("--cv-dir", type=Path, default=Path("reports/cv"),
                         help="where the recipes' fold models are (<recipe>/models/)")

@@ -28,7 +28,7 @@ from bt_pipeline.evaluation.metrics import dice_score
 from bt_pipeline.evaluation.scoring import PatientPrediction, gated_volume
 from bt_pipeline.inference.predictor import TwoStagePredictor
 from bt_pipeline.reports import write_summary
-from bt_pipeline.training.cross_validation import fold_gate
+from bt_pipeline.training.cross_validation import SHIPPED_RECIPE, fold_gate
 
 #: The gates compared, in report order.
 GATES = ("no_gate", "encoder_gate", "other")
@@ -88,7 +88,7 @@ def compare(patients: pd.DataFrame) -> pd.DataFrame:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=DataConfig.data_root)
     parser.add_argument("--manifest", default=DataConfig.manifest)
-    parser.add_argument("--recipe", default="fixed")
+    parser.add_argument("--recipe", default=SHIPPED_RECIPE)
     parser.add_argument("--cv-dir", type=Path, default=Path("reports/cv"))
     parser.add_argument("--other", type=Path, default=None, metavar="CLASSIFIER",
                         help="the stage-1 model to compare with the encoder gates (default: the "

@@ -87,6 +87,9 @@ def standardised_recipe(precision: str = "mixed_bfloat16") -> Recipe:
 
 RECIPES = {"baseline": baseline_recipe, "fixed": fixed_recipe, "longer": longer_recipe,
            "standardised": standardised_recipe}
+#: The recipe whose all-patient model ships (bt_pipeline/weights/unet.keras), chosen on the
+#: cross-validation; the Makefile's UNET_RECIPE names the same one.
+SHIPPED_RECIPE = "longer"
 
 
 def with_seed(recipe: Recipe, seed: int) -> Recipe:

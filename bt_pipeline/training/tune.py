@@ -33,6 +33,7 @@ from bt_pipeline.config import (
 from bt_pipeline.data.loader import SplitArrays, classifier_dataset, load_split
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.models.classifier import build_classifier_from_config, compile_classifier
+from bt_pipeline.training.cross_validation import SHIPPED_RECIPE
 from bt_pipeline.training.search_reports import trials_table, write_search_reports
 from bt_pipeline.training.train_classifier import retrain_and_ship
 
@@ -176,7 +177,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trunk", default=str(SHIPPED_UNET), metavar="UNET",
                         help="with --gate: the trained U-Net whose encoder the shipped gate "
                              "sits on")
-    parser.add_argument("--recipe", default="fixed",
+    parser.add_argument("--recipe", default=SHIPPED_RECIPE,
                         help="with --gate: the U-Net recipe whose cross-validation folds the "
                              "search trains and judges on (one gate per fold)")
     parser.add_argument("--fine-tune-choices", type=int, nargs="+", default=[0, 1],
