@@ -148,6 +148,20 @@ def test_cv_report_scores_each_trained_fold_on_its_own_patients(synthetic_root,
                  "--out", str(out)]) == 0
     assert "FLAIR-only input" in (out / "baseline" / "flair_only" / "summary.md").read_text()
 
+    # a rule taken from --rule-from's JSON files the report where --intensity would, not
+    # beside the reports scored on raw intensities
+    ruled = tmp_path / "ruled.json"
+    config = json.loads(tiny_models[1].with_suffix(".json").read_text())
+    ruled.write_text(json.dumps({**config, "intensity": "volume_p99"}))
+    raw_summary = (out / "baseline" / "summary.md").read_text()
+    assert main(["cv", "--no-train", "--data-dir", str(synthetic_root), "--manifest",
+                 str(synthetic_manifest), "--runs-dir", str(runs), "--classifier",
+                 str(tiny_models[0]), "--rule-from", str(ruled.with_suffix(".keras")),
+                 "--out", str(out)]) == 0
+    assert "intensity rule volume_p99" in \
+        (out / "baseline" / "intensity_volume_p99" / "summary.md").read_text()
+    assert (out / "baseline" / "summary.md").read_text() == raw_summary
+
     # another run of the same folds, paired patient by patient with this one
     other = tmp_path / "other_run.csv"
     patients.assign(dice_unet=patients["dice_unet"] - 0.25).to_csv(other, index=False)
@@ -232,6 +246,20 @@ def test_the_longer_recipe_is_fixed_restarted_at_half_its_rate_with_fresh_draws(
     assert dataclasses.replace(second.unet, learning_rate=first.unet.learning_rate) == first.unet
     assert second.data.seed != first.data.seed
     assert dataclasses.replace(second.data, seed=first.data.seed) == first.data
+
+
+def test_longer_standardised_continues_longer_under_the_intensity_rule_at_half_its_rate():
+    from bt_pipeline.training.cross_validation import longer_recipe, longer_standardised_recipe
+
+    second, third = longer_recipe(), longer_standardised_recipe()
+    assert third.continues == second.name
+    assert third.unet.learning_rate == second.unet.learning_rate / 2
+    assert third.unet.intensity == third.data.intensity == "volume_p99"
+    assert dataclasses.replace(third.unet, learning_rate=second.unet.learning_rate,
+                               intensity=second.unet.intensity) == second.unet
+    assert third.data.seed not in (second.data.seed, second.data.seed - 1)
+    assert dataclasses.replace(third.data, seed=second.data.seed,
+                               intensity=second.data.intensity) == second.data
 
 
 def test_the_shipped_unet_is_the_shipped_recipes_all_patient_model_and_make_agrees():

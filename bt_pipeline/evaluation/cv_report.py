@@ -262,8 +262,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rule-from", type=Path, default=SHIPPED_UNET,
                         help="U-Net whose JSON gives the post-processing and intensity rules")
     parser.add_argument("--intensity", choices=INTENSITY_RULES, default=None,
-                        help="score under this intensity rule instead of --rule-from's, into "
-                             "<recipe>/intensity_<rule>/ (with --write-postprocessing: ship it)")
+                        help="score under this intensity rule instead of --rule-from's "
+                             "(with --write-postprocessing: ship it); reports scored under a "
+                             "rule go to <recipe>/intensity_<rule>/, on raw intensities to "
+                             "<recipe>/")
     parser.add_argument("--against", type=Path, metavar="PATIENTS_CSV",
                         help="pair each patient's scores with another run's patients.csv "
                              "(default: the baseline recipe's)")
@@ -294,6 +296,8 @@ def run(args: argparse.Namespace) -> int:
     rule = load_json(args.rule_from.with_suffix(".json"), UNetConfig)
     if args.intensity is not None:
         rule = dataclasses.replace(rule, intensity=args.intensity)
+    if recipe.unet.intensity != "raw":  # a U-Net trained under a rule is always fed it
+        rule = dataclasses.replace(rule, intensity=recipe.unet.intensity)
     classifier = args.classifier or baseline_classifier(args.out)
     results, missing = [], []
     for fold in args.folds:
@@ -311,8 +315,11 @@ def run(args: argparse.Namespace) -> int:
     slices = pd.concat([r[1] for r in results], ignore_index=True)
     trained = [fold for fold in args.folds if fold not in missing]
     report = args.out / recipe.name
-    if args.intensity is not None:
-        report = report / f"intensity_{args.intensity}"
+    # filed by the intensity the U-Nets were fed, whether --intensity, --rule-from's JSON or
+    # the recipe's own training chose it, so that by default a report is never paired with
+    # another scored under a different rule
+    if rule.intensity != "raw":
+        report = report / f"intensity_{rule.intensity}"
     report = report / ("flair_only" if args.flair_only else "")
     label = f"{recipe.name}, FLAIR-only input" if args.flair_only else recipe.name
     reference = args.out / "baseline" / report.relative_to(args.out / recipe.name) / \
