@@ -125,6 +125,8 @@ def test_gate_search_records_its_budget_and_ships_a_gate_for_this_unet(tiny_gate
     unet = keras.saving.load_model(tiny_models[1], compile=False)
     assert written["type"] == "GateConfig" and written["unet_fingerprint"] == fingerprint(unet)
     assert written["epochs"] in set(trials["best_epoch"])  # trained for the search's best epoch
+    assert written["extra"]["trial_seconds_total"] == pytest.approx(trials["seconds"].sum(),
+                                                                    abs=0.1)
     metrics = pd.read_csv(tiny_gate / "gate_metrics.csv")
     assert metrics["patients"].str.startswith(("cv held-out", "test")).all()
     # every held-out probability comes from the gate of the patient's own fold
@@ -137,6 +139,24 @@ def test_gate_search_records_its_budget_and_ships_a_gate_for_this_unet(tiny_gate
                                 f"gate_fold{fold}.json").read_text())
         assert fold_gate["threshold"] == pytest.approx(written["threshold"])
         assert fold_gate["unet_fingerprint"] == fingerprint(unet)
+
+
+def test_a_resumed_search_ships_the_seconds_of_every_trial(tiny_gate, tiny_models,
+                                                          synthetic_root, synthetic_manifest):
+    import json
+
+    from bt_pipeline.cli import main
+
+    first = json.loads((tiny_gate / "gate.json").read_text())["extra"]
+    # the same search again: Keras Tuner reruns no finished trial
+    assert main(["tune", "--gate", "--trunk", str(tiny_models[1]), "--recipe", "tiny",
+                 "--cv-dir", str(tiny_gate / "cv"), "--data-dir", str(synthetic_root),
+                 "--manifest", str(synthetic_manifest), "--trials", "2", "--epochs", "2",
+                 "--executions", "2", "--out-dir", str(tiny_gate / "again"),
+                 "--work-dir", str(tiny_gate / "work"),
+                 "--ship-to", str(tiny_gate / "again" / "gate.keras")]) == 0
+    resumed = json.loads((tiny_gate / "again" / "gate.json").read_text())["extra"]
+    assert resumed["trial_seconds_total"] == pytest.approx(first["trial_seconds_total"])
 
 
 def test_shared_trunk_gives_the_masks_of_separate_stages(tiny_gate, tiny_models,
