@@ -26,6 +26,15 @@ def __getattr__(name: str):
     return plt
 
 
+def shown_path(path: str | os.PathLike | None) -> str:
+    """A path as a committed report shows it: relative to the working folder when under it, so
+    that the report does not change with where the repository sits."""
+    if path is None:
+        return ""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table of ``table`` (index dropped)."""
     header = "| " + " | ".join(map(str, table.columns)) + " |"

@@ -40,7 +40,7 @@ from bt_pipeline.radiogenomics.association import (
     short_id,
 )
 from bt_pipeline.radiogenomics.shape import FEATURES, shape_features
-from bt_pipeline.reports import plt, save_figure, write_summary
+from bt_pipeline.reports import plt, save_figure, shown_path, write_summary
 from bt_pipeline.training.cross_validation import SHIPPED_RECIPE, fold_model
 
 #: What Buda et al. (2019) report in their abstract, for the README's comparison.
@@ -74,15 +74,6 @@ def _volumes(rows: pd.DataFrame, root: Path, predictor) -> tuple[np.ndarray, np.
     return manual, np.stack(predictor.volume_masks(maps)).astype(bool)
 
 
-def _shown(path: Path | None) -> str:
-    """A model's path for the table: relative to the working folder when under it, so that the
-    committed table does not change with where the repository sits."""
-    if path is None:
-        return ""
-    path = Path(path).resolve()
-    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
-
-
 def patient_features(manifest: pd.DataFrame, data_root: str | Path,
                      models: dict[str, Path | None], classifier: Path,
                      rule: UNetConfig) -> pd.DataFrame:
@@ -100,7 +91,7 @@ def patient_features(manifest: pd.DataFrame, data_root: str | Path,
             group = ordered[ordered["patient_id"] == patient]
             manual, automatic = _volumes(group, root, predictor)
             base = {"patient_id": patient, "institution": group["institution"].iloc[0],
-                    "fold": int(group["fold"].iloc[0]), "model": _shown(path)}
+                    "fold": int(group["fold"].iloc[0]), "model": shown_path(path)}
             rows.append({**base, "source": "manual", "dice_vs_manual": 1.0,
                          **shape_features(manual)})
             if automatic is not None:

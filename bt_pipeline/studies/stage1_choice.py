@@ -27,7 +27,7 @@ from bt_pipeline.evaluation.cv_report import baseline_classifier, fold_predictio
 from bt_pipeline.evaluation.metrics import dice_score
 from bt_pipeline.evaluation.scoring import PatientPrediction, gated_volume
 from bt_pipeline.inference.predictor import TwoStagePredictor
-from bt_pipeline.reports import write_summary
+from bt_pipeline.reports import shown_path, write_summary
 from bt_pipeline.training.cross_validation import SHIPPED_RECIPE, fold_gate
 
 #: The gates compared, in report order.
@@ -126,11 +126,11 @@ def run(args: argparse.Namespace) -> int:
                       patients.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
     table = compare(patients)
     write_summary(out / "summary.md", f"Stage 1 compared on the {args.recipe} folds", [
-        f"Whole-pipeline mean Dice under each stage 1; `other` is `{other_path}`, scored on "
+        f"Whole-pipeline mean Dice under each stage 1; `other` is `{shown_path(other_path)}`, scored on "
         "the val patients only (it trained on the train split; its threshold was chosen on "
         "val). Every patient is segmented by the fold U-Net that never trained on them, "
         f"under the intensity rule {rule.intensity} (from "
-        f"`{args.rule_from.with_suffix('.json')}`)."],
+        f"`{shown_path(args.rule_from.with_suffix('.json'))}`)."],
         {"comparison": table}, [])
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"report: {out / 'summary.md'}")
