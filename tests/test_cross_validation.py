@@ -61,6 +61,12 @@ def test_finished_folds_are_kept_and_bf16_training_ships_float32(synthetic_root,
     assert (models / "tiny" / "models" / "fold1.keras").is_file()
     log = pd.read_csv(fold_dir(runs, "tiny", 0) / "log.csv")
     assert len(log) == 1
+    # the shipped JSON names the patients the weights learnt from: the fold's training
+    # patients less its inner validation set, never a held-out one
+    training, held_out = fold_patients(read_manifest(synthetic_manifest), 0)
+    learnt = json.loads(first.with_suffix(".json").read_text())["extra"]["trained_on_patients"]
+    assert learnt == sorted(learnt) and 0 < len(learnt) < len(training)
+    assert set(learnt) <= set(training) and not set(learnt) & set(held_out)
 
     model = keras.saving.load_model(first, compile=False)
     assert {layer.dtype_policy.name for layer in model.layers[1:]} == {"float32"}
@@ -230,11 +236,31 @@ def test_a_continuing_recipe_starts_from_the_same_fold_of_the_recipe_it_continue
         train_fold(second, 0, *args, verbose=0)
     start = train_fold(first, 0, *args, verbose=0)
     continued = train_fold(second, 0, *args, verbose=0)
-    assert json.loads(continued.with_suffix(".json").read_text())["init_from"] == str(start)
+    written = json.loads(continued.with_suffix(".json").read_text())
+    assert written["init_from"] == str(start)
+    training, _ = fold_patients(read_manifest(synthetic_manifest), 0)
+    assert written["extra"]["trained_on_patients"] == sorted(training)
     for before, after in zip(keras.saving.load_model(start, compile=False).get_weights(),
                              keras.saving.load_model(continued, compile=False).get_weights(),
                              strict=True):
         np.testing.assert_allclose(after, before, atol=1e-6)
+
+
+def test_a_continued_model_lists_the_patients_of_the_model_it_started_from(tmp_path):
+    from types import SimpleNamespace
+
+    from bt_pipeline.training.train_unet import _trained_on
+
+    source = tmp_path / "start.keras"
+    source.with_suffix(".json").write_text(json.dumps({"extra": {
+        "trained_on_patients": ["TCGA_AA_0001", "TCGA_BB_0002"]}}))
+    this_run = SimpleNamespace(rows=pd.DataFrame({"patient_id": ["TCGA_CC_0003"] * 2}))
+    assert _trained_on(this_run, str(source)) == ["TCGA_AA_0001", "TCGA_BB_0002",
+                                                  "TCGA_CC_0003"]
+    assert _trained_on(this_run, "") == ["TCGA_CC_0003"]
+    # a start whose JSON predates the list: this run's patients, all that is known
+    (tmp_path / "older.json").write_text(json.dumps({"extra": {}}))
+    assert _trained_on(this_run, str(tmp_path / "older.keras")) == ["TCGA_CC_0003"]
 
 
 def test_the_longer_recipe_is_fixed_restarted_at_half_its_rate_with_fresh_draws():

@@ -96,6 +96,29 @@ def test_single_patient_folder_and_no_truth(tiny_models, synthetic_root, tmp_pat
     assert len(list((out / patient.name).glob("*_mask.png"))) == 9
 
 
+def test_a_score_on_a_patient_the_unet_learnt_from_says_so(tiny_models, synthetic_root,
+                                                          tmp_path, capsys):
+    import json
+
+    from bt_pipeline.inference.pipeline import TRAINED_ON_NOTE
+
+    classifier, unet = tiny_models
+    listed = tmp_path / "unet.keras"
+    shutil.copy(unet, listed)
+    config = json.loads(unet.with_suffix(".json").read_text())
+    patients = sorted(p.name for p in synthetic_root.iterdir() if p.is_dir())
+    config["extra"]["trained_on_patients"] = patients[:1]  # as training writes it
+    listed.with_suffix(".json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert _run((classifier, listed), synthetic_root, "--out", out) == 0
+    table = pd.read_csv(out / "patients.csv", keep_default_na=False).set_index("patient_id")
+    assert table.loc[patients[0], "dice_note"] == TRAINED_ON_NOTE
+    assert (table.drop(index=patients[0])["dice_note"] == "").all()
+    lines = capsys.readouterr().out.splitlines()
+    noted = [line for line in lines if TRAINED_ON_NOTE in line]
+    assert len(noted) == 1 and noted[0].startswith(f"{patients[0]}:")
+
+
 @pytest.fixture()
 def messy_dir(synthetic_root, tmp_path):
     root = tmp_path / "scans"

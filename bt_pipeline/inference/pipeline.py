@@ -46,6 +46,8 @@ SLICE_COLUMNS = ["patient_id", "slice", "image", "classifier_probability", "clas
 PATIENT_COLUMNS = ["patient_id", "sequences", "n_slices", "n_tumor_slices", "tumor_detected",
                    "tumor_pixels", "tumor_volume_ml"]
 TRUTH_COLUMNS = ["dice", "iou", "dice_note"]
+#: The dice_note of a patient the U-Net learnt from: its score is not a held-out one.
+TRAINED_ON_NOTE = "not held out: the U-Net trained on this patient"
 ERROR_COLUMNS = ["path", "patient_id", "problem", "skipped"]
 
 
@@ -216,6 +218,8 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
     for row in result.patients.itertuples(index=False):
         truth = f", dice {row.dice:.3f}" if "dice" in result.patients and not np.isnan(row.dice) \
             else ""
+        if truth and row.dice_note == TRAINED_ON_NOTE:
+            truth += f" ({TRAINED_ON_NOTE})"
         report(f"{row.patient_id}: {'TUMOUR' if row.tumor_detected else 'no tumour'} "
                f"({row.n_tumor_slices}/{row.n_slices} slices, {row.tumor_pixels} px{truth})")
     return result
@@ -260,6 +264,9 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
                 probabilities, masks = predictor.predict([s.image for s in slices])
                 patient, rows = _write_patient(out, scan, slices, probabilities, masks,
                                                threshold, pool, spacing, case)
+                if patient.get("dice_note") == "" and \
+                        scan.patient_id in predictor.trained_on_patients:
+                    patient["dice_note"] = TRAINED_ON_NOTE
                 if patient["sequences"] != "pre+flair+post":
                     print(_sequence_note(patient, predictor), file=sys.stderr)
                 patient_rows.append(patient)

@@ -114,6 +114,9 @@ class TwoStagePredictor:
     #: Whether the U-Net trained with sequences replaced by FLAIR at random (its JSON's
     #: ``missing_sequence_p``), so that it serves FLAIR-only input.
     missing_sequence_training: bool = False
+    #: The patients the U-Net learnt from (its JSON's ``trained_on_patients``; empty when the
+    #: JSON does not say), so that a score on one of them is not taken for a held-out one.
+    trained_on_patients: frozenset[str] = frozenset()
     _classify: object = field(init=False, repr=False, compare=False)
     _segments: tuple = field(init=False, repr=False, compare=False)
     _shared: object = field(init=False, repr=False, compare=False)
@@ -200,7 +203,8 @@ class TwoStagePredictor:
         missing = trained_on.get("data", {}).get("missing_sequence_p") or 0
         return cls(classifier, unet, classifier_config, unet_config, mask_threshold,
                    extra_unets=tuple(extra), tta_flips=tta_flips, bfloat16=bfloat16,
-                   missing_sequence_training=missing > 0)
+                   missing_sequence_training=missing > 0,
+                   trained_on_patients=frozenset(trained_on.get("trained_on_patients", [])))
 
     def _run(self, forward, batch: np.ndarray) -> np.ndarray:
         outputs = [forward(batch[i:i + self.batch_size]).numpy()

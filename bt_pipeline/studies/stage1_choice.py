@@ -126,10 +126,10 @@ def run(args: argparse.Namespace) -> int:
                       patients.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
     table = compare(patients)
     write_summary(out / "summary.md", f"Stage 1 compared on the {args.recipe} folds", [
-        f"Whole-pipeline mean Dice under each stage 1; `other` is `{shown_path(other_path)}`, scored on "
-        "the val patients only (it trained on the train split; its threshold was chosen on "
-        "val). Every patient is segmented by the fold U-Net that never trained on them, "
-        f"under the intensity rule {rule.intensity} (from "
+        "Whole-pipeline mean Dice under each stage 1; `other` is "
+        f"`{shown_path(other_path)}`, scored on the val patients only (it trained on the "
+        "train split; its threshold was chosen on val). Every patient is segmented by the "
+        f"fold U-Net that never trained on them, under the intensity rule {rule.intensity} (from "
         f"`{shown_path(args.rule_from.with_suffix('.json'))}`)."],
         {"comparison": table}, [])
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

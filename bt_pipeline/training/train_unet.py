@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -91,6 +92,8 @@ def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
             "epochs_run_this_call": epochs_run,
             "wall_seconds_this_call": round(time.monotonic() - started, 1),
             "epochs_logged": len(logged_values(log_csv, "loss")),
+            # inference tells a user when a score is on a patient the model learnt from
+            "trained_on_patients": _trained_on(train_arrays, unet_config.init_from),
         }
         if logged_values(log_csv, monitor):
             facts["best_val_dice"] = max(logged_values(log_csv, monitor))
@@ -113,6 +116,18 @@ def steps_per_epoch(labels: np.ndarray, config: DataConfig) -> int:
     positive = int((labels > 0).sum())
     negative = min(int((labels == 0).sum()), int(round(config.negative_share * positive)))
     return max(1, math.ceil((positive + negative) / config.batch_size))
+
+
+def _trained_on(train_arrays, init_from: str) -> list[str]:
+    """The patients whose slices these weights learnt from: this run's and, for a run started
+    from another model, those its JSON lists."""
+    patients = set(train_arrays.rows["patient_id"])
+    if init_from:
+        source = Path(init_from).with_suffix(".json")
+        if source.is_file():
+            extra = json.loads(source.read_text(encoding="utf-8")).get("extra", {})
+            patients |= set(extra.get("trained_on_patients", []))
+    return sorted(patients)
 
 
 def _start_from(model: keras.Model, path: Path) -> None:
