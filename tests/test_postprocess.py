@@ -103,6 +103,7 @@ def test_a_trained_unet_gets_its_postprocessing_written_by_code(synthetic_root,
     assert set(written) == config_keys | {"extra"}
     assert set(written["extra"]) == {"data", "parameters", "epochs_run_this_call",
                                      "wall_seconds_this_call", "epochs_logged", "best_val_dice",
+                                     "trained_on_patients",
                                      "postprocessing"}
     assert set(written["extra"]["postprocessing"]) == {"chosen_on", "mean_dice_gain",
                                                         "min_gain_to_adopt"}
