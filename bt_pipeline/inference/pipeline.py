@@ -132,7 +132,8 @@ def _load_case(scan: VolumeScan, problems: list[InputProblem], series_roles):
 
 def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilities, masks,
                    threshold, pool: ThreadPoolExecutor,
-                   spacing: tuple[float, float, float] | None, case=None):
+                   spacing: tuple[float, float, float] | None, case=None,
+                   learnt_from: bool = False):
     folder = out / scan.patient_id
     images, numbers = [s.image for s in slices], [s.number for s in slices]
     truths = [s.truth for s in slices]
@@ -167,7 +168,7 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
     if has_truth:
         patient["dice"] = dice_score(np.stack(truths), np.stack(masks))
         patient["iou"] = iou_score(np.stack(truths), np.stack(masks))
-        patient["dice_note"] = ""
+        patient["dice_note"] = TRAINED_ON_NOTE if learnt_from else ""
     elif truth_files:  # some ground truth given, not usable for every slice: say so
         usable = sum(t is not None for t in truths)
         patient.update(dice=float("nan"), iou=float("nan"),
@@ -262,11 +263,9 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
                 if not slices:
                     continue
                 probabilities, masks = predictor.predict([s.image for s in slices])
-                patient, rows = _write_patient(out, scan, slices, probabilities, masks,
-                                               threshold, pool, spacing, case)
-                if patient.get("dice_note") == "" and \
-                        scan.patient_id in predictor.trained_on_patients:
-                    patient["dice_note"] = TRAINED_ON_NOTE
+                patient, rows = _write_patient(
+                    out, scan, slices, probabilities, masks, threshold, pool, spacing, case,
+                    learnt_from=scan.patient_id in predictor.trained_on_patients)
                 if patient["sequences"] != "pre+flair+post":
                     print(_sequence_note(patient, predictor), file=sys.stderr)
                 patient_rows.append(patient)

@@ -263,6 +263,7 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out
     table = trials_table(tuner, objective="val_auc",
                          extra=("best_epoch", "val_auc_last_epoch", "epochs", "executions",
                                 "folds"))
+    trial_seconds = round(float(table["seconds"].sum()), 1)
     config = dataclasses.replace(base, **gate_kwargs_from_hp(best_trial.hyperparameters,
                                                              fine_tune_choices),
                                  epochs=int(best_trial.metrics.get_last_value("best_epoch")))
@@ -272,7 +273,7 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out
         "intensity": preprocessing.intensity,
         "fine_tune_choices": list(fine_tune_choices), "objective": "val_auc (held-out "
         "ROC AUC averaged over folds and executions, best epoch)", "seed": base.seed,
-        "trial_seconds_total": round(float(table["seconds"].sum()), 1)}, objective="val_auc")
+        "trial_seconds_total": trial_seconds}, objective="val_auc")
     held_out, threshold = cross_validated_gates(trunks, config, features, cv_dir, recipe,
                                                 verbose)
     write_text_atomic(Path(cv_dir) / recipe / "gate_heldout.csv",
@@ -298,7 +299,7 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out
             "parameters": int(gate.full.count_params()),
             # a search resumed from its Keras Tuner project reruns no finished trial, so
             # this call's wall time alone undercounts it; the trials' own seconds do not
-            "trial_seconds_total": round(float(table["seconds"].sum()), 1),
+            "trial_seconds_total": trial_seconds,
             "wall_seconds_this_call": round(time.monotonic() - started, 1),
             "metrics": metrics.set_index("patients").to_dict(orient="index")})
     write_text_atomic(out_dir / "gate_metrics.csv",
