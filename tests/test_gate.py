@@ -159,6 +159,30 @@ def test_a_resumed_search_ships_the_seconds_of_every_trial(tiny_gate, tiny_model
     assert resumed["trial_seconds_total"] == pytest.approx(first["trial_seconds_total"])
 
 
+def test_folds_only_trains_the_fold_gates_and_ships_nothing(tiny_gate, tmp_path,
+                                                           synthetic_root, synthetic_manifest):
+    import shutil
+
+    import pandas as pd
+
+    from bt_pipeline.cli import main
+
+    cv = tmp_path / "cv"
+    shutil.copytree(tiny_gate / "cv" / "tiny" / "models", cv / "tiny" / "models",
+                    ignore=shutil.ignore_patterns("gate_*"))
+    # no --trunk: a candidate recipe has fold U-Nets and no all-patient one yet
+    assert main(["tune", "--gate", "--folds-only", "--recipe", "tiny", "--cv-dir", str(cv),
+                 "--data-dir", str(synthetic_root), "--manifest", str(synthetic_manifest),
+                 "--trials", "2", "--epochs", "2", "--executions", "2",
+                 "--out-dir", str(tmp_path / "out"), "--work-dir", str(tiny_gate / "work"),
+                 "--ship-to", str(tmp_path / "gate.keras")]) == 0
+    assert not (tmp_path / "gate.keras").exists()
+    assert {f"gate_fold{fold}.keras" for fold in TRAINED_FOLDS} <= {
+        path.name for path in (cv / "tiny" / "models").iterdir()}
+    metrics = pd.read_csv(tmp_path / "out" / "gate_metrics.csv")
+    assert list(metrics["patients"].str[:11]) == ["cv held-out"]
+
+
 def test_shared_trunk_gives_the_masks_of_separate_stages(tiny_gate, tiny_models,
                                                          synthetic_root):
     from bt_pipeline.data.layout import scan_inputs

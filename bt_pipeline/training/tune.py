@@ -177,6 +177,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trunk", default=str(SHIPPED_UNET), metavar="UNET",
                         help="with --gate: the trained U-Net whose encoder the shipped gate "
                              "sits on")
+    parser.add_argument("--folds-only", action="store_true",
+                        help="with --gate: train the recipe's fold gates only (what its "
+                             "cross-validation scores the pipeline with) and ship nothing")
     parser.add_argument("--recipe", default=SHIPPED_RECIPE,
                         help="with --gate: the U-Net recipe whose cross-validation folds the "
                              "search trains and judges on (one gate per fold)")
@@ -199,12 +202,17 @@ def run(args: argparse.Namespace) -> int:
 
         data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
                                  seed=args.seed)
-        table = run_gate_tuning(data_config, args.recipe, Path(args.cv_dir), Path(args.trunk),
+        trunk = None if args.folds_only else Path(args.trunk)
+        table = run_gate_tuning(data_config, args.recipe, Path(args.cv_dir), trunk,
                                 Path(args.out_dir), Path(args.work_dir), args.trials,
                                 args.epochs, args.executions, Path(args.ship_to),
                                 keras_verbosity(), tuple(args.fine_tune_choices))
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        print(f"shipped gate: {args.ship_to}; reports in {args.out_dir}/")
+        if trunk is not None:
+            print(f"shipped gate: {args.ship_to}; reports in {args.out_dir}/")
+        else:
+            print(f"fold gates: {Path(args.cv_dir) / args.recipe / 'models'}/; "
+                  f"reports in {args.out_dir}/")
         return 0
     data_config = DataConfig(data_root=args.data_dir, manifest=args.manifest,
                              image_size=args.image_size, seed=args.seed,

@@ -6,8 +6,9 @@ on the fold's held-out patients, whom neither the trunk nor the head saw.
 The winner is then trained at the search's best epoch count (a fixed schedule, no early
 stopping on the patients it is judged on): once per fold, giving every development patient a
 held-out gate probability, from which the threshold is chosen; and once on the shipped U-Net's
-trunk over every development patient, which ships with that threshold. Test patients are only
-scored.
+trunk over every development patient, which ships with that threshold (``--folds-only``
+stops before it: a candidate recipe's cross-validation needs only the folds' gates). Test
+patients are only scored.
 
 The frozen part of a trunk never changes, so its output for every slice is computed once per
 fold and cut and each trial trains only what lies above it. Trunk features carry no
@@ -31,9 +32,9 @@ import numpy as np
 import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.config import GateConfig, UNetConfig, load_json
+from bt_pipeline.config import GateConfig, Preprocessing, UNetConfig, load_json
 from bt_pipeline.data.loader import SplitArrays, load_rows
-from bt_pipeline.data.manifest import NO_FOLD, read_manifest
+from bt_pipeline.data.manifest import N_FOLDS, NO_FOLD, read_manifest
 from bt_pipeline.evaluation.metrics import classification_metrics
 from bt_pipeline.models.batch_norm import with_fused_batch_norm
 from bt_pipeline.models.gate import Gate, build_gate_from_config, cut_layer_name, fingerprint
@@ -232,17 +233,31 @@ def search_name(recipe: str, intensity: str) -> str:
     return f"gate_{recipe}" if intensity == "raw" else f"gate_{recipe}_{intensity}"
 
 
-def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out_dir: Path,
-                    work_dir: Path, trials: int, epochs: int, executions: int,
+def _fed_as(unet_path: Path | None, cv_dir: Path, recipe: str) -> Preprocessing:
+    """What the gate is fed: what its U-Net is fed, read from the shipped U-Net's JSON or,
+    without one, from the recipe's first trained fold's."""
+    if unet_path is None:
+        trained = [fold_model(cv_dir, recipe, fold) for fold in range(N_FOLDS)]
+        trained = [path for path in trained if path.is_file()]
+        if not trained:
+            raise FileNotFoundError(f"{fold_model(cv_dir, recipe, 0).parent}: no fold U-Net of "
+                                    f"recipe {recipe!r} is trained (make cv CV_RECIPE={recipe})")
+        unet_path = trained[0]
+    elif not Path(unet_path).is_file():
+        raise FileNotFoundError(f"{unet_path}: no trained U-Net; the gate is built on one, so "
+                                "train it first (make train-unet), then make tune")
+    return load_json(Path(unet_path).with_suffix(".json"), UNetConfig).preprocessing
+
+
+def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path | None,
+                    out_dir: Path, work_dir: Path, trials: int, epochs: int, executions: int,
                     ship_to: Path | None, verbose="auto",
                     fine_tune_choices=FINE_TUNE_CHOICES) -> pd.DataFrame:
     """The whole of ``bt tune --gate``: search on the folds, the winner trained per fold
-    (held-out probabilities, threshold) and on the shipped U-Net (shipped), scores. Returns
-    the metrics table."""
-    if not Path(unet_path).is_file():
-        raise FileNotFoundError(f"{unet_path}: no trained U-Net; the gate is built on one, so "
-                                "train it first (make train-unet), then make tune")
-    preprocessing = load_json(Path(unet_path).with_suffix(".json"), UNetConfig).preprocessing
+    (held-out probabilities, threshold) and on the shipped U-Net ``unet_path`` (shipped to
+    ``ship_to``), scores. With ``unet_path`` None only the folds' gates are trained, which is
+    all a candidate recipe's cross-validation needs. Returns the metrics table."""
+    preprocessing = _fed_as(unet_path, cv_dir, recipe)
     # the gate reads the U-Net's encoder, so it is fed what the U-Net is fed: every
     # preprocessing field (size, context, denoising, intensity rule)
     fed_as_unet = dataclasses.asdict(preprocessing)
@@ -278,16 +293,21 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path, out
                                                 verbose)
     write_text_atomic(Path(cv_dir) / recipe / "gate_heldout.csv",
                       held_out.to_csv(index=False, lineterminator="\n", float_format="%.6f"))
+    rows = [{"patients": f"cv held-out ({held_out['patient_id'].nunique()}, folds "
+                         f"{','.join(str(t.fold) for t in trunks)})",
+             **classification_metrics(held_out["has_tumor"], held_out["gate_probability"],
+                                      threshold)}]
+    if unet_path is None:
+        metrics = pd.DataFrame(rows)
+        write_text_atomic(out_dir / "gate_metrics.csv",
+                          metrics.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
+        return metrics
     folds = arrays.rows["fold"].to_numpy()
     shipped = Trunk("shipped", load_trunk(unet_path),
                     np.flatnonzero(folds != NO_FOLD), np.flatnonzero(folds == NO_FOLD))
     gate = train_gate(shipped, config, features, verbose)
     test = _probabilities(gate, shipped, config, features, shipped.held_out)
-    metrics = pd.DataFrame([
-        {"patients": f"cv held-out ({held_out['patient_id'].nunique()}, folds "
-                     f"{','.join(str(t.fold) for t in trunks)})",
-         **classification_metrics(held_out["has_tumor"], held_out["gate_probability"],
-                                  threshold)},
+    metrics = pd.DataFrame(rows + [
         {"patients": "test (shipped gate, only reported)",
          **classification_metrics(arrays.labels[shipped.held_out], test, threshold)}])
     config = dataclasses.replace(config, threshold=threshold,
