@@ -31,7 +31,7 @@ EXP_EPOCHS_OPTIONS ?= 15
 EXP_IMAGE_SIZE ?= 64
 EXP_BASE_FILTERS ?= 8
 
-.PHONY: install data manifest eda test test-quick test-slow lint tune tune-classifier stage1-choice tune-distributed \
+.PHONY: install data manifest eda test test-quick test-slow lint tune cv-gates tune-classifier stage1-choice tune-distributed \
         train-unet postprocess cv demo screenshot evaluate roundtrip radiogenomics experiments bench bench-loader \
         bench-infer clean
 
@@ -84,6 +84,15 @@ tune: install
 	$(PY) -m bt_pipeline tune --gate --recipe $(UNET_RECIPE) --data-dir $(KAGGLE_ROOT) \
 		--trials $(TRIALS) --epochs $(EPOCHS) --executions $(EXECUTIONS) \
 		--fine-tune-choices $(FINE_TUNE_CHOICES) --out-dir tuning/gate --work-dir tuning/work/gate
+
+# A candidate recipe's fold gates, searched as `make tune` searches (same Keras Tuner project, so
+# a later `make tune` on it reruns no trial), before it has an all-patient U-Net: what its
+# cross-validation's pipeline column needs to be held out. Ships nothing.
+cv-gates: install
+	$(PY) -m bt_pipeline tune --gate --folds-only --recipe $(CV_RECIPE) --data-dir $(KAGGLE_ROOT) \
+		--trials $(TRIALS) --epochs $(EPOCHS) --executions $(EXECUTIONS) \
+		--fine-tune-choices $(FINE_TUNE_CHOICES) --out-dir reports/cv/$(CV_RECIPE)/gate_search \
+		--work-dir tuning/work/gate
 
 # The from-scratch slice CNN, stage 1 before the gate, kept as an option and as the baseline row:
 # RandomSearch on val, the best retrained into runs/classifier/ (not shipped).
