@@ -124,9 +124,13 @@ train-unet: install
 
 # Intensity rule the shipped U-Net runs under (docs/training.md, "One intensity scale").
 INTENSITY ?= volume_p99
+# The recipe that shipped before $(UNET_RECIPE): its CV report is what the shipped recipe's report
+# is paired against, patient by patient.
+SHIPPED_BEFORE ?= fixed
 postprocess: install
 	$(PY) -m bt_pipeline cv --data-dir $(KAGGLE_ROOT) --recipe $(UNET_RECIPE) --no-train \
-		--intensity $(INTENSITY) --against reports/cv/$(UNET_RECIPE)/patients.csv \
+		--intensity $(INTENSITY) \
+		--against reports/cv/$(SHIPPED_BEFORE)/intensity_$(INTENSITY)/patients.csv \
 		--write-postprocessing bt_pipeline/weights/unet.keras
 
 # 5-fold cross-validation over the development patients: trains the missing folds (bf16),

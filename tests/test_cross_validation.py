@@ -295,3 +295,15 @@ def test_the_shipped_unet_is_the_shipped_recipes_all_patient_model_and_make_agre
     assert re.search(r"^UNET_RECIPE \?= (\S+)$", makefile, re.M).group(1) == SHIPPED_RECIPE
     all_patients = fold_model(Path("reports/cv"), SHIPPED_RECIPE, ALL)
     assert Path(SHIPPED_UNET).read_bytes() == all_patients.read_bytes()
+
+
+def test_make_postprocess_pairs_the_shipped_recipe_with_a_report_that_exists():
+    """`make postprocess` rewrites the shipped recipe's CV report, paired against the recipe
+    shipped before it; a path the reports' layout no longer has would fail after the scoring."""
+    import subprocess
+
+    dry_run = subprocess.run(["make", "-n", "postprocess"], capture_output=True, text=True,
+                             check=True).stdout
+    against = re.search(r"--against (\S+)", dry_run).group(1)
+    assert Path(against).is_file(), against
+    assert f"/{SHIPPED_RECIPE}/" not in against  # paired with itself, the report says nothing
