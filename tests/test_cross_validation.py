@@ -288,7 +288,6 @@ def test_longer_standardised_continues_longer_under_the_intensity_rule_at_half_i
                                intensity=second.data.intensity) == second.data
 
 
-
 def test_four_cycles_repeats_the_third_cycle_with_fresh_draws():
     from bt_pipeline.training.cross_validation import (
         four_cycles_recipe,
@@ -299,6 +298,7 @@ def test_four_cycles_repeats_the_third_cycle_with_fresh_draws():
     assert fourth.continues == third.name and fourth.unet == third.unet
     assert fourth.data.seed == third.data.seed + 1
     assert dataclasses.replace(fourth.data, seed=third.data.seed) == third.data
+
 
 def test_the_shipped_unet_is_the_shipped_recipes_all_patient_model_and_make_agrees():
     """`make train-unet` ships reports/cv/<UNET_RECIPE>/models/all.keras; the CLI defaults name

@@ -293,35 +293,43 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path | No
                                                 verbose)
     write_text_atomic(Path(cv_dir) / recipe / "gate_heldout.csv",
                       held_out.to_csv(index=False, lineterminator="\n", float_format="%.6f"))
-    rows = [{"patients": f"cv held-out ({held_out['patient_id'].nunique()}, folds "
-                         f"{','.join(str(t.fold) for t in trunks)})",
-             **classification_metrics(held_out["has_tumor"], held_out["gate_probability"],
-                                      threshold)}]
-    if unet_path is None:
-        metrics = pd.DataFrame(rows)
-        write_text_atomic(out_dir / "gate_metrics.csv",
-                          metrics.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
-        return metrics
-    folds = arrays.rows["fold"].to_numpy()
+    metrics = pd.DataFrame([
+        {"patients": f"cv held-out ({held_out['patient_id'].nunique()}, folds "
+                     f"{','.join(str(t.fold) for t in trunks)})",
+         **classification_metrics(held_out["has_tumor"], held_out["gate_probability"],
+                                  threshold)}])
+    if unet_path is not None:
+        extra = {"data": dataclasses.asdict(data_config), "trunk": Path(unet_path).name,
+                 "cv_recipe": recipe, "threshold_chosen_on": "cv held-out",
+                 # a search resumed from its Keras Tuner project reruns no finished trial, so
+                 # this call's wall time alone undercounts it; the trials' own seconds do not
+                 "trial_seconds_total": trial_seconds}
+        metrics = _shipped_gate(unet_path, dataclasses.replace(config, threshold=threshold),
+                                features, metrics, ship_to, verbose, extra, started)
+    write_text_atomic(out_dir / "gate_metrics.csv",
+                      metrics.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
+    return metrics
+
+
+def _shipped_gate(unet_path: Path, config: GateConfig, features: TrunkFeatures,
+                  metrics: pd.DataFrame, ship_to: Path | None, verbose, extra: dict,
+                  started: float) -> pd.DataFrame:
+    """``config``'s gate trained on ``unet_path``'s trunk over every development patient and
+    shipped to ``ship_to`` (None: not written) with ``extra`` and the wall time since
+    ``started``; returns ``metrics`` with its test row."""
+    folds = features.arrays.rows["fold"].to_numpy()
     shipped = Trunk("shipped", load_trunk(unet_path),
                     np.flatnonzero(folds != NO_FOLD), np.flatnonzero(folds == NO_FOLD))
     gate = train_gate(shipped, config, features, verbose)
     test = _probabilities(gate, shipped, config, features, shipped.held_out)
-    metrics = pd.DataFrame(rows + [
+    metrics = pd.concat([metrics, pd.DataFrame([
         {"patients": "test (shipped gate, only reported)",
-         **classification_metrics(arrays.labels[shipped.held_out], test, threshold)}])
-    config = dataclasses.replace(config, threshold=threshold,
-                                 unet_fingerprint=fingerprint(shipped.unet))
+         **classification_metrics(features.arrays.labels[shipped.held_out], test,
+                                  config.threshold)}])], ignore_index=True)
     if ship_to is not None:
-        ship_model(gate.full, ship_to, config, {
-            "data": dataclasses.asdict(data_config), "trunk": Path(unet_path).name,
-            "cv_recipe": recipe, "threshold_chosen_on": "cv held-out",
-            "parameters": int(gate.full.count_params()),
-            # a search resumed from its Keras Tuner project reruns no finished trial, so
-            # this call's wall time alone undercounts it; the trials' own seconds do not
-            "trial_seconds_total": trial_seconds,
-            "wall_seconds_this_call": round(time.monotonic() - started, 1),
-            "metrics": metrics.set_index("patients").to_dict(orient="index")})
-    write_text_atomic(out_dir / "gate_metrics.csv",
-                      metrics.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
+        ship_model(gate.full, ship_to,
+                   dataclasses.replace(config, unet_fingerprint=fingerprint(shipped.unet)),
+                   {**extra, "parameters": int(gate.full.count_params()),
+                    "wall_seconds_this_call": round(time.monotonic() - started, 1),
+                    "metrics": metrics.set_index("patients").to_dict(orient="index")})
     return metrics
