@@ -185,23 +185,25 @@ def load_trunk(path: Path) -> keras.Model:
     return with_fused_batch_norm(keras.saving.load_model(path, compile=False))
 
 
+def trained_folds(cv_dir: Path, recipe: str) -> list[int]:
+    """The folds of ``recipe`` whose U-Net is trained; the gate is searched on them."""
+    folds = [fold for fold in range(N_FOLDS) if fold_model(cv_dir, recipe, fold).is_file()]
+    if not folds:
+        raise FileNotFoundError(f"{fold_model(cv_dir, recipe, 0).parent}: no fold U-Net of "
+                                f"recipe {recipe!r} is trained; the gate is searched on them "
+                                f"(make cv CV_RECIPE={recipe})")
+    return folds
+
+
 def fold_trunks(rows: pd.DataFrame, recipe: str, cv_dir: Path) -> list[Trunk]:
     """A trunk per trained fold of ``recipe``: that fold's U-Net, its head trained on the other
     folds' slices (``rows``: every manifest row, in the arrays' order) and judged on the
     fold's own."""
     folds = rows["fold"].to_numpy()
-    trunks = []
-    for fold in sorted(set(folds) - {NO_FOLD}):
-        path = fold_model(cv_dir, recipe, fold)
-        if path.is_file():
-            trunks.append(Trunk(f"fold{fold}", load_trunk(path),
-                                np.flatnonzero((folds != fold) & (folds != NO_FOLD)),
-                                np.flatnonzero(folds == fold), int(fold)))
-    if not trunks:
-        raise FileNotFoundError(f"{fold_model(cv_dir, recipe, 0).parent}: no fold U-Net of "
-                                f"recipe {recipe!r} is trained; the gate is searched on them "
-                                f"(make cv CV_RECIPE={recipe})")
-    return trunks
+    return [Trunk(f"fold{fold}", load_trunk(fold_model(cv_dir, recipe, fold)),
+                  np.flatnonzero((folds != fold) & (folds != NO_FOLD)),
+                  np.flatnonzero(folds == fold), fold)
+            for fold in trained_folds(cv_dir, recipe)]
 
 
 def cross_validated_gates(trunks: list[Trunk], config: GateConfig, features: TrunkFeatures,
@@ -237,12 +239,7 @@ def _fed_as(unet_path: Path | None, cv_dir: Path, recipe: str) -> Preprocessing:
     """What the gate is fed: what its U-Net is fed, read from the shipped U-Net's JSON or,
     without one, from the recipe's first trained fold's."""
     if unet_path is None:
-        trained = [fold_model(cv_dir, recipe, fold) for fold in range(N_FOLDS)]
-        trained = [path for path in trained if path.is_file()]
-        if not trained:
-            raise FileNotFoundError(f"{fold_model(cv_dir, recipe, 0).parent}: no fold U-Net of "
-                                    f"recipe {recipe!r} is trained (make cv CV_RECIPE={recipe})")
-        unet_path = trained[0]
+        unet_path = fold_model(cv_dir, recipe, trained_folds(cv_dir, recipe)[0])
     elif not Path(unet_path).is_file():
         raise FileNotFoundError(f"{unet_path}: no trained U-Net; the gate is built on one, so "
                                 "train it first (make train-unet), then make tune")
