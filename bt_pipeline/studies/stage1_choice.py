@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     for fold in range(N_FOLDS):
         gate = fold_gate(args.cv_dir, args.recipe, fold)
         if not gate.is_file():
-            raise FileNotFoundError(f"{gate}: fold {fold} has no encoder gate (make tune-gate)")
+            raise FileNotFoundError(f"{gate}: fold {fold} has no encoder gate "
+                                    "(make tune, or make cv-gates for a candidate recipe)")
         predictions, predictor = fold_predictions(args.recipe, fold, manifest, args.data_dir,
                                                   args.cv_dir, other_path, rule)
         for prediction in tqdm(predictions, desc=f"gating fold {fold}", unit="patient"):
