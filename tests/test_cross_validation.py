@@ -4,7 +4,6 @@ shipping a float32 model, a fixed schedule without validation."""
 import dataclasses
 import json
 import re
-import shutil
 from pathlib import Path
 
 import keras
@@ -136,16 +135,22 @@ def test_cv_report_scores_each_trained_fold_on_its_own_patients(synthetic_root,
     assert "folds not yet trained: 1, 2, 3, 4" in summary
     assert (out / "baseline" / "dice_per_patient.png").stat().st_size > 0
 
-    # post-processing chosen on the held-out predictions, written into the candidate's JSON;
-    # FLAIR-only scoring goes to a report of its own
+    # post-processing chosen on the held-out predictions, written into the candidate's JSON,
+    # and the report scored under that choice, not under the rule it was run with (37 pixels
+    # is no rule the sweep offers); FLAIR-only scoring goes to a report of its own
     candidate = tmp_path / "candidate.keras"
-    shutil.copy(tiny_models[1].with_suffix(".json"), candidate.with_suffix(".json"))
+    config = json.loads(tiny_models[1].with_suffix(".json").read_text())
+    candidate.with_suffix(".json").write_text(json.dumps({**config, "min_component_pixels": 37}))
     assert main(["cv", "--no-train", "--data-dir", str(synthetic_root), "--manifest",
                  str(synthetic_manifest), "--runs-dir", str(runs), "--classifier",
-                 str(tiny_models[0]), "--rule-from", str(tiny_models[1]), "--out", str(out),
+                 str(tiny_models[0]), "--rule-from", str(candidate), "--out", str(out),
                  "--write-postprocessing", str(candidate)]) == 0
-    written = json.loads(candidate.with_suffix(".json").read_text())["extra"]["postprocessing"]
+    shipped = json.loads(candidate.with_suffix(".json").read_text())
+    written = shipped["extra"]["postprocessing"]
     assert written["chosen_on"] == f"cv:baseline folds 0 ({len(held_out)} held-out patients)"
+    assert (f"min_component_pixels={shipped['min_component_pixels']}, "
+            f"keep_largest_3d={shipped['keep_largest_3d']};") in \
+        (out / "baseline" / "summary.md").read_text()
     sweep = pd.read_csv(out / "baseline" / "postprocessing_sweep.csv")
     assert set(sweep["keep_largest_3d"]) == {False, True}
     assert main(["cv", "--no-train", "--flair-only", "--data-dir", str(synthetic_root),

@@ -34,7 +34,7 @@ from bt_pipeline.evaluation.scoring import (
     sweep_thresholds,
 )
 from bt_pipeline.inference.postprocess import choose_postprocessing, write_choice
-from bt_pipeline.models.precision import PRECISIONS
+from bt_pipeline.models.precision import PRECISIONS, resolve_precision
 from bt_pipeline.reports import plt, save_figure, write_summary
 from bt_pipeline.training.cross_validation import (
     ALL,
@@ -61,13 +61,18 @@ def load_under_rule(classifier: Path, unet: Path, rule: UNetConfig):
     # intensities may be run under either rule
     trained_on = predictor.unet_config.intensity
     predictor.unet_config = dataclasses.replace(
-        predictor.unet_config, min_component_pixels=rule.min_component_pixels,
-        keep_largest_3d=rule.keep_largest_3d,
+        postprocessed_as(predictor.unet_config, rule),
         intensity=rule.intensity if trained_on == "raw" else trained_on)
     if isinstance(predictor.classifier_config, GateConfig):  # it reads the U-Net's encoder
         predictor.classifier_config = dataclasses.replace(predictor.classifier_config,
                                                           intensity=predictor.unet_config.intensity)
     return predictor
+
+
+def postprocessed_as(config: UNetConfig, rule: UNetConfig) -> UNetConfig:
+    """``config`` with ``rule``'s post-processing."""
+    return dataclasses.replace(config, min_component_pixels=rule.min_component_pixels,
+                               keep_largest_3d=rule.keep_largest_3d)
 
 
 def baseline_classifier(models_root: Path) -> Path:
@@ -248,8 +253,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flair-only", action="store_true",
                         help="score FLAIR-only input (FLAIR in all three channels) into "
                              "<recipe>/flair_only/")
-    parser.add_argument("--precision", default="mixed_bfloat16", choices=PRECISIONS,
-                        help="training compute")
+    parser.add_argument("--precision", default="auto", choices=[*PRECISIONS, "auto"],
+                        help="training compute; auto = mixed_bfloat16 where the CPU multiplies "
+                             "bfloat16 natively (AVX512-BF16 or AMX), else float32, which "
+                             "emulated bfloat16 would be many times slower than")
     parser.add_argument("--seed", type=int, default=None,
                         help="train with this seed instead of the recipe's (with --out "
                              "elsewhere: a second run of a fold, to size run-to-run noise)")
@@ -275,7 +282,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     quiet_tensorflow()
-    recipe = RECIPES[args.recipe](args.precision)
+    recipe = RECIPES[args.recipe](resolve_precision(args.precision))
     if args.seed is not None:
         recipe = with_seed(recipe, args.seed)
     manifest = read_manifest(args.manifest)
@@ -311,8 +318,6 @@ def run(args: argparse.Namespace) -> int:
                                   classifier, rule, args.flair_only))
     if not results:
         raise FileNotFoundError(f"{args.out / recipe.name / 'models'}: no fold is trained yet")
-    patients = pd.concat([r[0] for r in results], ignore_index=True)
-    slices = pd.concat([r[1] for r in results], ignore_index=True)
     trained = [fold for fold in args.folds if fold not in missing]
     report = args.out / recipe.name
     # filed by the intensity the U-Nets were fed, whether --intensity, --rule-from's JSON or
@@ -321,6 +326,14 @@ def run(args: argparse.Namespace) -> int:
     if rule.intensity != "raw":
         report = report / f"intensity_{rule.intensity}"
     report = report / ("flair_only" if args.flair_only else "")
+    if args.write_postprocessing is not None:
+        # the report then scores what ships: the rule just chosen, not the one the JSON held
+        chosen = choose_on_cv(results, trained, recipe.name, report, args.write_postprocessing)
+        rule = postprocessed_as(rule, chosen)
+        results = [rescored(result, rule, f"fold{fold}")
+                   for result, fold in zip(results, trained, strict=True)]
+    patients = pd.concat([r[0] for r in results], ignore_index=True)
+    slices = pd.concat([r[1] for r in results], ignore_index=True)
     label = f"{recipe.name}, FLAIR-only input" if args.flair_only else recipe.name
     reference = args.out / "baseline" / report.relative_to(args.out / recipe.name) / \
         "patients.csv"
@@ -335,14 +348,22 @@ def run(args: argparse.Namespace) -> int:
                           reference, own_gates, reference_label)
     for name, table in tables.items():
         print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    if args.write_postprocessing is not None:
-        choose_on_cv(results, trained, recipe.name, report, args.write_postprocessing)
     return 0
 
 
-def choose_on_cv(results, folds: list[int], recipe: str, report: Path, unet: Path) -> None:
+def rescored(result, rule: UNetConfig, split: str):
+    """``result`` of :func:`score_fold` scored again from its predictions, under ``rule``'s
+    post-processing: no model runs twice."""
+    _, _, predictions, predictor = result
+    predictor.unet_config = postprocessed_as(predictor.unet_config, rule)
+    return (*score_split(predictor, predictions, split), predictions, predictor)
+
+
+def choose_on_cv(results, folds: list[int], recipe: str, report: Path,
+                 unet: Path) -> UNetConfig:
     """Choose the post-processing rule on the pooled held-out predictions of ``folds`` (each
-    patient by the fold U-Net that never trained on them) and write it into ``unet``'s JSON."""
+    patient by the fold U-Net that never trained on them), write it into ``unet``'s JSON and
+    return that JSON's config."""
     predictions = [p for r in results for p in r[2]]
     predictor = results[0][3]  # the sweep varies thresholds and rules, not models
     sweep = sweep_thresholds(predictor, predictions)
@@ -357,3 +378,4 @@ def choose_on_cv(results, folds: list[int], recipe: str, report: Path, unet: Pat
     print(f"\n{unet.with_suffix('.json')}: min_component_pixels={config.min_component_pixels}, "
           f"keep_largest_3d={config.keep_largest_3d}, intensity={config.intensity} "
           f"(gain {choice.gain:+.4f} on {on})")
+    return config
