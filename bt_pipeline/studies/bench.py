@@ -27,7 +27,7 @@ from bt_pipeline.data.preprocess import read_image
 from bt_pipeline.evaluation.metrics import dice_score
 from bt_pipeline.inference.predictor import TwoStagePredictor, graph_forward, to_bfloat16
 from bt_pipeline.models.losses import LOSSES
-from bt_pipeline.models.precision import with_dtype_policy
+from bt_pipeline.models.precision import cpu_has_bfloat16, with_dtype_policy
 from bt_pipeline.studies.flops import TRAINING_STEP_FORWARD_PASSES, forward_flops
 
 
@@ -177,7 +177,9 @@ OTHER_BATCH_SIZES = (1, 8, 64)
 def run_bench(manifest_path: str | os.PathLike, data_root: str | os.PathLike,
               seconds: float = 4.0, batch_size: int = 32) -> dict[str, float]:
     """Everything ``make bench`` reports, as ``name -> value``; see docs/speed.md."""
-    results: dict[str, float] = {"matmul_peak_gflops": matmul_peak_gflops()}
+    # every bf16 figure below is emulated, and slower than float32, where this is 0
+    results: dict[str, float] = {"cpu_native_bfloat16": float(cpu_has_bfloat16()),
+                                 "matmul_peak_gflops": matmul_peak_gflops()}
     peak = results["matmul_peak_gflops"] * 1e9
     predictor = TwoStagePredictor.load()
     rng = np.random.default_rng(0)
