@@ -191,3 +191,17 @@ def test_unet_training_can_start_from_a_saved_unet(tiny_models, synthetic_root,
     tuned = train_unet(data, config, tmp_path / "run", tmp_path / "unet.keras", verbose=0)
     assert tuned.count_params() == saved.count_params()
     assert '"init_from"' in (tmp_path / "unet.json").read_text()
+
+
+def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
+    """Emulated bfloat16 trained 8 x slower than float32 on an AVX2-only CPU (docs/speed.md),
+    so `auto`, the default of `bt cv`, must fall back to float32 there."""
+    from bt_pipeline.models import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bfloat16", lambda: False)
+    assert precision.resolve_precision("auto") == "float32"
+    monkeypatch.setattr(precision, "cpu_has_bfloat16", lambda: True)
+    assert precision.resolve_precision("auto") == "mixed_bfloat16"
+    assert precision.resolve_precision("float32") == "float32"
+    with pytest.raises(ValueError, match="unknown precision"):
+        precision.resolve_precision("float16")
