@@ -1,3 +1,4 @@
+import functools
 import shutil
 
 import cv2
@@ -276,11 +277,15 @@ def test_a_25d_model_gets_the_neighbours_training_gave_it(synthetic_root, synthe
         rows = rows.sort_values("slice")
         images = [read_image(synthetic_root / path) for path in rows["image"]]
         expected = graph_forward(predictor.classifier)(arrays.images[rows.index]).numpy()
-        np.testing.assert_array_equal(predictor.tumour_probabilities(images), expected.ravel())
+        # to float rounding: oneDNN's AVX2 kernels round a batch of 2 and one of 5 differently
+        # (1 ulp); a wrong neighbour would move these probabilities by far more
+        same = functools.partial(np.testing.assert_allclose, rtol=0, atol=1e-6)
+        same(predictor.tumour_probabilities(images), expected.ravel())
         maps = predictor.mask_probabilities(images)
         subset = predictor.mask_probabilities(images, [1, 3])
-        np.testing.assert_array_equal(subset[0], maps[1])
-        np.testing.assert_array_equal(subset[1], maps[3])
+        same(subset[0], maps[1])
+        same(subset[1], maps[3])
+        assert np.abs(subset[1] - maps[2]).max() > 1e-5  # the tolerance tells slices apart
         _, masks = predictor.predict(images)  # threshold 0: every slice segmented
         assert len(masks) == len(images) and masks[0].shape == images[0].shape[:2]
     ship_model(build_unet(32, 2, 4, channels=6), tmp_path / "even.keras", unet_config, facts)
