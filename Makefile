@@ -19,10 +19,10 @@ FINE_TUNE_CHOICES ?= 0
 WORKERS ?= 2
 ORACLE_PORT ?= 8000
 # The recipe of the U-Net that ships (training/cross_validation.py), chosen on the
-# cross-validation: `make cv CV_RECIPE=...` scores any recipe. `longer` continues each of
-# `fixed`'s models (committed in reports/cv/fixed/models/), so from scratch it needs
-# `make cv CV_RECIPE=fixed` and `bt cv --recipe fixed --all` first.
-UNET_RECIPE ?= longer
+# cross-validation: `make cv CV_RECIPE=...` scores any recipe. `longer_standardised` continues
+# each of `longer`'s models, which continue `fixed`'s (all committed in reports/cv/*/models/), so
+# from scratch it needs `make cv` and `bt cv --all` for `fixed`, then `longer`, first.
+UNET_RECIPE ?= longer_standardised
 CV_RECIPE ?= baseline
 # make experiments: epochs per table (the reference study used 100 and 30) and the scale.
 EXP_EPOCHS_LR_BN ?= 12
@@ -114,9 +114,10 @@ tune-distributed: install
 		--data-dir $(KAGGLE_ROOT) --trials $(TRIALS) --epochs $(EPOCHS) --executions $(EXECUTIONS)
 
 # Train the U-Net recipe $(UNET_RECIPE) on every development patient (train + val; about an
-# hour in bfloat16 on 2 cores) and ship it, then choose its post-processing on that recipe's
-# held-out cross-validation predictions, under the intensity rule $(INTENSITY), and write both
-# into its JSON. The shipped gate reads this U-Net's encoder: `make tune` after it.
+# hour on 2 cores in bfloat16 where the CPU has it natively, float32 elsewhere) and ship it,
+# then choose its post-processing on that recipe's held-out cross-validation predictions, under
+# the intensity rule $(INTENSITY), and write both into its JSON. The shipped gate reads this
+# U-Net's encoder: `make tune` after it.
 train-unet: install
 	$(PY) -m bt_pipeline cv --data-dir $(KAGGLE_ROOT) --recipe $(UNET_RECIPE) --all \
 		--ship-to bt_pipeline/weights/unet.keras
@@ -126,15 +127,16 @@ train-unet: install
 INTENSITY ?= volume_p99
 # The recipe that shipped before $(UNET_RECIPE): its CV report is what the shipped recipe's report
 # is paired against, patient by patient.
-SHIPPED_BEFORE ?= fixed
+SHIPPED_BEFORE ?= longer
 postprocess: install
 	$(PY) -m bt_pipeline cv --data-dir $(KAGGLE_ROOT) --recipe $(UNET_RECIPE) --no-train \
 		--intensity $(INTENSITY) \
 		--against reports/cv/$(SHIPPED_BEFORE)/intensity_$(INTENSITY)/patients.csv \
 		--write-postprocessing bt_pipeline/weights/unet.keras
 
-# 5-fold cross-validation over the development patients: trains the missing folds (bf16),
-# scores every fold's held-out patients -> reports/cv/$(CV_RECIPE)/. A killed run resumes.
+# 5-fold cross-validation over the development patients: trains the missing folds (bfloat16
+# where native), scores every fold's held-out patients -> reports/cv/$(CV_RECIPE)/. A killed
+# run resumes.
 cv: install
 	$(PY) -m bt_pipeline cv --data-dir $(KAGGLE_ROOT) --recipe $(CV_RECIPE)
 
