@@ -255,8 +255,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "<recipe>/flair_only/")
     parser.add_argument("--precision", default="auto", choices=[*PRECISIONS, "auto"],
                         help="training compute; auto = mixed_bfloat16 where the CPU multiplies "
-                             "bfloat16 natively (AVX512-BF16 or AMX), else float32, which "
-                             "emulated bfloat16 would be many times slower than")
+                             "bfloat16 natively (AVX512-BF16 or AMX), else float32 (emulated "
+                             "bfloat16 trains several times slower)")
     parser.add_argument("--seed", type=int, default=None,
                         help="train with this seed instead of the recipe's (with --out "
                              "elsewhere: a second run of a fold, to size run-to-run noise)")
