@@ -34,7 +34,7 @@ from bt_pipeline.evaluation.scoring import (
     sweep_thresholds,
 )
 from bt_pipeline.inference.postprocess import choose_postprocessing, write_choice
-from bt_pipeline.models.precision import PRECISIONS, resolve_precision
+from bt_pipeline.models.precision import TRAINING_PRECISIONS, resolve_precision
 from bt_pipeline.reports import plt, save_figure, write_summary
 from bt_pipeline.training.cross_validation import (
     ALL,
@@ -253,7 +253,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flair-only", action="store_true",
                         help="score FLAIR-only input (FLAIR in all three channels) into "
                              "<recipe>/flair_only/")
-    parser.add_argument("--precision", default="auto", choices=[*PRECISIONS, "auto"],
+    parser.add_argument("--precision", default="auto", choices=TRAINING_PRECISIONS,
                         help="training compute; auto = mixed_bfloat16 where the CPU multiplies "
                              "bfloat16 natively (AVX512-BF16 or AMX), else float32 (emulated "
                              "bfloat16 trains several times slower)")

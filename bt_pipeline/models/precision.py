@@ -11,6 +11,8 @@ from pathlib import Path
 import keras
 
 PRECISIONS = ("float32", "mixed_bfloat16")
+#: What a training command accepts: a precision, or "auto" (:func:`resolve_precision`).
+TRAINING_PRECISIONS = (*PRECISIONS, "auto")
 
 
 def cpu_has_bfloat16() -> bool:

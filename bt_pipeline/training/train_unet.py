@@ -26,7 +26,7 @@ from bt_pipeline.data.loader import load_patients, load_split, unet_dataset
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.data.preprocess import MASK_RESIZE
 from bt_pipeline.models.losses import LOSSES
-from bt_pipeline.models.precision import PRECISIONS, resolve_precision, with_dtype_policy
+from bt_pipeline.models.precision import TRAINING_PRECISIONS, resolve_precision, with_dtype_policy
 from bt_pipeline.models.unet import build_unet_from_config, compile_unet
 from bt_pipeline.training.callbacks import (
     logged_values,
@@ -172,7 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patience", type=int, default=UNetConfig.patience,
                         help="early-stopping patience (epochs without a better val Dice)")
     parser.add_argument("--precision", default="float32",
-                        choices=[*PRECISIONS, "auto"],
+                        choices=TRAINING_PRECISIONS,
                         help="training compute; auto = mixed_bfloat16 where the CPU multiplies "
                              "bfloat16 natively (AVX512-BF16 or AMX)")
     parser.add_argument("--max-minutes", type=float, default=None)
