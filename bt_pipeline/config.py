@@ -174,9 +174,12 @@ class UNetConfig(_ModelInput):
     mask_threshold: float = 0.5
     # Post-processing (inference/postprocess.py, which chooses and writes both): connected
     # components (per slice) smaller than this are dropped, 0 = off; keep only the largest 3D
-    # (26-connected) component of a patient's masks.
+    # (26-connected) component of a patient's masks, sized in "voxels", or by "gate": each voxel
+    # weighted by its slice's stage-1 probability, so that a large component on slices the gate
+    # barely let through does not beat the tumour on slices it is sure of.
     min_component_pixels: int = 0
     keep_largest_3d: bool = False
+    largest_3d_by: str = "voxels"
     # Inference options: average with the left-right mirrored slice; more U-Nets (files beside
     # this model, same input size) whose probabilities are averaged with this one's.
     tta_flips: bool = False

@@ -149,10 +149,12 @@ def test_cv_report_scores_each_trained_fold_on_its_own_patients(synthetic_root,
     written = shipped["extra"]["postprocessing"]
     assert written["chosen_on"] == f"cv:baseline folds 0 ({len(held_out)} held-out patients)"
     assert (f"min_component_pixels={shipped['min_component_pixels']}, "
-            f"keep_largest_3d={shipped['keep_largest_3d']};") in \
+            f"keep_largest_3d={shipped['keep_largest_3d']} "
+            f"(sized by {shipped['largest_3d_by']});") in \
         (out / "baseline" / "summary.md").read_text()
     sweep = pd.read_csv(out / "baseline" / "postprocessing_sweep.csv")
     assert set(sweep["keep_largest_3d"]) == {False, True}
+    assert set(sweep.loc[sweep["keep_largest_3d"], "largest_3d_by"]) == {"voxels", "gate"}
     assert main(["cv", "--no-train", "--flair-only", "--data-dir", str(synthetic_root),
                  "--manifest", str(synthetic_manifest), "--runs-dir", str(runs),
                  "--classifier", str(tiny_models[0]), "--rule-from", str(tiny_models[1]),

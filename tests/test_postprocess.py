@@ -12,8 +12,9 @@ def test_postprocessing_is_adopted_only_when_it_helps_on_val():
     def sweep(dice_by_setting):
         return pd.DataFrame([{"mask_threshold": 0.5, "classifier_threshold": 0.3,
                               "min_component_pixels": px, "keep_largest_3d": largest,
-                              "dice_pipeline_mean": d}
-                             for (px, largest), d in dice_by_setting.items()])
+                              "largest_3d_by": by, "dice_pipeline_mean": d}
+                             for (px, largest, *by), d in dice_by_setting.items()
+                             for by in (by or ["voxels"])])
 
     def rule(table):
         choice = choose_postprocessing(table, 0.3, "val")
@@ -25,6 +26,11 @@ def test_postprocessing_is_adopted_only_when_it_helps_on_val():
                        (0, True): 0.82})) == (0, True, pytest.approx(0.02))
     assert rule(sweep({(0, False): 0.80, (50, False): 0.802, (0, True): 0.803}))[:2] == (0, False)
     assert rule(sweep({(0, False): 0.80, (50, False): 0.70}))[:2] == (0, False)
+    weighted = choose_postprocessing(sweep({(0, False): 0.80, (0, True, "voxels"): 0.82,
+                                            (0, True, "gate"): 0.83}), 0.3, "cv")
+    assert (weighted.keep_largest_3d, weighted.largest_3d_by) == (True, "gate")
+    assert choose_postprocessing(sweep({(0, False): 0.80, (0, True, "gate"): 0.801}), 0.3,
+                                 "cv").largest_3d_by == "voxels"  # not adopted: the default
 
 
 def test_only_the_largest_3d_component_is_kept():
@@ -42,6 +48,26 @@ def test_only_the_largest_3d_component_is_kept():
     single = np.zeros((1, 5, 5), bool)
     single[0, 1, 1] = True
     assert keep_largest_component_3d(single).sum() == 1
+
+
+def test_gate_weighting_keeps_the_component_the_gate_is_sure_of():
+    """Sized by voxels the big block on doubtful slices wins; weighted by each slice's gate
+    probability the smaller block on slices the gate is sure of wins."""
+    import numpy as np
+
+    from bt_pipeline.inference.postprocess import finish_volume, keep_largest_component_3d
+
+    volume = np.zeros((5, 10, 10), np.uint8)
+    volume[0:2, 0:5, 0:5] = 1  # 50 voxels on slices 0-1
+    volume[3:5, 6:9, 6:9] = 1  # 18 voxels on slices 3-4
+    gate = np.array([0.2, 0.3, 0.9, 0.99, 0.98])
+    assert keep_largest_component_3d(volume)[0].sum() == 25
+    by_gate = keep_largest_component_3d(volume, gate)
+    assert by_gate[0:2].sum() == 0 and by_gate[3:5].sum() == 18
+    masks = finish_volume(list(volume), True, gate)
+    assert [int(m.sum()) for m in masks] == [0, 0, 0, 9, 9]
+    with_none = finish_volume([None, *volume[1:]], True, gate)  # slice 0 not let through
+    assert with_none[0] is None and int(with_none[1].sum()) == 0
 
 
 def test_largest_3d_component_rule_applies_to_gated_volumes(tiny_models):
@@ -62,6 +88,27 @@ def test_largest_3d_component_rule_applies_to_gated_volumes(tiny_models):
     assert [int(m.sum()) for m in keep.volume_masks(maps)] == [9, 0, 0]
     gated = keep.volume_masks([None, maps[1], maps[2]])  # slice 0 not let through
     assert gated[0] is None and int(gated[2].sum()) == 4
+    # sized by the gate: slice 2's small component wins where the gate doubted slice 0; the
+    # same rule without gate probabilities (no stage 1) counts voxels
+    by_gate = dataclasses.replace(predictor, unet_config=dataclasses.replace(
+        predictor.unet_config, keep_largest_3d=True, largest_3d_by="gate"))
+    doubtful = np.array([0.1, 0.5, 0.95])
+    assert [int(m.sum()) for m in by_gate.volume_masks(maps, gate_probabilities=doubtful)] == \
+        [0, 0, 4]
+    assert [int(m.sum()) for m in by_gate.volume_masks(maps)] == [9, 0, 0]
+
+
+def test_an_unknown_component_sizing_is_refused_naming_the_file(tiny_models, tmp_path):
+    import shutil
+
+    from bt_pipeline.inference.predictor import ModelLoadError, TwoStagePredictor
+
+    unet = tmp_path / "unet.keras"
+    shutil.copy(tiny_models[1], unet)
+    config = json.loads(tiny_models[1].with_suffix(".json").read_text())
+    unet.with_suffix(".json").write_text(json.dumps({**config, "largest_3d_by": "area"}))
+    with pytest.raises(ModelLoadError, match=r"unet\.json: largest_3d_by 'area'"):
+        TwoStagePredictor.load(tiny_models[0], unet)
 
 
 def test_small_components_are_removed():

@@ -72,7 +72,8 @@ def load_under_rule(classifier: Path, unet: Path, rule: UNetConfig):
 def postprocessed_as(config: UNetConfig, rule: UNetConfig) -> UNetConfig:
     """``config`` with ``rule``'s post-processing."""
     return dataclasses.replace(config, min_component_pixels=rule.min_component_pixels,
-                               keep_largest_3d=rule.keep_largest_3d)
+                               keep_largest_3d=rule.keep_largest_3d,
+                               largest_3d_by=rule.largest_3d_by)
 
 
 def baseline_classifier(models_root: Path) -> Path:
@@ -211,7 +212,8 @@ def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out:
              f"patients scored, each by the fold U-Net that never trained on them (folds not "
              f"yet trained: {missing}). Post-processing as the shipped U-Net: "
              f"min_component_pixels={rule.min_component_pixels}, "
-             f"keep_largest_3d={rule.keep_largest_3d}; intensity rule {rule.intensity}. "
+             f"keep_largest_3d={rule.keep_largest_3d} (sized by {rule.largest_3d_by}); "
+             f"intensity rule {rule.intensity}. "
              "`dice_unet`: every true tumour slice segmented (a perfect gate); "
              "`dice_no_gate`: every slice segmented, no stage 1, held out whatever gates; "
              "`dice_pipeline`: " + _gate_note(patients, own_gates) +
@@ -376,6 +378,7 @@ def choose_on_cv(results, folds: list[int], recipe: str, report: Path,
         intensity=predictor.unet_config.intensity)
     config = write_choice(unet, choice)
     print(f"\n{unet.with_suffix('.json')}: min_component_pixels={config.min_component_pixels}, "
-          f"keep_largest_3d={config.keep_largest_3d}, intensity={config.intensity} "
+          f"keep_largest_3d={config.keep_largest_3d}, largest_3d_by={config.largest_3d_by}, "
+          f"intensity={config.intensity} "
           f"(gain {choice.gain:+.4f} on {on})")
     return config

@@ -170,10 +170,11 @@ def _sweep_figure(sweep: pd.DataFrame, predictor: TwoStagePredictor, out: Path) 
     classifier_threshold = predictor.classifier_config.threshold
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     at_gate = sweep[np.isclose(sweep["classifier_threshold"], classifier_threshold)]
-    for (pixels, largest), group in at_gate.groupby(["min_component_pixels", "keep_largest_3d"]):
+    rules = ["min_component_pixels", "keep_largest_3d", "largest_3d_by"]
+    for (pixels, largest, by), group in at_gate.groupby(rules):
         left.plot(group["mask_threshold"], group["dice_pipeline_mean"], marker="o",
-                  linestyle="-" if largest else "--",
-                  label=f"drop < {pixels} px{', largest 3D' if largest else ''}")
+                  linestyle=(":" if by == "gate" else "-") if largest else "--",
+                  label=f"drop < {pixels} px{f', largest 3D by {by}' if largest else ''}")
     left.set_xlabel("mask threshold")
     left.set_ylabel("mean per-patient Dice (val)")
     left.set_title(f"Mask threshold (classifier threshold {classifier_threshold:.3f})")
@@ -181,7 +182,9 @@ def _sweep_figure(sweep: pd.DataFrame, predictor: TwoStagePredictor, out: Path) 
     in_use = predictor.unet_config
     plain = sweep[np.isclose(sweep["mask_threshold"], 0.5)
                   & (sweep["min_component_pixels"] == in_use.min_component_pixels)
-                  & (sweep["keep_largest_3d"] == in_use.keep_largest_3d)]
+                  & (sweep["keep_largest_3d"] == in_use.keep_largest_3d)
+                  & (sweep["largest_3d_by"] == (in_use.largest_3d_by if in_use.keep_largest_3d
+                                                else "voxels"))]
     right.plot(plain["classifier_threshold"], plain["dice_pipeline_mean"], marker="o",
                label="mean per-patient Dice")
     right.plot(plain["classifier_threshold"], plain["slice_sensitivity"], marker="s",
@@ -223,6 +226,8 @@ def run_evaluation(predictor: TwoStagePredictor, data_config: DataConfig, splits
              "in_use": predictor.unet_config.min_component_pixels},
             {"setting": "keep_largest_3d", "val_choice": choice.keep_largest_3d,
              "in_use": predictor.unet_config.keep_largest_3d},
+            {"setting": "largest_3d_by", "val_choice": choice.largest_3d_by,
+             "in_use": predictor.unet_config.largest_3d_by},
             {"setting": "val_dice_gain_of_choice", "val_choice": round(choice.gain, 4),
              "in_use": ""}])
     figures = [_roc_figure(slices, tables["classifier"], out),
@@ -271,8 +276,9 @@ def run(args: argparse.Namespace) -> int:
         choice = tables["postprocessing_choice"].set_index("setting")["val_choice"]
         config = write_choice(args.unet, PostprocessingChoice(
             int(choice["min_component_pixels"]), bool(choice["keep_largest_3d"]),
-            float(choice["val_dice_gain_of_choice"]), "val"))
+            str(choice["largest_3d_by"]), float(choice["val_dice_gain_of_choice"]), "val"))
         print(f"\n{args.unet.with_suffix('.json')}: min_component_pixels="
-              f"{config.min_component_pixels}, keep_largest_3d={config.keep_largest_3d}")
+              f"{config.min_component_pixels}, keep_largest_3d={config.keep_largest_3d}, "
+              f"largest_3d_by={config.largest_3d_by}")
     print(f"\nreport: {Path(args.out) / 'summary.md'}")
     return 0

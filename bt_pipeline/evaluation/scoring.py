@@ -8,7 +8,8 @@ Two views per patient, both scored on masks brought back to each slice's own siz
   gets from ``bt_pipeline.infer``).
 
 Both views go through the predictor's one mask rule (:meth:`TwoStagePredictor.volume_masks`),
-post-processing included.
+post-processing included; only the pipeline view has a gate whose probabilities can size 3D
+components (``largest_3d_by="gate"``), the others count voxels.
 
 Dice per patient is computed over the whole volume (all voxels of the slices in view pooled,
 as brain-segmentation-pytorch's ``dsc_per_volume``); IoU is reported per tumour slice. Empty
@@ -33,6 +34,7 @@ from bt_pipeline.data.preprocess import (
     read_mask,
 )
 from bt_pipeline.evaluation.metrics import dice_score, iou_score
+from bt_pipeline.inference.postprocess import LARGEST_3D_BY
 from bt_pipeline.inference.predictor import TwoStagePredictor, to_grid
 
 
@@ -107,7 +109,8 @@ def score_patient(predictor: TwoStagePredictor, prediction: PatientPrediction):
 
 def gated_volume(predictor: TwoStagePredictor, maps: list[np.ndarray], chosen: np.ndarray,
                  truths: list[np.ndarray], **rule) -> list[np.ndarray]:
-    """Bool masks of one volume segmented on the ``chosen`` slices only (others empty)."""
+    """Bool masks of one volume segmented on the ``chosen`` slices only (others empty); pass
+    ``gate_probabilities`` when a gate chose them (see ``TwoStagePredictor.finish_volume``)."""
     masks = predictor.volume_masks([m if c else None for m, c in zip(maps, chosen, strict=True)],
                                    **rule)
     return _filled(masks, truths)
@@ -123,7 +126,8 @@ def pipeline_volume(predictor: TwoStagePredictor,
                     prediction: PatientPrediction) -> list[np.ndarray]:
     """The two-stage pipeline's bool masks for one patient, as ``infer`` would write them."""
     gate = prediction.probabilities >= predictor.classifier_config.threshold
-    return gated_volume(predictor, prediction.maps, gate, prediction.truths)
+    return gated_volume(predictor, prediction.maps, gate, prediction.truths,
+                        gate_probabilities=prediction.probabilities)
 
 
 def score_split(predictor: TwoStagePredictor, predictions: list[PatientPrediction],
@@ -187,10 +191,11 @@ def sweep_thresholds(predictor: TwoStagePredictor, predictions: list[PatientPred
                      mask_thresholds=(0.3, 0.4, 0.5, 0.6, 0.7),
                      classifier_thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
                      min_pixels=(0, 25, 50, 100, 200),
-                     largest_3d=(False, True)) -> pd.DataFrame:
+                     largest_3d=(False, True),
+                     largest_3d_by=LARGEST_3D_BY) -> pd.DataFrame:
     """Mean per-patient pipeline Dice (and slice sensitivity) over ``predictions`` for every
     combination of mask threshold, classifier threshold, small-component removal and keeping
-    the largest 3D component.
+    the largest 3D component (sized each way in ``largest_3d_by``).
 
     Reuses the models' outputs; only the thresholds vary. Meant for val only.
     """
@@ -204,21 +209,25 @@ def sweep_thresholds(predictor: TwoStagePredictor, predictions: list[PatientPred
         for mask_threshold in mask_thresholds:
             for pixels in min_pixels:
                 slice_masks = predictor.masks(prediction.maps, mask_threshold, pixels)
-                for largest, threshold in itertools.product(largest_3d, classifier_thresholds):
+                volume_rules = [(largest, by) for largest in largest_3d
+                                for by in (largest_3d_by if largest else ("voxels",))]
+                for (largest, by), threshold in itertools.product(volume_rules,
+                                                                  classifier_thresholds):
                     gate = probabilities >= threshold
                     masks = _filled(predictor.finish_volume(
                         [m if g else None for m, g in zip(slice_masks, gate, strict=True)],
-                        largest), prediction.truths)
+                        largest, probabilities, by), prediction.truths)
                     rows.append({
                         "patient_id": prediction.rows["patient_id"].iloc[0],
                         "mask_threshold": mask_threshold,
                         "min_component_pixels": pixels, "keep_largest_3d": largest,
-                        "classifier_threshold": threshold,
+                        "largest_3d_by": by, "classifier_threshold": threshold,
                         "dice_pipeline": dice_score(truth, np.stack(masks)),
                         "slice_sensitivity": float(gate[has_tumour].mean())
                         if has_tumour.any() else float("nan"),
                     })
     table = pd.DataFrame(rows)
-    keys = ["mask_threshold", "min_component_pixels", "keep_largest_3d", "classifier_threshold"]
+    keys = ["mask_threshold", "min_component_pixels", "keep_largest_3d", "largest_3d_by",
+            "classifier_threshold"]
     return table.groupby(keys).agg(dice_pipeline_mean=("dice_pipeline", "mean"),
                                    slice_sensitivity=("slice_sensitivity", "mean")).reset_index()

@@ -4,7 +4,8 @@ JSON, which inference then reads. No post-processing setting of a shipped model 
 
 Rules, in order: threshold each slice's map; drop 8-connected components smaller than
 ``min_component_pixels`` (0 = off); if ``keep_largest_3d``, keep only the largest 26-connected
-component of the patient's volume.
+component of the patient's volume, its size counted as ``largest_3d_by`` says: in voxels, or
+each voxel weighted by the stage-1 probability of its slice ("gate").
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from bt_pipeline.config import UNetConfig, load_json, save_json
 #: A rule is adopted only if it lifts the mean held-out pipeline Dice by at least this much.
 MIN_POSTPROCESS_GAIN = 0.005
 
+#: How the volume rule sizes a component: its voxels, or its voxels each weighted by the
+#: stage-1 probability of its slice.
+LARGEST_3D_BY = ("voxels", "gate")
+
 
 def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     """uint8 {0, 1} copy of a binary mask without 8-connected components under ``min_pixels``."""
@@ -35,13 +40,20 @@ def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     return keep[labels]
 
 
-def keep_largest_component_3d(volume: np.ndarray) -> np.ndarray:
+def keep_largest_component_3d(volume: np.ndarray,
+                              slice_weights: np.ndarray | None = None) -> np.ndarray:
     """uint8 {0, 1} copy of a binary (slices, H, W) volume keeping only its largest
-    26-connected component (ties: the first found); an empty volume stays empty."""
+    26-connected component (ties: the first found); an empty volume stays empty. With
+    ``slice_weights`` (one per slice) a component's size is the sum of its voxels' slice
+    weights instead of its voxel count."""
     labels, count = ndimage.label(volume, structure=np.ones((3, 3, 3), bool))
     if count <= 1:
         return (labels > 0).astype(np.uint8)
-    sizes = np.bincount(labels.ravel())[1:]
+    weights = None
+    if slice_weights is not None:
+        weights = np.broadcast_to(np.asarray(slice_weights, np.float64)[:, None, None],
+                                  labels.shape).ravel()
+    sizes = np.bincount(labels.ravel(), weights=weights)[1:]
     return (labels == 1 + int(np.argmax(sizes))).astype(np.uint8)
 
 
@@ -50,14 +62,16 @@ def slice_masks(maps: list[np.ndarray], threshold: float, min_pixels: int) -> li
     return [remove_small_components(m > threshold, min_pixels) for m in maps]
 
 
-def finish_volume(masks: list[np.ndarray | None], largest_3d: bool) -> list[np.ndarray | None]:
-    """The volume rule on one patient's per-slice masks (None: not segmented). A volume whose
-    slices differ in size has no 3D neighbourhood and is left as it is."""
+def finish_volume(masks: list[np.ndarray | None], largest_3d: bool,
+                  slice_weights: np.ndarray | None = None) -> list[np.ndarray | None]:
+    """The volume rule on one patient's per-slice masks (None: not segmented), components
+    sized by ``slice_weights`` (see :func:`keep_largest_component_3d`; None: voxels). A volume
+    whose slices differ in size has no 3D neighbourhood and is left as it is."""
     shapes = {m.shape for m in masks if m is not None}
     if largest_3d and len(shapes) == 1:
         shape = shapes.pop()
         volume = keep_largest_component_3d(np.stack(
-            [m if m is not None else np.zeros(shape, np.uint8) for m in masks]))
+            [m if m is not None else np.zeros(shape, np.uint8) for m in masks]), slice_weights)
         masks = [v if m is not None else None for v, m in zip(volume, masks, strict=True)]
     return masks
 
@@ -68,6 +82,7 @@ class PostprocessingChoice:
 
     min_component_pixels: int
     keep_largest_3d: bool
+    largest_3d_by: str
     gain: float  # mean pipeline Dice of the best rule minus that of no post-processing
     chosen_on: str  # which held-out patients the sweep scored
     intensity: str | None = None  # the intensity rule it was chosen under; None: keep the JSON's
@@ -85,9 +100,9 @@ def choose_postprocessing(sweep: pd.DataFrame, classifier_threshold: float, chos
     best = rows.loc[rows["dice_pipeline_mean"].idxmax()]
     gain = float(best["dice_pipeline_mean"] - baseline)
     if gain < MIN_POSTPROCESS_GAIN:
-        return PostprocessingChoice(0, False, gain, chosen_on)
+        return PostprocessingChoice(0, False, "voxels", gain, chosen_on)
     return PostprocessingChoice(int(best["min_component_pixels"]), bool(best["keep_largest_3d"]),
-                                gain, chosen_on)
+                                str(best["largest_3d_by"]), gain, chosen_on)
 
 
 def write_choice(unet_path: str | Path, choice: PostprocessingChoice) -> UNetConfig:
@@ -98,7 +113,8 @@ def write_choice(unet_path: str | Path, choice: PostprocessingChoice) -> UNetCon
     extra = json.loads(json_path.read_text(encoding="utf-8")).get("extra", {})
     config = dataclasses.replace(load_json(json_path, UNetConfig),
                                  min_component_pixels=choice.min_component_pixels,
-                                 keep_largest_3d=choice.keep_largest_3d)
+                                 keep_largest_3d=choice.keep_largest_3d,
+                                 largest_3d_by=choice.largest_3d_by)
     if choice.intensity is not None:
         config = dataclasses.replace(config, intensity=choice.intensity)
     extra["postprocessing"] = {"chosen_on": choice.chosen_on,

@@ -28,7 +28,7 @@ from bt_pipeline.config import (
     load_json,
 )
 from bt_pipeline.data.preprocess import preprocess_image, standardise_volume, with_context
-from bt_pipeline.inference.postprocess import finish_volume, slice_masks
+from bt_pipeline.inference.postprocess import LARGEST_3D_BY, finish_volume, slice_masks
 from bt_pipeline.models.batch_norm import with_fused_batch_norm
 from bt_pipeline.models.gate import cut_layer_name, fingerprint
 from bt_pipeline.models.precision import with_dtype_policy
@@ -178,6 +178,9 @@ class TwoStagePredictor:
         classifier_path, unet_path = Path(classifier_path), Path(unet_path)
         classifier_config = _config_beside(classifier_path, (ClassifierConfig, GateConfig))
         unet_config = _config_beside(unet_path, UNetConfig)
+        if unet_config.largest_3d_by not in LARGEST_3D_BY:
+            raise ModelLoadError(f"{unet_path.with_suffix('.json')}: largest_3d_by "
+                                 f"{unet_config.largest_3d_by!r} is none of {LARGEST_3D_BY}")
         if extra_unet_paths is None:
             extra_unet_paths = [unet_path.parent / name for name in unet_config.ensemble]
         if tta_flips is None:
@@ -257,21 +260,29 @@ class TwoStagePredictor:
         return slice_masks(maps, threshold, pixels)
 
     def volume_masks(self, maps: list[np.ndarray | None], mask_threshold: float | None = None,
-                     min_pixels: int | None = None,
-                     largest_3d: bool | None = None) -> list[np.ndarray | None]:
+                     min_pixels: int | None = None, largest_3d: bool | None = None,
+                     gate_probabilities: np.ndarray | None = None,
+                     largest_3d_by: str | None = None) -> list[np.ndarray | None]:
         """One volume's masks (slices in order) from its probability maps, None where the
-        classifier let no slice through: :meth:`masks`, then the volume rule."""
+        classifier let no slice through: :meth:`masks`, then the volume rule (see
+        :meth:`finish_volume` for ``gate_probabilities``)."""
         given = [m for m in maps if m is not None]
         found = iter(self.masks(given, mask_threshold, min_pixels))
         return self.finish_volume([next(found) if m is not None else None for m in maps],
-                                  largest_3d)
+                                  largest_3d, gate_probabilities, largest_3d_by)
 
-    def finish_volume(self, masks: list[np.ndarray | None],
-                      largest_3d: bool | None = None) -> list[np.ndarray | None]:
-        """:func:`postprocess.finish_volume` with the U-Net config's ``keep_largest_3d`` by
-        default."""
-        largest_3d = self.unet_config.keep_largest_3d if largest_3d is None else largest_3d
-        return finish_volume(masks, largest_3d)
+    def finish_volume(self, masks: list[np.ndarray | None], largest_3d: bool | None = None,
+                      gate_probabilities: np.ndarray | None = None,
+                      largest_3d_by: str | None = None) -> list[np.ndarray | None]:
+        """:func:`postprocess.finish_volume` with the U-Net config's ``keep_largest_3d`` and
+        ``largest_3d_by`` by default. Sizing by "gate" weights each slice by
+        ``gate_probabilities`` (stage 1's P(tumour) per slice); where no gate chose the slices
+        (None: every slice, or the true tumour slices) every voxel counts 1."""
+        config = self.unet_config
+        largest_3d = config.keep_largest_3d if largest_3d is None else largest_3d
+        largest_3d_by = config.largest_3d_by if largest_3d_by is None else largest_3d_by
+        weights = gate_probabilities if largest_3d_by == "gate" else None
+        return finish_volume(masks, largest_3d, weights)
 
     def _through_shared_trunk(self, images: list[np.ndarray]):
         """The gate and the U-Net sharing one encoder pass: (probabilities, passed slices,
@@ -305,7 +316,7 @@ class TwoStagePredictor:
         maps: list[np.ndarray | None] = [None] * len(images)
         for index, prob in zip(chosen, found, strict=True):
             maps[index] = prob
-        masks = self.volume_masks(maps)
+        masks = self.volume_masks(maps, gate_probabilities=probabilities)
         return probabilities, [m if m is not None else np.zeros(image.shape[:2], np.uint8)
                                for m, image in zip(masks, images, strict=True)]
 

@@ -210,7 +210,8 @@ def write_report(features: pd.DataFrame, tests: pd.DataFrame, out: Path, recipe:
         f"{len(missing)} development patients.",
         f"Automatic masks: the U-Net on every slice, threshold 0.5, "
         f"min_component_pixels={rule.min_component_pixels}, "
-        f"keep_largest_3d={rule.keep_largest_3d}; no stage-1 gate. Their mean Dice against "
+        f"keep_largest_3d={rule.keep_largest_3d} (sized by voxels: no stage-1 gate). Their mean "
+        "Dice against "
         f"the manual masks: {automatic['dice_vs_manual'].mean():.3f} "
         f"(median {automatic['dice_vs_manual'].median():.3f}).",
         "Test: Fisher's exact test of each subtype's clusters against the feature split at its "

@@ -34,9 +34,12 @@ from bt_pipeline.training.cross_validation import SHIPPED_RECIPE, fold_gate
 GATES = ("no_gate", "encoder_gate", "other")
 
 
-def gated_dice(predictor, prediction: PatientPrediction, passed: np.ndarray) -> float:
-    """Whole-volume Dice of one patient's pipeline masks when stage 1 passes ``passed``."""
-    masks = gated_volume(predictor, prediction.maps, passed, prediction.truths)
+def gated_dice(predictor, prediction: PatientPrediction, passed: np.ndarray,
+               probabilities: np.ndarray | None) -> float:
+    """Whole-volume Dice of one patient's pipeline masks when stage 1 passes ``passed``, with
+    ``probabilities`` its P(tumour) per slice (None: no stage 1)."""
+    masks = gated_volume(predictor, prediction.maps, passed, prediction.truths,
+                         gate_probabilities=probabilities)
     return dice_score(np.stack(prediction.truths), np.stack(masks))
 
 
@@ -45,16 +48,18 @@ def patient_rows(predictor, other, prediction: PatientPrediction, fold: int, in_
     """Pipeline Dice of one held-out patient under each gate (``other`` on val patients only),
     and each gate's slice sensitivity and specificity."""
     truth = np.array([t.any() for t in prediction.truths])
+    probabilities = {"no_gate": None, "encoder_gate": prediction.probabilities}
     passed = {"no_gate": np.ones(len(truth), bool),
               "encoder_gate": prediction.probabilities >= predictor.classifier_config.threshold}
     if in_val:
         images = [read_image(data_root / p) for p in prediction.rows["image"]]
-        passed["other"] = other.tumour_probabilities(images) >= other.classifier_config.threshold
+        probabilities["other"] = other.tumour_probabilities(images)
+        passed["other"] = probabilities["other"] >= other.classifier_config.threshold
     row = {"patient_id": prediction.rows["patient_id"].iloc[0], "fold": fold,
            "val_patient": int(in_val)}
     for gate in GATES:
         chosen = passed.get(gate)
-        row[f"dice_{gate}"] = gated_dice(predictor, prediction, chosen) \
+        row[f"dice_{gate}"] = gated_dice(predictor, prediction, chosen, probabilities.get(gate)) \
             if chosen is not None else float("nan")
         row[f"sensitivity_{gate}"] = float(chosen[truth].mean()) \
             if chosen is not None and truth.any() else float("nan")
