@@ -19,10 +19,11 @@ FINE_TUNE_CHOICES ?= 0
 WORKERS ?= 2
 ORACLE_PORT ?= 8000
 # The recipe of the U-Net that ships (training/cross_validation.py), chosen on the
-# cross-validation: `make cv CV_RECIPE=...` scores any recipe. `longer_standardised` continues
-# each of `longer`'s models, which continue `fixed`'s (all committed in reports/cv/*/models/), so
-# from scratch it needs `make cv` and `bt cv --all` for `fixed`, then `longer`, first.
-UNET_RECIPE ?= longer_standardised
+# cross-validation: `make cv CV_RECIPE=...` scores any recipe. `four_cycles` continues each of
+# `longer_standardised`'s models, which continue `longer`'s, which continue `fixed`'s (all
+# committed in reports/cv/*/models/), so from scratch it needs `make cv` and `bt cv --all` for
+# `fixed`, `longer`, then `longer_standardised`, first.
+UNET_RECIPE ?= four_cycles
 CV_RECIPE ?= baseline
 # make experiments: epochs per table (the reference study used 100 and 30) and the scale.
 EXP_EPOCHS_LR_BN ?= 12
@@ -127,7 +128,7 @@ train-unet: install
 INTENSITY ?= volume_p99
 # The recipe that shipped before $(UNET_RECIPE): its CV report is what the shipped recipe's report
 # is paired against, patient by patient.
-SHIPPED_BEFORE ?= longer
+SHIPPED_BEFORE ?= longer_standardised
 postprocess: install
 	$(PY) -m bt_pipeline cv --data-dir $(KAGGLE_ROOT) --recipe $(UNET_RECIPE) --no-train \
 		--intensity $(INTENSITY) \
