@@ -20,4 +20,4 @@ def test_shipped_models_reproduce_the_documented_test_figures(real_root):
     assert summary["dice_pipeline_mean"] == pytest.approx(0.900, abs=0.002)
     metrics = classification_metrics(slices["has_tumor"], slices["classifier_probability"],
                                      predictor.classifier_config.threshold)
-    assert metrics["auc"] == pytest.approx(0.988, abs=0.002)
+    assert metrics["auc"] == pytest.approx(0.987, abs=0.002)
