@@ -35,7 +35,7 @@ GATES = ("no_gate", "encoder_gate", "other")
 
 
 def gated_dice(predictor, prediction: PatientPrediction, passed: np.ndarray,
-               probabilities: np.ndarray | None) -> float:
+               probabilities: np.ndarray | None = None) -> float:
     """Whole-volume Dice of one patient's pipeline masks when stage 1 passes ``passed``, with
     ``probabilities`` its P(tumour) per slice (None: no stage 1)."""
     masks = gated_volume(predictor, prediction.maps, passed, prediction.truths,
