@@ -202,6 +202,9 @@ def sweep_thresholds(predictor: TwoStagePredictor, predictions: list[PatientPred
     rows = []
     classifier_thresholds = sorted({*classifier_thresholds,
                                     predictor.classifier_config.threshold})
+    # sizing by voxels or by gate only matters when the largest component is kept
+    volume_rules = [(largest, by) for largest in largest_3d
+                    for by in (largest_3d_by if largest else ("voxels",))]
     for prediction in predictions:
         truth = np.stack(prediction.truths)
         probabilities = prediction.probabilities
@@ -209,8 +212,6 @@ def sweep_thresholds(predictor: TwoStagePredictor, predictions: list[PatientPred
         for mask_threshold in mask_thresholds:
             for pixels in min_pixels:
                 slice_masks = predictor.masks(prediction.maps, mask_threshold, pixels)
-                volume_rules = [(largest, by) for largest in largest_3d
-                                for by in (largest_3d_by if largest else ("voxels",))]
                 for (largest, by), threshold in itertools.product(volume_rules,
                                                                   classifier_thresholds):
                     gate = probabilities >= threshold
