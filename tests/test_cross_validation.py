@@ -307,6 +307,15 @@ def test_four_cycles_repeats_the_third_cycle_with_fresh_draws():
     assert dataclasses.replace(fourth.data, seed=third.data.seed) == third.data
 
 
+def test_five_cycles_repeats_the_fourth_cycle_with_fresh_draws():
+    from bt_pipeline.training.cross_validation import five_cycles_recipe, four_cycles_recipe
+
+    fourth, fifth = four_cycles_recipe(), five_cycles_recipe()
+    assert fifth.continues == fourth.name and fifth.unet == fourth.unet
+    assert fifth.data.seed == fourth.data.seed + 1
+    assert dataclasses.replace(fifth.data, seed=fourth.data.seed) == fourth.data
+
+
 def test_the_shipped_unet_is_the_shipped_recipes_all_patient_model_and_make_agrees():
     """`make train-unet` ships reports/cv/<UNET_RECIPE>/models/all.keras; the CLI defaults name
     the same recipe, so a gate search or study without --recipe reads the shipped U-Net's folds."""

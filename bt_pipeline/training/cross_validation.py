@@ -108,10 +108,19 @@ def four_cycles_recipe(precision: str = "mixed_bfloat16") -> Recipe:
     return Recipe("four_cycles", third.unet, data, 0.0, continues=third.name)
 
 
+def five_cycles_recipe(precision: str = "mixed_bfloat16") -> Recipe:
+    """``four_cycles`` continued by a fifth cosine cycle of 60 epochs like its fourth, with fresh
+    augmentation draws: the fourth cycle still lifted the held-out U-Net Dice (+0.0048 over the
+    third, SEM 0.0027; fold 3 +0.021)."""
+    fourth = four_cycles_recipe(precision)
+    data = dataclasses.replace(fourth.data, seed=fourth.data.seed + 1)
+    return Recipe("five_cycles", fourth.unet, data, 0.0, continues=fourth.name)
+
+
 RECIPES = {"baseline": baseline_recipe, "fixed": fixed_recipe, "longer": longer_recipe,
            "standardised": standardised_recipe,
            "longer_standardised": longer_standardised_recipe,
-           "four_cycles": four_cycles_recipe}
+           "four_cycles": four_cycles_recipe, "five_cycles": five_cycles_recipe}
 #: The recipe whose all-patient model ships (bt_pipeline/weights/unet.keras), chosen on the
 #: cross-validation; the Makefile's UNET_RECIPE names the same one.
 SHIPPED_RECIPE = "four_cycles"
