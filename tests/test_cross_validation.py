@@ -9,6 +9,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pandas as pd
+import pytest
 
 from bt_pipeline.config import SHIPPED_UNET, DataConfig, UNetConfig
 from bt_pipeline.data.manifest import NO_FOLD, read_manifest
@@ -113,6 +114,36 @@ def test_mean_sem_and_paired_difference_against_hand_computed_values():
     assert np.isclose(diff["sem"], np.std([0.1, 0.0, 0.1, 0.2], ddof=1) / 2)
 
 
+def test_gate_floors_cut_every_fold_gate_where_the_threshold_rule_would(tiny_models):
+    import numpy as np
+
+    from bt_pipeline.evaluation.cv_report import gate_floors
+    from bt_pipeline.evaluation.scoring import PatientPrediction, score_split
+    from bt_pipeline.inference.predictor import TwoStagePredictor
+
+    predictor = TwoStagePredictor.load(*tiny_models)
+    predictor.classifier_config = dataclasses.replace(predictor.classifier_config,
+                                                      threshold=0.6)
+    truths = [np.zeros((16, 16), bool) for _ in range(4)]
+    maps = [np.zeros((16, 16), np.float32) for _ in range(4)]
+    for k in range(3):  # three tumour slices, each found by the U-Net
+        truths[k][2:6, 2:6] = maps[k][2:6, 2:6] = True
+    maps[3][8:12, 8:12] = 0.9  # a false alarm on the tumour-free slice
+    rows = pd.DataFrame({"patient_id": ["p"] * 4, "institution": ["CS"] * 4,
+                         "slice": [1, 2, 3, 4], "n_slices": [4] * 4})
+    prediction = PatientPrediction(rows=rows, truths=truths, maps=maps,
+                                   probabilities=np.array([0.9, 0.5, 0.2, 0.1]))
+    own = score_split(predictor, [prediction], "fold0")[0]
+    assert own["dice_pipeline"].iloc[0] == pytest.approx(2 * 16 / (16 + 48))
+    table = gate_floors([(own, None, [prediction], predictor)], floors=(0.5, 1.0))
+    # floor 0.5 may miss one of three: half-way from 0.5 down to 0.2; 1.0 misses none
+    assert table["threshold"].tolist() == pytest.approx([0.35, 0.15])
+    assert table["slices_passed"].tolist() == pytest.approx([0.5, 0.75])
+    assert table["dice_pipeline_mean"].tolist() == pytest.approx([2 * 32 / (32 + 48), 1.0])
+    assert table["vs_own_threshold"].iloc[1] == pytest.approx(1.0 - 2 * 16 / (16 + 48))
+    assert predictor.classifier_config.threshold == 0.6  # the predictor itself is untouched
+
+
 def test_cv_report_scores_each_trained_fold_on_its_own_patients(synthetic_root,
                                                                  synthetic_manifest,
                                                                  tiny_models, tmp_path):
@@ -160,6 +191,14 @@ def test_cv_report_scores_each_trained_fold_on_its_own_patients(synthetic_root,
                  "--classifier", str(tiny_models[0]), "--rule-from", str(tiny_models[1]),
                  "--out", str(out)]) == 0
     assert "FLAIR-only input" in (out / "baseline" / "flair_only" / "summary.md").read_text()
+    # mirrored copies averaged in, where the rule's JSON does not: a report of its own
+    before = (out / "baseline" / "patients.csv").read_text()
+    assert main(["cv", "--no-train", "--tta-flips", "--data-dir", str(synthetic_root),
+                 "--manifest", str(synthetic_manifest), "--runs-dir", str(runs),
+                 "--classifier", str(tiny_models[0]), "--rule-from", str(tiny_models[1]),
+                 "--out", str(out)]) == 0
+    assert "(flip TTA): yes" in (out / "baseline" / "tta_flips" / "summary.md").read_text()
+    assert (out / "baseline" / "patients.csv").read_text() == before
 
     # a rule taken from --rule-from's JSON files the report where --intensity would, not
     # beside the reports scored on raw intensities

@@ -183,14 +183,15 @@ def test_folds_only_trains_the_fold_gates_and_ships_nothing(tiny_gate, tmp_path,
     assert list(metrics["patients"].str[:11]) == ["cv held-out"]
 
 
+@pytest.mark.parametrize("tta_flips", [False, True])
 def test_shared_trunk_gives_the_masks_of_separate_stages(tiny_gate, tiny_models,
-                                                         synthetic_root):
+                                                         synthetic_root, tta_flips):
     from bt_pipeline.data.layout import scan_inputs
     from bt_pipeline.data.preprocess import read_image
     from bt_pipeline.inference.predictor import TwoStagePredictor
 
-    shared = TwoStagePredictor.load(tiny_gate / "gate.keras", tiny_models[1])
-    separate = TwoStagePredictor.load(tiny_gate / "gate.keras", tiny_models[1])
+    shared, separate = (TwoStagePredictor.load(tiny_gate / "gate.keras", tiny_models[1],
+                                               tta_flips=tta_flips) for _ in range(2))
     separate._shared = None
     shared.classifier_config = separate.classifier_config = dataclasses.replace(
         shared.classifier_config, threshold=0.3)  # some slices pass, some do not
@@ -206,6 +207,13 @@ def test_shared_trunk_gives_the_masks_of_separate_stages(tiny_gate, tiny_models,
             np.testing.assert_array_equal(a, b)
         gated.extend(p1 >= 0.3)
     assert 0 < sum(gated) < len(gated), "the comparison needs passed and stopped slices"
+    # the maps themselves, before thresholding: mirrored copies averaged in, or not
+    _, chosen, maps = shared._through_shared_trunk(images)
+    assert len(chosen), "the last scan needs passed slices"
+    plain = dataclasses.replace(separate, tta_flips=False).mask_probabilities(images, chosen)
+    for a, b, c in zip(maps, separate.mask_probabilities(images, chosen), plain, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        assert (np.abs(a - c).max() > 1e-4) == tta_flips
     # a batch in which the gate passes nothing goes through the same graph
     shared.classifier_config = dataclasses.replace(shared.classifier_config, threshold=1.1)
     _, masks = shared.predict(images)

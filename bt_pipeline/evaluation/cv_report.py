@@ -13,6 +13,7 @@ segmented) is held out.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import shutil
@@ -47,16 +48,20 @@ from bt_pipeline.training.cross_validation import (
     with_seed,
 )
 
+#: Sensitivity floors of the gate's threshold rule that the report scores the pipeline at.
+GATE_FLOORS = (0.97, 0.98, 0.99, 0.995)
+
 #: Per-patient scores whose mean, median and standard error the report gives.
 SCORES = ("dice_unet", "dice_pipeline", "dice_no_gate")
 
 
 def load_under_rule(classifier: Path, unet: Path, rule: UNetConfig):
-    """A predictor for ``classifier`` and ``unet`` whose post-processing and intensity rule are
-    ``rule``'s, so that U-Nets shipped under other rules are scored under one."""
+    """A predictor for ``classifier`` and ``unet`` whose post-processing, mirrored copies
+    (``tta_flips``) and intensity rule are ``rule``'s, so that U-Nets shipped under other rules
+    are scored under one."""
     from bt_pipeline.inference.predictor import TwoStagePredictor
 
-    predictor = TwoStagePredictor.load(classifier, unet)
+    predictor = TwoStagePredictor.load(classifier, unet, tta_flips=rule.tta_flips)
     # a U-Net trained on standardised volumes is always fed them; one trained on raw
     # intensities may be run under either rule
     trained_on = predictor.unet_config.intensity
@@ -191,7 +196,9 @@ def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out:
                  folds_missing: list[int], rule: UNetConfig, training: pd.DataFrame,
                  reference: Path | None = None,
                  own_gates: tuple[int, ...] = (),
-                 reference_label: str = "baseline") -> dict[str, pd.DataFrame]:
+                 reference_label: str = "baseline",
+                 more: dict[str, pd.DataFrame] | None = None) -> dict[str, pd.DataFrame]:
+    """The report's CSVs, tables and figure in ``out``; ``more``: further tables to add."""
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "patients.csv", patients.to_csv(index=False, lineterminator="\n"))
     write_text_atomic(out / "slices.csv", slices.to_csv(index=False, lineterminator="\n"))
@@ -207,13 +214,15 @@ def write_report(recipe: str, patients: pd.DataFrame, slices: pd.DataFrame, out:
     }
     if reference is not None and reference.is_file():
         tables[f"paired_difference_vs_{reference_label}"] = against(patients, reference)
+    tables.update(more or {})
     missing = ", ".join(map(str, folds_missing)) or "none"
     intro = [f"Recipe `{recipe}`: {patients['patient_id'].nunique()} held-out development "
              f"patients scored, each by the fold U-Net that never trained on them (folds not "
              f"yet trained: {missing}). Post-processing as the shipped U-Net: "
              f"min_component_pixels={rule.min_component_pixels}, "
              f"keep_largest_3d={rule.keep_largest_3d} (sized by {rule.largest_3d_by}); "
-             f"intensity rule {rule.intensity}. "
+             f"intensity rule {rule.intensity}; mirrored copies averaged in (flip TTA): "
+             f"{'yes' if rule.tta_flips else 'no'}. "
              "`dice_unet`: every true tumour slice segmented (a perfect gate); "
              "`dice_no_gate`: every slice segmented, no stage 1, held out whatever gates; "
              "`dice_pipeline`: " + _gate_note(patients, own_gates) +
@@ -275,6 +284,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(with --write-postprocessing: ship it); reports scored under a "
                              "rule go to <recipe>/intensity_<rule>/, on raw intensities to "
                              "<recipe>/")
+    parser.add_argument("--tta-flips", action=argparse.BooleanOptionalAction, default=None,
+                        help="also segment each slice mirrored left-right and average "
+                             "(default: as --rule-from's JSON says); scored otherwise than "
+                             "that JSON, reports go to <report>/tta_flips/ or no_tta_flips/")
     parser.add_argument("--against", type=Path, metavar="PATIENTS_CSV",
                         help="pair each patient's scores with another run's patients.csv "
                              "(default: the baseline recipe's)")
@@ -305,6 +318,9 @@ def run(args: argparse.Namespace) -> int:
     rule = load_json(args.rule_from.with_suffix(".json"), UNetConfig)
     if args.intensity is not None:
         rule = dataclasses.replace(rule, intensity=args.intensity)
+    flips_differ = args.tta_flips is not None and args.tta_flips != rule.tta_flips
+    if args.tta_flips is not None:
+        rule = dataclasses.replace(rule, tta_flips=args.tta_flips)
     if recipe.unet.intensity != "raw":  # a U-Net trained under a rule is always fed it
         rule = dataclasses.replace(rule, intensity=recipe.unet.intensity)
     classifier = args.classifier or baseline_classifier(args.out)
@@ -328,6 +344,8 @@ def run(args: argparse.Namespace) -> int:
     if rule.intensity != "raw":
         report = report / f"intensity_{rule.intensity}"
     report = report / ("flair_only" if args.flair_only else "")
+    if flips_differ:
+        report = report / ("tta_flips" if rule.tta_flips else "no_tta_flips")
     if args.write_postprocessing is not None:
         # the report then scores what ships: the rule just chosen, not the one the JSON held
         chosen = choose_on_cv(results, trained, recipe.name, report, args.write_postprocessing)
@@ -345,12 +363,45 @@ def run(args: argparse.Namespace) -> int:
     else:
         reference = None if recipe.name == "baseline" else reference
         reference_label = "baseline"
+    # the floor is a choice for what ships: only where every fold's pipeline is held out
+    more = {"gate_sensitivity_floors": gate_floors(results)} \
+        if own_gates == tuple(trained) and not args.flair_only else None
     tables = write_report(label, patients, slices, report, missing, rule,
                           training_table(recipe.name, trained, args.out, args.runs_dir),
-                          reference, own_gates, reference_label)
+                          reference, own_gates, reference_label, more)
     for name, table in tables.items():
         print(f"\n{name}\n" + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0
+
+
+def gate_floors(results, floors=GATE_FLOORS) -> pd.DataFrame:
+    """The whole pipeline had the gates' threshold been chosen under other sensitivity floors:
+    each threshold by the rule ``bt tune --gate`` applies (``choose_threshold``) to the pooled
+    held-out gate probabilities, every fold's gate cut there, no model run again; paired with
+    the gates' own threshold. A lower threshold passes more slices to the U-Net (slower)."""
+    from bt_pipeline.training.train_classifier import choose_threshold
+
+    predictions = [p for r in results for p in r[2]]
+    labels = np.concatenate([[t.any() for t in p.truths] for p in predictions])
+    probabilities = np.concatenate([p.probabilities for p in predictions])
+    own = pd.concat([r[0] for r in results], ignore_index=True)
+    rows = []
+    for floor in floors:
+        threshold = choose_threshold(labels, probabilities, floor)
+        patients = []
+        for _, _, fold_predictions_, predictor in results:
+            cut = copy.copy(predictor)  # shares the loaded models; only the threshold differs
+            cut.classifier_config = dataclasses.replace(predictor.classifier_config,
+                                                        threshold=threshold)
+            patients.append(score_split(cut, fold_predictions_, "")[0])
+        patients = pd.concat(patients, ignore_index=True)
+        paired = paired_difference(patients, own, "dice_pipeline")
+        rows.append({"min_sensitivity": floor, "threshold": threshold,
+                     "slice_sensitivity": float((probabilities[labels] >= threshold).mean()),
+                     "slices_passed": float((probabilities >= threshold).mean()),
+                     "dice_pipeline_mean": patients["dice_pipeline"].mean(),
+                     "vs_own_threshold": paired["mean_difference"], "sem": paired["sem"]})
+    return pd.DataFrame(rows)
 
 
 def rescored(result, rule: UNetConfig, split: str):

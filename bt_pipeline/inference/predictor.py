@@ -138,10 +138,12 @@ class TwoStagePredictor:
         threshold to (P(tumour) per slice, indices of the passed slices, their probability
         maps), running the encoder once per slice for both stages and the decoder only on the
         slices the gate passes. Skip connections stay inside the graph in the U-Net's own
-        precision. None where the U-Net's output is an average (ensemble, mirrored copy): then
-        the gate runs on its own."""
-        if self.extra_unets or self.tta_flips:
+        precision. With ``tta_flips`` the passed slices' mirrored copies also go through the
+        whole U-Net inside the same graph. None for an ensemble: then the gate runs on its
+        own."""
+        if self.extra_unets:
             return None
+        mirrored = self.tta_flips
         k = self.classifier_config.fine_tune_blocks
         unet = cast(self.unet)
         encoder, decoder = split_unet(unet, () if k == 0 else (cut_layer_name(unet, k),))
@@ -160,8 +162,14 @@ class TwoStagePredictor:
             passed = tf.where(probability >= threshold)[:, 0]
 
             def decode():
-                maps = decoder([tf.gather(part, passed) for part in parts], training=False)
-                return tf.cast(maps, tf.float32)[..., 0]
+                maps = tf.cast(decoder([tf.gather(part, passed) for part in parts],
+                                       training=False), tf.float32)[..., 0]
+                if mirrored:  # width is axis 2: the left-right mirror, as mask_probabilities
+                    flipped = unet(tf.reverse(tf.gather(batch, passed), axis=[2]),
+                                   training=False)
+                    maps = (maps + tf.reverse(tf.cast(flipped, tf.float32)[..., 0],
+                                              axis=[2])) / 2
+                return maps
 
             # the convolutions refuse an empty batch
             maps = tf.cond(tf.size(passed) > 0, decode, lambda: tf.zeros((0, *size[:2])))
