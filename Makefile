@@ -158,8 +158,10 @@ bench: install
 bench-loader: install
 	$(PY) -m bt_pipeline bench-loader --data-dir $(KAGGLE_ROOT)
 
+# BENCH_INFER_FLAGS: e.g. --tta-flips, --precision float32 (passed on to infer)
+BENCH_INFER_FLAGS ?=
 bench-infer: install
-	$(PY) -m bt_pipeline bench-infer --data-dir $(KAGGLE_ROOT) --splits val test
+	$(PY) -m bt_pipeline bench-infer --data-dir $(KAGGLE_ROOT) --splits val test $(BENCH_INFER_FLAGS)
 
 # The README's first command: shipped models on the test-split patients of the data directory.
 demo: install

@@ -295,13 +295,22 @@ def add_arguments_infer(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=DataConfig.data_root)
     parser.add_argument("--manifest", default=DataConfig.manifest)
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument("--tta-flips", action=argparse.BooleanOptionalAction, default=None,
+                        help="passed on to infer (default: as the shipped U-Net's JSON says)")
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "auto"], default=None,
+                        help="passed on to infer (default: infer's)")
 
 
 def run_infer(args: argparse.Namespace) -> int:
     table = read_manifest(args.manifest)
     chosen = table[table["split"].isin(args.splits)]["patient_id"].unique()
     folders = [f"{args.data_dir}/{patient}" for patient in sorted(chosen)]
+    passed = []
+    if args.tta_flips is not None:
+        passed.append("--tta-flips" if args.tta_flips else "--no-tta-flips")
+    if args.precision is not None:
+        passed += ["--precision", args.precision]
     with tempfile.TemporaryDirectory() as out:
-        for name, value in infer_throughput(folders, out).items():
+        for name, value in infer_throughput(folders, out, tuple(passed)).items():
             print(f"{name}={value:.2f}")
     return 0
