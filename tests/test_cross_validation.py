@@ -199,6 +199,10 @@ def test_cv_report_scores_each_trained_fold_on_its_own_patients(synthetic_root,
                  "--out", str(out)]) == 0
     assert "(flip TTA): yes" in (out / "baseline" / "tta_flips" / "summary.md").read_text()
     assert (out / "baseline" / "patients.csv").read_text() == before
+    assert main(["cv", "--no-train", "--tta-flips", "--data-dir", str(synthetic_root),
+                 "--manifest", str(synthetic_manifest), "--classifier", str(tiny_models[0]),
+                 "--rule-from", str(tiny_models[1]), "--out", str(out),
+                 "--write-postprocessing", str(candidate)]) == 2
 
     # a rule taken from --rule-from's JSON files the report where --intensity would, not
     # beside the reports scored on raw intensities

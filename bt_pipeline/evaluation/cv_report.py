@@ -319,6 +319,9 @@ def run(args: argparse.Namespace) -> int:
     if args.intensity is not None:
         rule = dataclasses.replace(rule, intensity=args.intensity)
     flips_differ = args.tta_flips is not None and args.tta_flips != rule.tta_flips
+    if flips_differ and args.write_postprocessing is not None:
+        raise UsageError("--write-postprocessing chooses for the U-Net as its JSON runs it: "
+                         "drop --tta-flips/--no-tta-flips")
     if args.tta_flips is not None:
         rule = dataclasses.replace(rule, tta_flips=args.tta_flips)
     if recipe.unet.intensity != "raw":  # a U-Net trained under a rule is always fed it
