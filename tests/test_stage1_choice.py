@@ -26,7 +26,6 @@ def test_a_gate_that_stops_a_false_alarm_slice_scores_higher(tiny_models):
     assert gated_dice(predictor, prediction, np.zeros(3, bool)) == 0.0
 
 
-
 def test_sized_by_the_gate_the_component_it_is_sure_of_outweighs_a_larger_false_alarm(
         tiny_models):
     from bt_pipeline.evaluation.scoring import PatientPrediction
@@ -48,6 +47,7 @@ def test_sized_by_the_gate_the_component_it_is_sure_of_outweighs_a_larger_false_
         assert gated_dice(predictor, prediction, passed, prediction.probabilities) == expected
     # no stage 1, no probabilities: every voxel counts 1 whatever the rule says
     assert gated_dice(predictor, prediction, passed) == 0.0
+
 
 def test_comparison_gives_means_and_paired_differences_with_their_standard_errors():
     from bt_pipeline.studies.stage1_choice import compare

@@ -28,7 +28,9 @@ from bt_pipeline.config import SHIPPED_UNET, DataConfig, GateConfig, UNetConfig,
 from bt_pipeline.data.manifest import N_FOLDS, read_manifest
 from bt_pipeline.data.preprocess import INTENSITY_RULES
 from bt_pipeline.evaluation.evaluate import by_slice_level
+from bt_pipeline.evaluation.metrics import dice_score
 from bt_pipeline.evaluation.scoring import (
+    pipeline_volume,
     predict_split,
     score_split,
     summarise,
@@ -391,13 +393,17 @@ def gate_floors(results, floors=GATE_FLOORS) -> pd.DataFrame:
     rows = []
     for floor in floors:
         threshold = choose_threshold(labels, probabilities, floor)
-        patients = []
-        for _, _, fold_predictions_, predictor in results:
+        rows_at_floor = []
+        for _, _, predictions_of_fold, predictor in results:
             cut = copy.copy(predictor)  # shares the loaded models; only the threshold differs
             cut.classifier_config = dataclasses.replace(predictor.classifier_config,
                                                         threshold=threshold)
-            patients.append(score_split(cut, fold_predictions_, "")[0])
-        patients = pd.concat(patients, ignore_index=True)
+            # the pipeline's masks alone: the other views do not depend on the threshold
+            rows_at_floor += [{"patient_id": p.rows["patient_id"].iloc[0],
+                               "dice_pipeline": dice_score(np.stack(p.truths),
+                                                           np.stack(pipeline_volume(cut, p)))}
+                              for p in predictions_of_fold]
+        patients = pd.DataFrame(rows_at_floor)
         paired = paired_difference(patients, own, "dice_pipeline")
         rows.append({"min_sensitivity": floor, "threshold": threshold,
                      "slice_sensitivity": float((probabilities[labels] >= threshold).mean()),
