@@ -173,6 +173,44 @@ def test_a_failed_call_leaves_earlier_results_untouched(tiny_models, scans, tmp_
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_write_failing_behind_the_next_prediction_fails_the_call_cleanly(
+        tiny_models, scans, tmp_path, monkeypatch, capsys):
+    """Outputs are written on their own thread while the next patient is predicted: a write
+    error there still ends the call with exit 2 and leaves the earlier run's outputs as they
+    were, and a run that succeeds lists its patients in input order however slow a write."""
+    import bt_pipeline.inference.pipeline as pipeline
+
+    out = tmp_path / "out"
+    write_viewer = pipeline.write_viewer
+    calls = []
+
+    def slow_first_write(path, *args, **kwargs):
+        calls.append(Path(path).parent.name)
+        if len(calls) == 1:
+            time.sleep(1.0)  # the second patient is predicted meanwhile
+        return write_viewer(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_viewer", slow_first_write)
+    assert _run(tiny_models, scans, "--out", out) == 0
+    names = sorted(p.name for p in scans.iterdir())
+    assert calls == names
+    assert list(pd.read_csv(out / "patients.csv")["patient_id"]) == names
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def disk_full_on_the_second(path, *args, **kwargs):
+        calls.append(Path(path).parent.name)
+        if len(calls) == len(names) + 2:
+            raise OSError(28, "No space left on device")
+        return write_viewer(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_viewer", disk_full_on_the_second)
+    capsys.readouterr()
+    assert _run(tiny_models, scans, "--out", out) == 2
+    assert "cannot write outputs" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not list(tmp_path.glob(".out.bt-partial-*"))  # the unfinished run left nothing
+
+
 def test_a_second_concurrent_run_is_refused(tiny_models, scans, tmp_path, capsys):
     from bt_pipeline.inference.output_folder import OutputFolder
 

@@ -240,11 +240,31 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
                   out: Path, predictor, progress: bool, spacing,
                   series_roles: dict[str, str] | None = None) -> InferenceResult:
     """Both stages over each patient, outputs into ``out``; stops early (``interrupted``) on
-    Ctrl-C or SIGTERM, keeping what was finished."""
+    Ctrl-C or SIGTERM, keeping what was finished.
+
+    One patient's outputs are written on a thread of their own while the next patient is read
+    and predicted: the model leaves a core idle between its graph calls, and PNG, zlib and
+    OpenCV release the GIL, so the writing mostly hides behind the prediction. At most one
+    patient waits to be written, so memory stays that of two patients."""
     seen: set[str] = set()
     patient_rows, slice_rows, first, interrupted = [], [], None, False
     threshold = predictor.classifier_config.threshold
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    pending = None  # the previous patient's write
+
+    def finish_pending() -> None:
+        nonlocal pending, first
+        if pending is None:
+            return
+        patient, rows = pending.result()
+        pending = None
+        if patient["sequences"] != "pre+flair+post":
+            print(_sequence_note(patient, predictor), file=sys.stderr)
+        patient_rows.append(patient)
+        slice_rows.extend(rows)
+        first = first if first is not None else time.time()
+
+    with ThreadPoolExecutor(max_workers=4) as pool, \
+            ThreadPoolExecutor(max_workers=1) as writer:
         try:
             for scan in tqdm(patients, desc="patients", unit="patient", disable=not progress):
                 if scan.patient_id in seen:
@@ -263,16 +283,16 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
                 if not slices:
                     continue
                 probabilities, masks = predictor.predict([s.image for s in slices])
-                patient, rows = _write_patient(
-                    out, scan, slices, probabilities, masks, threshold, pool, spacing, case,
-                    learnt_from=scan.patient_id in predictor.trained_on_patients)
-                if patient["sequences"] != "pre+flair+post":
-                    print(_sequence_note(patient, predictor), file=sys.stderr)
-                patient_rows.append(patient)
-                slice_rows.extend(rows)
-                first = first if first is not None else time.time()
+                finish_pending()
+                pending = writer.submit(
+                    _write_patient, out, scan, slices, probabilities, masks, threshold, pool,
+                    spacing, case, learnt_from=scan.patient_id in predictor.trained_on_patients)
+            finish_pending()
         except KeyboardInterrupt:
             interrupted = True
+            # the write under way runs to its end on its thread; keep what it finished
+            with contextlib.suppress(KeyboardInterrupt):
+                finish_pending()
     with_truth = any("dice" in p for p in patient_rows)
     return InferenceResult(
         pd.DataFrame(patient_rows, columns=PATIENT_COLUMNS + (TRUTH_COLUMNS if with_truth else [])),
