@@ -32,7 +32,7 @@ EXP_EPOCHS_OPTIONS ?= 15
 EXP_IMAGE_SIZE ?= 64
 EXP_BASE_FILTERS ?= 8
 
-.PHONY: install data manifest eda test test-quick test-slow lint tune cv-gates tune-classifier stage1-choice tune-distributed \
+.PHONY: install data manifest eda test test-quick test-slow lint tune cv-gates tune-classifier stage1-choice fit-gap tune-distributed \
         train-unet postprocess cv demo screenshot evaluate roundtrip radiogenomics experiments bench bench-loader \
         bench-infer clean
 
@@ -108,6 +108,10 @@ STAGE1_OTHER ?= reports/cv/baseline/models/classifier.keras
 stage1-choice: install
 	$(PY) -m bt_pipeline stage1-choice --data-dir $(KAGGLE_ROOT) --recipe $(UNET_RECIPE) \
 		--other $(STAGE1_OTHER)
+
+# How much of the CV's error the shipped models, trained on every development patient, fit.
+fit-gap: install
+	$(PY) -m bt_pipeline fit-gap --data-dir $(KAGGLE_ROOT)
 
 # A chief (the gRPC oracle) and $(WORKERS) workers on this machine; see README for several.
 tune-distributed: install

@@ -52,6 +52,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "stage1-choice": ("bt_pipeline.studies.stage1_choice", "",
                       "encoder gates against another stage 1 and no gate on held-out "
                       "development patients -> reports/cv/<recipe>/stage1_choice"),
+    "fit-gap": ("bt_pipeline.studies.fit_gap", "",
+                "each development patient held out (CV) against trained on (shipped models) "
+                "-> reports/cv/<recipe>/.../fit_gap"),
 }
 
 
