@@ -70,6 +70,36 @@ def test_gate_weighting_keeps_the_component_the_gate_is_sure_of():
     assert with_none[0] is None and int(with_none[1].sum()) == 0
 
 
+
+def test_labelling_inside_the_bounding_box_keeps_what_the_whole_volume_would():
+    """The rule labels only the masks' bounding box; on random volumes, with and without
+    slice weights, components touching the edges and ties, it keeps exactly the component that
+    labelling the whole volume keeps."""
+    import numpy as np
+    from scipy import ndimage
+
+    from bt_pipeline.inference.postprocess import keep_largest_component_3d
+
+    def whole_volume(volume, weights):
+        labels, count = ndimage.label(volume, structure=np.ones((3, 3, 3), bool))
+        if count <= 1:
+            return labels > 0
+        per_voxel = None if weights is None else np.broadcast_to(
+            np.asarray(weights, np.float64)[:, None, None], labels.shape).ravel()
+        sizes = np.bincount(labels.ravel(), weights=per_voxel)[1:]
+        return labels == 1 + int(np.argmax(sizes))
+
+    rng = np.random.default_rng(3)
+    for case in range(200):
+        shape = tuple(int(v) for v in rng.integers(1, (7, 12, 12)))
+        volume = rng.random(shape) < rng.uniform(0.0, 0.4)
+        if case % 5 == 0:  # all in one corner, away from the others
+            volume[:, : shape[1] // 2] = False
+        weights = rng.random(shape[0]) if case % 2 else None
+        kept = keep_largest_component_3d(volume, weights)
+        assert kept.dtype == np.uint8 and kept.shape == shape
+        assert np.array_equal(kept.astype(bool), whole_volume(volume, weights)), case
+
 def test_largest_3d_component_rule_applies_to_gated_volumes(tiny_models):
     import dataclasses
 

@@ -46,15 +46,25 @@ def keep_largest_component_3d(volume: np.ndarray,
     26-connected component (ties: the first found); an empty volume stays empty. With
     ``slice_weights`` (one per slice) a component's size is the sum of its voxels' slice
     weights instead of its voxel count."""
-    labels, count = ndimage.label(volume, structure=np.ones((3, 3, 3), bool))
+    volume = np.asarray(volume)
+    kept = np.zeros(volume.shape, np.uint8)
+    # labelled inside the masks' bounding box only: a tumour fills a small corner of the
+    # volume, and labelling and weighting every voxel took most of inference's post-processing
+    box = ndimage.find_objects((volume > 0).astype(np.uint8))
+    if not box:
+        return kept
+    box = box[0]
+    labels, count = ndimage.label(volume[box], structure=np.ones((3, 3, 3), bool))
     if count <= 1:
-        return (labels > 0).astype(np.uint8)
+        kept[box] = labels > 0
+        return kept
     weights = None
     if slice_weights is not None:
-        weights = np.broadcast_to(np.asarray(slice_weights, np.float64)[:, None, None],
+        weights = np.broadcast_to(np.asarray(slice_weights, np.float64)[box[0], None, None],
                                   labels.shape).ravel()
     sizes = np.bincount(labels.ravel(), weights=weights)[1:]
-    return (labels == 1 + int(np.argmax(sizes))).astype(np.uint8)
+    kept[box] = labels == 1 + int(np.argmax(sizes))
+    return kept
 
 
 def slice_masks(maps: list[np.ndarray], threshold: float, min_pixels: int) -> list[np.ndarray]:
