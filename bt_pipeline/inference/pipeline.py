@@ -251,17 +251,20 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
     threshold = predictor.classifier_config.threshold
     pending = None  # the previous patient's write
 
+    def write(*args, **kwargs):
+        return (*_write_patient(*args, **kwargs), time.time())
+
     def finish_pending() -> None:
         nonlocal pending, first
         if pending is None:
             return
-        patient, rows = pending.result()
+        patient, rows, written = pending.result()
         pending = None
         if patient["sequences"] != "pre+flair+post":
             print(_sequence_note(patient, predictor), file=sys.stderr)
         patient_rows.append(patient)
         slice_rows.extend(rows)
-        first = first if first is not None else time.time()
+        first = first if first is not None else written
 
     with ThreadPoolExecutor(max_workers=4) as pool, \
             ThreadPoolExecutor(max_workers=1) as writer:
@@ -285,7 +288,7 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
                 probabilities, masks = predictor.predict([s.image for s in slices])
                 finish_pending()
                 pending = writer.submit(
-                    _write_patient, out, scan, slices, probabilities, masks, threshold, pool,
+                    write, out, scan, slices, probabilities, masks, threshold, pool,
                     spacing, case, learnt_from=scan.patient_id in predictor.trained_on_patients)
             finish_pending()
         except KeyboardInterrupt:

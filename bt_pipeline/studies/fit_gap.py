@@ -3,9 +3,8 @@ patient scored twice under one recipe, by the fold models that never saw them (t
 rows of the CV report) and by the shipped models, which trained on every development patient.
 
 A patient the shipped U-Net segments well but its fold U-Net does not is missed for want of
-similar training patients: no network size, threshold or post-processing rule chosen on the
-others would find it. A patient both miss is one the recipe cannot fit at all. Test patients
-are not read.
+patients like it in the fold's training data; one that both miss, the recipe does not fit even
+when it has seen it. Test patients are not read.
 """
 
 from __future__ import annotations
@@ -126,9 +125,10 @@ def run(args: argparse.Namespace) -> int:
     tables = {"summary": summary_table(both), "worst": worst_table(both)}
     write_summary(out / "summary.md", "Held out against trained on", [
         f"Each of the {len(both)} development patients scored by the fold models that never "
-        f"saw them (`{shown_path(cv_path)}`) and by `{shown_path(args.unet)}` with "
-        f"`{shown_path(args.classifier)}`, which trained on all of them, in float32 and under "
-        "the same post-processing. `share_of_held_out_shortfall`: the mean gap over one minus "
+        f"saw them (`{shown_path(cv_path)}`) and by `{shown_path(args.unet)}`, which trained "
+        f"on all of them (its JSON's `trained_on_patients`), gated by "
+        f"`{shown_path(args.classifier)}`, in float32 and under the same post-processing. "
+        "`share_of_held_out_shortfall`: the mean gap over one minus "
         f"the held-out mean. `fitted_when_seen`: trained-on pipeline Dice >= {FITTED}."],
         tables, [gap_figure(both, out)],
         titles={"worst": f"The {WORST} patients the cross-validation scores lowest"})
