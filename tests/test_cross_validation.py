@@ -359,6 +359,19 @@ def test_five_cycles_repeats_the_fourth_cycle_with_fresh_draws():
     assert dataclasses.replace(fifth.data, seed=fourth.data.seed) == fourth.data
 
 
+def test_polished_fine_tunes_four_cycles_without_augmentation_at_a_lower_rate():
+    from bt_pipeline.training.cross_validation import RECIPES, four_cycles_recipe, polished_recipe
+
+    fourth, polished = four_cycles_recipe(), polished_recipe()
+    assert RECIPES["polished"] is polished_recipe and polished.continues == fourth.name
+    assert not polished.data.augment and fourth.data.augment
+    assert polished.unet.epochs == 12 and polished.unet.schedule == "cosine"
+    assert polished.unet.learning_rate == fourth.unet.learning_rate / 8
+    assert dataclasses.replace(polished.unet, epochs=fourth.unet.epochs,
+                               learning_rate=fourth.unet.learning_rate) == fourth.unet
+    assert polished.inner_val_fraction == 0.0
+
+
 def test_the_shipped_unet_is_the_shipped_recipes_all_patient_model_and_make_agrees():
     """`make train-unet` ships reports/cv/<UNET_RECIPE>/models/all.keras; the CLI defaults name
     the same recipe, so a gate search or study without --recipe reads the shipped U-Net's folds."""
