@@ -34,7 +34,7 @@ EXP_BASE_FILTERS ?= 8
 
 .PHONY: install data manifest eda test test-quick test-slow lint tune cv-gates tune-classifier stage1-choice fit-gap tune-distributed \
         train-unet postprocess cv demo screenshot evaluate roundtrip radiogenomics experiments bench bench-loader \
-        bench-infer clean
+        bench-infer bench-widths clean
 
 install: $(VENV)/.installed
 
@@ -166,6 +166,10 @@ bench-loader: install
 BENCH_INFER_FLAGS ?=
 bench-infer: install
 	$(PY) -m bt_pipeline bench-infer --data-dir $(KAGGLE_ROOT) --splits val test $(BENCH_INFER_FLAGS)
+
+# What a wider U-Net would cost at inference (random weights, the shipped design otherwise).
+bench-widths: install
+	$(PY) -m bt_pipeline bench-widths
 
 # The README's first command: shipped models on the test-split patients of the data directory.
 demo: install

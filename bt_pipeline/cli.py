@@ -43,6 +43,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "speed of every stage against the machine's peak -> reports/bench.json"),
     "bench-loader": ("bt_pipeline.studies.bench", "_loader", "tf.data loader throughput"),
     "bench-infer": ("bt_pipeline.studies.bench", "_infer", "end-to-end inference speed"),
+    "bench-widths": ("bt_pipeline.studies.bench", "_widths",
+                     "U-Net inference speed at wider base widths than the shipped one"),
     "eda": ("bt_pipeline.studies.eda", "", "plots of the dataset -> reports/eda"),
     "radiogenomics": ("bt_pipeline.radiogenomics.report", "",
                       "shape features of manual and automatic masks against genomic subtypes "

@@ -61,3 +61,19 @@ def test_training_rate_runs_real_steps(tiny_unet):
     bf16 = training_rate(tiny_unet, "binary_crossentropy", batch, targets, seconds=0.05,
                          precision="mixed_bfloat16")
     assert bf16 > 0
+
+
+def test_width_rates_time_each_width_of_one_design():
+    import dataclasses
+
+    from bt_pipeline.config import UNetConfig
+    from bt_pipeline.studies.bench import width_rates
+
+    config = dataclasses.replace(UNetConfig(), image_size=32, depth=2)
+    rows = width_rates(config, widths=(4, 8), seconds=0.05, batch_size=2)
+    assert [r["base_width"] for r in rows] == [4, 8]
+    assert rows[1]["parameters"] > rows[0]["parameters"]
+    # doubling every width multiplies the convolutions' FLOPs by about four
+    assert 3.0 < rows[1]["gflop_per_slice"] / rows[0]["gflop_per_slice"] < 4.5
+    assert rows[0]["bfloat16_time_vs_first"] == 1.0
+    assert all(r["float32_slices_per_s"] > 0 and r["bfloat16_slices_per_s"] > 0 for r in rows)

@@ -1,5 +1,6 @@
 """Speed measurements that anyone can re-run: ``make bench`` (everything, against the
-machine's own matrix-multiply peak), ``make bench-loader``, ``make bench-infer``."""
+machine's own matrix-multiply peak), ``make bench-loader``, ``make bench-infer``,
+``make bench-widths``."""
 
 from __future__ import annotations
 
@@ -20,14 +21,16 @@ import tensorflow as tf
 
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.cli import quiet_tensorflow
-from bt_pipeline.config import DataConfig, GateConfig
+from bt_pipeline.config import SHIPPED_UNET, DataConfig, GateConfig, UNetConfig, load_json
 from bt_pipeline.data.loader import classifier_dataset, load_split, unet_dataset
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.data.preprocess import read_image
 from bt_pipeline.evaluation.metrics import dice_score
 from bt_pipeline.inference.predictor import TwoStagePredictor, graph_forward, to_bfloat16
+from bt_pipeline.models.batch_norm import with_fused_batch_norm
 from bt_pipeline.models.losses import LOSSES
 from bt_pipeline.models.precision import cpu_has_bfloat16, with_dtype_policy
+from bt_pipeline.models.unet import build_unet_from_config
 from bt_pipeline.studies.flops import TRAINING_STEP_FORWARD_PASSES, forward_flops
 
 
@@ -313,4 +316,51 @@ def run_infer(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as out:
         for name, value in infer_throughput(folders, out, tuple(passed)).items():
             print(f"{name}={value:.2f}")
+    return 0
+
+
+#: Base widths ``make bench-widths`` times: the shipped 16 and the wider U-Nets that would fit
+#: the development patients better at more compute.
+BENCH_WIDTHS = (16, 20, 24, 32)
+
+
+def width_rates(config: UNetConfig, widths=BENCH_WIDTHS, seconds: float = 4.0,
+                batch_size: int = 32) -> list[dict[str, float]]:
+    """U-Net forward rates at each base width, the rest of ``config``'s design kept: random
+    weights, graph mode as inference runs it (fused batch norm), float32 and bfloat16, with the
+    FLOPs per slice and the bfloat16 rate relative to the first width's."""
+    rng = np.random.default_rng(0)
+    batch = rng.random((batch_size, config.image_size, config.image_size,
+                        config.preprocessing.channels), np.float32)
+    rows = []
+    for width in widths:
+        keras.utils.set_random_seed(0)
+        model = with_fused_batch_norm(build_unet_from_config(
+            dataclasses.replace(config, base_filters=width, init_from="")))
+        row = {"base_width": width, "parameters": model.count_params(),
+               "gflop_per_slice": forward_flops(model) / 1e9}
+        for name, forward in (("float32", graph_forward(model)),
+                              ("bfloat16", graph_forward(to_bfloat16(model)))):
+            row[f"{name}_slices_per_s"] = inference_rate(lambda x, f=forward: f(x).numpy(),
+                                                         batch, seconds)
+        rows.append(row)
+    for row in rows:
+        row["bfloat16_time_vs_first"] = rows[0]["bfloat16_slices_per_s"] / row[
+            "bfloat16_slices_per_s"]
+    return rows
+
+
+def add_arguments_widths(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--unet", type=Path, default=SHIPPED_UNET,
+                        help="the U-Net whose design (depth, batch norm, input) is kept")
+    parser.add_argument("--widths", type=int, nargs="+", default=list(BENCH_WIDTHS))
+    parser.add_argument("--seconds", type=float, default=4.0,
+                        help="timed seconds per measurement")
+
+
+def run_widths(args: argparse.Namespace) -> int:
+    quiet_tensorflow()
+    config = load_json(args.unet.with_suffix(".json"), UNetConfig)
+    table = pd.DataFrame(width_rates(config, args.widths, args.seconds))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
