@@ -43,3 +43,13 @@ def test_a_patient_scored_on_one_side_only_is_an_error_not_a_silent_drop():
         paired(cv, shipped.iloc[1:])
     with pytest.raises(pd.errors.MergeError):
         paired(cv, pd.concat([shipped, shipped.iloc[:1]]))
+
+
+def test_reports_are_filed_by_the_intensity_rule_they_were_scored_under():
+    from pathlib import Path
+
+    from bt_pipeline.evaluation.cv_report import report_dir
+
+    assert report_dir(Path("r"), "four_cycles", "raw") == Path("r/four_cycles")
+    assert report_dir(Path("r"), "four_cycles", "volume_p99") == Path(
+        "r/four_cycles/intensity_volume_p99")

@@ -112,6 +112,14 @@ def fold_predictions(recipe: str, fold: int, manifest: pd.DataFrame, data_root: 
     return predict_split(predictor, rows, name, data_root, flair_alone), predictor
 
 
+def report_dir(models_root: Path, recipe: str, intensity: str) -> Path:
+    """Where ``recipe``'s CV report scored under the intensity rule ``intensity`` lives:
+    ``<recipe>/intensity_<rule>/``, or ``<recipe>/`` on raw intensities. Filed by the rule the
+    U-Nets were fed, so that a report is never paired with one scored under another rule."""
+    report = Path(models_root) / recipe
+    return report if intensity == "raw" else report / f"intensity_{intensity}"
+
+
 def mean_and_sem(patients: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
     """Mean, median and standard error of the mean of each per-patient score."""
     groups = [("all", patients)] if by is None else list(patients.groupby(by, sort=True))
@@ -342,12 +350,9 @@ def run(args: argparse.Namespace) -> int:
     if not results:
         raise FileNotFoundError(f"{args.out / recipe.name / 'models'}: no fold is trained yet")
     trained = [fold for fold in args.folds if fold not in missing]
-    report = args.out / recipe.name
-    # filed by the intensity the U-Nets were fed, whether --intensity, --rule-from's JSON or
-    # the recipe's own training chose it, so that by default a report is never paired with
-    # another scored under a different rule
-    if rule.intensity != "raw":
-        report = report / f"intensity_{rule.intensity}"
+    # the rule the U-Nets were fed, whether --intensity, --rule-from's JSON or the recipe's
+    # own training chose it
+    report = report_dir(args.out, recipe.name, rule.intensity)
     report = report / ("flair_only" if args.flair_only else "")
     if flips_differ:
         report = report / ("tta_flips" if rule.tta_flips else "no_tta_flips")

@@ -18,7 +18,7 @@ from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.cli import quiet_tensorflow
 from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig
 from bt_pipeline.data.manifest import read_manifest
-from bt_pipeline.evaluation.cv_report import standard_error
+from bt_pipeline.evaluation.cv_report import report_dir, standard_error
 from bt_pipeline.evaluation.scoring import evaluate_split
 from bt_pipeline.inference.predictor import TwoStagePredictor
 from bt_pipeline.reports import save_figure, shown_path, write_summary
@@ -101,9 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     quiet_tensorflow()
     predictor = TwoStagePredictor.load(args.classifier, args.unet)
-    intensity = predictor.unet_config.intensity
-    cv_path = args.cv_report or (Path("reports/cv") / SHIPPED_RECIPE / (
-        "" if intensity == "raw" else f"intensity_{intensity}") / "patients.csv")
+    cv_path = args.cv_report or report_dir(Path("reports/cv"), SHIPPED_RECIPE,
+                                           predictor.unet_config.intensity) / "patients.csv"
     if not cv_path.is_file():
         raise FileNotFoundError(f"{cv_path}: no cross-validation table (make cv)")
     cv = pd.read_csv(cv_path)

@@ -23,7 +23,12 @@ from bt_pipeline.cli import quiet_tensorflow
 from bt_pipeline.config import SHIPPED_UNET, DataConfig, UNetConfig, load_json
 from bt_pipeline.data.manifest import N_FOLDS, read_manifest
 from bt_pipeline.data.preprocess import read_image
-from bt_pipeline.evaluation.cv_report import baseline_classifier, fold_predictions, standard_error
+from bt_pipeline.evaluation.cv_report import (
+    baseline_classifier,
+    fold_predictions,
+    report_dir,
+    standard_error,
+)
 from bt_pipeline.evaluation.metrics import dice_score
 from bt_pipeline.evaluation.scoring import PatientPrediction, gated_volume
 from bt_pipeline.inference.predictor import TwoStagePredictor
@@ -126,8 +131,7 @@ def run(args: argparse.Namespace) -> int:
                                      Path(args.data_dir)))
     patients = pd.DataFrame(rows)
     # beside the CV report scored under the same intensity rule (bt cv --intensity)
-    out = args.cv_dir / args.recipe / ("" if rule.intensity == "raw" else
-                                       f"intensity_{rule.intensity}") / "stage1_choice"
+    out = report_dir(args.cv_dir, args.recipe, rule.intensity) / "stage1_choice"
     write_text_atomic(out / "patients.csv",
                       patients.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
     table = compare(patients)
