@@ -86,14 +86,28 @@ def read_case(scan: VolumeScan, series_roles: dict[str, str] | None = None) -> C
     """
     sources = scan.nifti if scan.nifti else _dicom_roles(scan, series_roles or {})
     volumes = {role: read_volume(path) for role, path in sources.items()}
+    flair = sources["flair"]
+    return case_on_model_grid(volumes, sources, None if flair.is_dir() else flair)
+
+
+def case_on_model_grid(volumes: dict, sources: dict[str, str | Path],
+                       flair_nifti: Path | None = None) -> CaseVolume:
+    """Volumes already read (role -> SimpleITK image; FLAIR required) onto the model grid.
+    ``sources`` names each volume in messages; ``flair_nifti`` is the FLAIR's NIfTI file, whose
+    header the written outputs reuse.
+
+    Raises:
+        VolumeReadError: naming the volume that cannot be used.
+    """
     try:
-        return _on_model_grid(volumes, sources)
+        return _on_model_grid(volumes, sources, flair_nifti)
     except RuntimeError as exc:  # SimpleITK refusing a geometry it cannot resample
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise VolumeReadError(sources["flair"], f"cannot be resampled ({reason})") from exc
 
 
-def _on_model_grid(volumes: dict, sources: dict[str, Path]) -> CaseVolume:
+def _on_model_grid(volumes: dict, sources: dict[str, str | Path],
+                   flair_nifti: Path | None) -> CaseVolume:
     import SimpleITK as sitk
 
     flair = volumes["flair"]
@@ -113,7 +127,7 @@ def _on_model_grid(volumes: dict, sources: dict[str, Path]) -> CaseVolume:
     stack = np.stack([channels[role] for role in ROLES], axis=-1)  # (k, row, column, 3)
     return CaseVolume([np.ascontiguousarray(s) for s in stack], flair, grid,
                       {role: printable(path) for role, path in sources.items()}, replaced,
-                      None if sources["flair"].is_dir() else sources["flair"])
+                      flair_nifti)
 
 
 def model_grid(oriented):
@@ -216,7 +230,14 @@ def read_volume(path: Path):
     return image
 
 
-def _check_header(path: Path, dimension: int, size, components: int) -> None:
+def check_image(name: str | Path, image) -> None:
+    """Refuse an image already in memory as :func:`read_volume` refuses a file: not 3D, not
+    scalar, or a side over the limit; ``name`` names it in the message."""
+    _check_header(name, image.GetDimension(), image.GetSize(),
+                  image.GetNumberOfComponentsPerPixel())
+
+
+def _check_header(path: str | Path, dimension: int, size, components: int) -> None:
     if dimension != 3:
         raise VolumeReadError(path, f"{dimension}D image {'x'.join(map(str, size))}; one 3D "
                               "volume per sequence is expected")
