@@ -237,3 +237,27 @@ def test_oblique_direction_is_a_rotation():
     direction = oblique_direction()
     np.testing.assert_allclose(direction @ direction.T, np.eye(3), atol=1e-12)
     assert np.linalg.det(direction) == pytest.approx(1.0)
+
+
+def test_a_flair_acquired_in_another_plane_gets_a_note(tiny_models, tmp_path, capsys):
+    """Thick sagittal slices become axial pixels 4 mm wide left-right: the run says so (and
+    still segments); axial storage of the same voxels says nothing."""
+    from bt_pipeline import segment
+    from bt_pipeline.inference.predictor import TwoStagePredictor
+
+    sagittal, _ = _blob_volume(np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], float))
+    axial, _ = _blob_volume(np.diag([-1.0, -1.0, 1.0]))
+    sitk.WriteImage(sagittal, str(tmp_path / "sag_flair.nii.gz"))
+    sitk.WriteImage(axial, str(tmp_path / "ax_flair.nii.gz"))
+    out = tmp_path / "out"
+    assert _run(tiny_models, tmp_path / "sag_flair.nii.gz", tmp_path / "ax_flair.nii.gz",
+                "--out", out) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("note: ") and "axial pixels" in line]
+    assert notes == ["note: sag: the FLAIR's axial pixels are 4.0 x 1.2 mm (left-right x "
+                     "front-back), over 2 mm left-right: acquired in another plane or at low "
+                     "resolution, so outlines along that axis are no finer than its pixels"]
+    assert len(pd.read_csv(out / "patients.csv")) == 2
+    predictor = TwoStagePredictor.load(*tiny_models)
+    assert segment(sagittal, predictor=predictor).notes == (notes[0].removeprefix("note: sag: "),)
+    assert segment(axial, predictor=predictor).notes == ()

@@ -39,6 +39,9 @@ GRID_SIDE = 256
 MIN_OVERLAP = 0.5
 #: Largest accepted volume side in voxels (a larger header is refused before decoding).
 MAX_VOXELS_PER_SIDE = 2048
+#: Axial pixel side (mm) above which a case gets a note: a FLAIR acquired as thick sagittal or
+#: coronal slices becomes axial slices that are blurred along one axis.
+COARSE_AXIAL_MM = 2.0
 
 DICOM_DESCRIPTION_TAG = "0008|103e"
 #: Words of a DICOM series description that give its role; "post" is checked first.
@@ -66,6 +69,7 @@ class CaseVolume:
     sources: dict[str, str] = field(default_factory=dict)  # role -> file or folder used
     replaced: list[str] = field(default_factory=list)  # roles filled with FLAIR
     flair_nifti: Path | None = None  # the FLAIR's file when it is NIfTI (its header is reused)
+    notes: list[str] = field(default_factory=list)  # what the user should know (stderr)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -111,7 +115,8 @@ def _on_model_grid(volumes: dict, sources: dict[str, str | Path],
     import SimpleITK as sitk
 
     flair = volumes["flair"]
-    grid = model_grid(sitk.DICOMOrient(flair, "LPS"))
+    oriented = sitk.DICOMOrient(flair, "LPS")
+    grid = model_grid(oriented)
     channels, replaced = {}, []
     for role in ROLES:
         if role not in volumes:
@@ -127,7 +132,21 @@ def _on_model_grid(volumes: dict, sources: dict[str, str | Path],
     stack = np.stack([channels[role] for role in ROLES], axis=-1)  # (k, row, column, 3)
     return CaseVolume([np.ascontiguousarray(s) for s in stack], flair, grid,
                       {role: printable(path) for role, path in sources.items()}, replaced,
-                      flair_nifti)
+                      flair_nifti, coarse_axial_notes(oriented.GetSpacing()))
+
+
+def coarse_axial_notes(spacing) -> list[str]:
+    """A note when the LPS-oriented FLAIR's axial pixels (``spacing``'s first two) exceed
+    :data:`COARSE_AXIAL_MM` along an axis."""
+    column, row = spacing[0], spacing[1]
+    coarse = [name for name, size in (("left-right", column), ("front-back", row))
+              if size > COARSE_AXIAL_MM]
+    if not coarse:
+        return []
+    return [f"the FLAIR's axial pixels are {column:.1f} x {row:.1f} mm (left-right x "
+            f"front-back), over {COARSE_AXIAL_MM:.0f} mm {' and '.join(coarse)}: acquired in "
+            "another plane or at low resolution, so outlines along that axis are no finer than "
+            "its pixels"]
 
 
 def model_grid(oriented):

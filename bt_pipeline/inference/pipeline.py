@@ -125,6 +125,8 @@ def _load_case(scan: VolumeScan, problems: list[InputProblem], series_roles):
     except VolumeReadError as exc:
         problems.append(InputProblem(exc.path, scan.patient_id, exc.reason))
         return [], None
+    for note in case.notes:
+        print(f"note: {scan.patient_id}: {note}", file=sys.stderr)
     source = Path(case.sources["flair"])
     return [LoadedSlice(k + 1, source, image, None, None, None)
             for k, image in enumerate(case.images)], case

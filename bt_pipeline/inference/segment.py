@@ -29,6 +29,8 @@ class Segmentation:
     slice_probabilities: np.ndarray
     #: The sequences given, ``pre+flair+post`` or fewer; a missing one was replaced by FLAIR.
     sequences: str
+    #: What ``infer`` would print as notes for the case (a coarse axial plane), else empty.
+    notes: tuple[str, ...] = ()
 
     @property
     def tumour_voxels(self) -> int:
@@ -100,4 +102,4 @@ def segment(flair, pre=None, post=None, *, predictor=None) -> Segmentation:
     predictor = shipped_predictor() if predictor is None else predictor
     probabilities, masks = predictor.predict(case.images)
     return Segmentation(mask_on_input_grid(masks, case), np.asarray(probabilities),
-                        case.sequences)
+                        case.sequences, tuple(case.notes))
