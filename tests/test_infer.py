@@ -383,3 +383,27 @@ def test_infer_runs_bfloat16_where_native_by_default_and_evaluate_float32():
     # README: infer's default is auto (bfloat16 only on CPUs with native support); the
     # reported test figures come from evaluate in float32, the same on every machine
     assert defaults == {"infer": "auto", "evaluate": "float32"}
+
+
+def test_save_probabilities_writes_the_maps_before_post_processing(tiny_models, synthetic_root,
+                                                                   tmp_path):
+    """probability.nii.gz: on the mask's grid, 0 on slices stage 1 did not pass, at or above
+    the threshold wherever the final mask is set; absent unless asked for."""
+    out = tmp_path / "out"
+    assert _run(tiny_models, synthetic_root, "--out", out, "--save-probabilities") == 0
+    slices = pd.read_csv(out / "slices.csv")
+    checked = 0
+    for patient, rows in slices.groupby("patient_id"):
+        probability = nib.load(out / patient / "probability.nii.gz")
+        mask = nib.load(out / patient / "mask.nii.gz")
+        assert probability.get_data_dtype() == np.float32
+        assert np.array_equal(probability.affine, mask.affine)
+        values, final = probability.get_fdata(), mask.get_fdata() > 0
+        assert values.shape == final.shape and values.min() >= 0 and values.max() <= 1
+        assert (values[final] >= 0.5).all()
+        passed = rows.sort_values("slice")["classifier_positive"].to_numpy().astype(bool)
+        assert not values[..., ~passed].any()
+        checked += int(passed.any() and values[..., passed].any())
+    assert checked > 0  # the maps are written where the U-Net ran, not all zeros
+    assert _run(tiny_models, synthetic_root, "--out", tmp_path / "plain") == 0
+    assert not list((tmp_path / "plain").rglob("probability.nii.gz"))

@@ -34,18 +34,19 @@ def predictor(tiny_models):
 
 
 def _flair_over(level):
-    """Both stages replaced by a rule (tumour where FLAIR exceeds ``level``) so that the masks
-    are not empty whatever a tiny model guesses."""
-    def predict(self, images):
-        return (np.linspace(0, 1, len(images)),
-                [(image[..., 1] > level).astype(np.uint8) for image in images])
+    """Both stages replaced by a rule (tumour where FLAIR exceeds ``level``; the maps are the
+    masks) so that the masks are not empty whatever a tiny model guesses."""
+    def predict(self, images, with_maps=False):
+        masks = [(image[..., 1] > level).astype(np.uint8) for image in images]
+        found = (np.linspace(0, 1, len(images)), masks)
+        return (*found, [m.astype(np.float32) for m in masks]) if with_maps else found
     return predict
 
 
-def _infer(tiny_models, folder, out):
+def _infer(tiny_models, folder, out, *options):
     classifier, unet = tiny_models
     assert main([str(folder), "--out", str(out), "--classifier", str(classifier),
-                 "--unet", str(unet), "--quiet"]) == 0
+                 "--unet", str(unet), "--quiet", *options]) == 0
 
 
 def test_segment_gives_infers_mask_and_probabilities(case, predictor, tiny_models, tmp_path,
@@ -63,7 +64,7 @@ def test_segment_gives_infers_mask_and_probabilities(case, predictor, tiny_model
 
     monkeypatch.setattr(TwoStagePredictor, "predict", _flair_over(150))
     found = segment(files["flair"], files["pre"], files["post"], predictor=predictor)
-    _infer(tiny_models, files["flair"].parent, tmp_path / "rule")
+    _infer(tiny_models, files["flair"].parent, tmp_path / "rule", "--save-probabilities")
     written = sitk.ReadImage(str(tmp_path / "rule" / "c1" / "mask.nii.gz"))
     mask = sitk.GetArrayFromImage(found.mask)
     assert mask.sum() > 0  # not two empty masks compared
@@ -73,6 +74,10 @@ def test_segment_gives_infers_mask_and_probabilities(case, predictor, tiny_model
     np.testing.assert_allclose(found.mask.GetSpacing(), flair.GetSpacing())
     np.testing.assert_allclose(found.mask.GetOrigin(), flair.GetOrigin())
     np.testing.assert_allclose(found.mask.GetDirection(), flair.GetDirection())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(found.probability) >= 0.5, mask)
+    written = sitk.ReadImage(str(tmp_path / "rule" / "c1" / "probability.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(found.probability),
+                                  sitk.GetArrayFromImage(written))
     patients = pd.read_csv(tmp_path / "rule" / "patients.csv")
     assert found.tumour_voxels == patients.loc[0, "tumor_pixels"]
     assert found.tumour_volume_ml == pytest.approx(patients.loc[0, "tumor_volume_ml"], abs=1e-4)

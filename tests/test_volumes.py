@@ -261,3 +261,33 @@ def test_a_flair_acquired_in_another_plane_gets_a_note(tiny_models, tmp_path, ca
     predictor = TwoStagePredictor.load(*tiny_models)
     assert segment(sagittal, predictor=predictor).notes == (notes[0].removeprefix("note: sag: "),)
     assert segment(axial, predictor=predictor).notes == ()
+
+
+def test_save_probabilities_on_a_volume_lands_on_the_masks_grid(tiny_models, patient_256,
+                                                               tmp_path, monkeypatch):
+    """An oblique NIfTI case: probability.nii.gz has the mask's header to the last bit, and the
+    resampled probabilities cut at 0.5 give the written mask (the stand-in's maps are its
+    masks)."""
+    import nibabel as nib
+
+    from bt_pipeline.inference.predictor import TwoStagePredictor
+
+    rule = _flair_over(150)
+
+    def with_maps(self, images, with_maps=False):
+        probabilities, masks = rule(self, images)
+        return (probabilities, masks, [m.astype(np.float32) for m in masks]) if with_maps \
+            else (probabilities, masks)
+
+    monkeypatch.setattr(TwoStagePredictor, "predict", with_maps)
+    write_nifti_case(patient_slices(patient_256), tmp_path / "cases" / "c1", "c1")
+    out = tmp_path / "out"
+    assert _run(tiny_models, tmp_path / "cases", "--out", out, "--save-probabilities") == 0
+    mask = nib.load(out / "c1" / "mask.nii.gz")
+    probability = nib.load(out / "c1" / "probability.nii.gz")
+    assert probability.get_data_dtype() == np.float32
+    assert np.array_equal(probability.affine, mask.affine)
+    assert probability.header.get_zooms() == mask.header.get_zooms()
+    final = mask.get_fdata() > 0
+    assert final.any()
+    np.testing.assert_array_equal(probability.get_fdata() >= 0.5, final)

@@ -206,13 +206,23 @@ def mask_on_input_grid(masks: list[np.ndarray], case: CaseVolume):
     FLAIR's grid (its exact size, spacing, origin and direction)."""
     import SimpleITK as sitk
 
-    on_grid = sitk.GetImageFromArray(np.stack(masks).astype(np.float32))
-    on_grid.CopyInformation(case.grid)
-    back = sitk.Resample(on_grid, case.flair, sitk.Transform(), sitk.sitkLinear, 0.0,
-                         sitk.sitkFloat32)
+    back = probability_on_input_grid(masks, case)
     mask = sitk.Cast(sitk.BinaryThreshold(back, 0.5, 2.0, 1, 0), sitk.sitkUInt8)
     mask.CopyInformation(case.flair)
     return mask
+
+
+def probability_on_input_grid(maps: list[np.ndarray], case: CaseVolume):
+    """Values in [0, 1] on the model grid (probabilities, or a mask) resampled linearly onto
+    the input FLAIR's grid: a float32 SimpleITK image, 0 outside the model grid."""
+    import SimpleITK as sitk
+
+    on_grid = sitk.GetImageFromArray(np.stack(maps).astype(np.float32))
+    on_grid.CopyInformation(case.grid)
+    back = sitk.Resample(on_grid, case.flair, sitk.Transform(), sitk.sitkLinear, 0.0,
+                         sitk.sitkFloat32)
+    back.CopyInformation(case.flair)
+    return back
 
 
 def read_volume(path: Path):

@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--series", action="append", default=[], metavar="ROLE=TEXT",
                         help="DICOM: the series whose description contains TEXT is ROLE (pre, "
                              "flair or post); repeatable; before the built-in words")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="also write each patient's probability.nii.gz: the U-Net's "
+                             "probabilities before post-processing, 0 on slices stage 1 did not "
+                             "pass")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--timing", type=Path, default=None,
                         help="write wall-clock timings as JSON here (for benchmarks)")
@@ -54,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_inference(args.scan_dirs, out, predictor, progress=not args.quiet,
                                spacing=None if args.spacing is None else tuple(args.spacing),
-                               options=_recorded_options(args), series_roles=series_roles)
+                               options=_recorded_options(args), series_roles=series_roles,
+                               save_probabilities=args.save_probabilities)
     except OSError as exc:
         print(f"error: cannot write outputs: {exc}", file=sys.stderr)
         return 2

@@ -124,39 +124,54 @@ def write_mask_volume(path: str | os.PathLike, masks: list[np.ndarray],
     _write_volume(path, [(m > 0).astype(np.uint8) for m in masks], spacing)
 
 
+def write_probability_volume(path: str | os.PathLike, maps: list[np.ndarray],
+                             spacing: tuple[float, float, float] | None = None) -> None:
+    """The U-Net's probability maps before post-processing as a float32 NIfTI volume on the
+    masks' grid."""
+    _write_volume(path, [m.astype(np.float32) for m in maps], spacing)
+
+
 def write_image_volume(path: str | os.PathLike, images: list[np.ndarray],
                        spacing: tuple[float, float, float] | None = None) -> None:
     """The FLAIR channel of the patient's slices as a uint8 NIfTI volume on the masks' grid."""
     _write_volume(path, [np.ascontiguousarray(image[..., FLAIR]) for image in images], spacing)
 
 
-def write_on_input_grid(folder: Path, masks: list[np.ndarray], case) -> int:
+def write_on_input_grid(folder: Path, masks: list[np.ndarray], case,
+                        maps: list[np.ndarray] | None = None) -> int:
     """A volume case's outputs on its input's grid: ``mask.nii.gz`` (uint8 {0, 1}) with the
-    input FLAIR's exact size, spacing, origin and direction, and ``image.nii.gz``, that FLAIR.
-    A NIfTI FLAIR lends its own header to both, so any reader finds the same geometry in input
-    and mask to the last bit; a DICOM series becomes NIfTI (as nnU-Net writes it), whose header
-    holds the geometry in float32. Returns the mask's voxel count."""
+    input FLAIR's exact size, spacing, origin and direction, and ``image.nii.gz``, that FLAIR;
+    given ``maps``, also ``probability.nii.gz`` (float32). A NIfTI FLAIR lends its own header
+    to all, so any reader finds the same geometry in input and outputs to the last bit; a
+    DICOM series becomes NIfTI (as nnU-Net writes it), whose header holds the geometry in
+    float32. Returns the mask's voxel count."""
     import SimpleITK as sitk
 
-    from bt_pipeline.data.volumes import mask_on_input_grid
+    from bt_pipeline.data.volumes import mask_on_input_grid, probability_on_input_grid
 
-    mask = mask_on_input_grid(masks, case)
-    values = sitk.GetArrayFromImage(mask)  # (k, j, i)
+    outputs = {"mask.nii.gz": mask_on_input_grid(masks, case)}
+    if maps is not None:
+        outputs["probability.nii.gz"] = probability_on_input_grid(maps, case)
     if case.flair_nifti is not None:
         source = nib.load(case.flair_nifti)
-        header = source.header.copy()
-        header.set_data_dtype(np.uint8)
-        header.set_slope_inter(1.0, 0.0)
-        out = nib.Nifti1Image(values.transpose(2, 1, 0), source.affine, header)
-        write_with(folder / "mask.nii.gz", lambda tmp: nib.save(out, str(tmp)), suffix=".nii.gz")
+        for name, image in outputs.items():
+            values = sitk.GetArrayFromImage(image)  # (k, j, i)
+            header = source.header.copy()
+            header.set_data_dtype(values.dtype)
+            header.set_slope_inter(1.0, 0.0)
+            out = nib.Nifti1Image(values.transpose(2, 1, 0), source.affine, header)
+            write_with(folder / name, lambda tmp, out=out: nib.save(out, str(tmp)),
+                       suffix=".nii.gz")
         write_with(folder / "image.nii.gz", lambda tmp: nib.save(source, str(tmp)),
                    suffix=".nii.gz")
     else:
-        write_with(folder / "mask.nii.gz", lambda tmp: sitk.WriteImage(mask, str(tmp), True),
-                   suffix=".nii.gz")
+        for name, image in outputs.items():
+            write_with(folder / name, lambda tmp, image=image: sitk.WriteImage(image, str(tmp),
+                                                                               True),
+                       suffix=".nii.gz")
         write_with(folder / "image.nii.gz",
                    lambda tmp: sitk.WriteImage(case.flair, str(tmp), True), suffix=".nii.gz")
-    return int(values.sum())
+    return int(sitk.GetArrayViewFromImage(outputs["mask.nii.gz"]).sum())
 
 
 def write_html_report(path: Path, patients: pd.DataFrame, problems: pd.DataFrame,

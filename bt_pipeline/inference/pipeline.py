@@ -37,6 +37,7 @@ from bt_pipeline.inference.outputs import (
     write_mask_volume,
     write_on_input_grid,
     write_overview,
+    write_probability_volume,
     write_viewer,
 )
 
@@ -135,7 +136,7 @@ def _load_case(scan: VolumeScan, problems: list[InputProblem], series_roles):
 def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilities, masks,
                    threshold, pool: ThreadPoolExecutor,
                    spacing: tuple[float, float, float] | None, case=None,
-                   learnt_from: bool = False):
+                   learnt_from: bool = False, maps=None):
     folder = out / scan.patient_id
     images, numbers = [s.image for s in slices], [s.number for s in slices]
     truths = [s.truth for s in slices]
@@ -146,11 +147,13 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
             folder / f"{printable(pair[0].image_path.stem)}_mask.png", pair[1]),
             zip(slices, masks, strict=True)))
         write_mask_volume(folder / "mask.nii.gz", masks, spacing)
+        if maps is not None:
+            write_probability_volume(folder / "probability.nii.gz", maps, spacing)
         write_image_volume(folder / "image.nii.gz", images, spacing)
         pixels = int(sum(int(m.sum()) for m in masks))
         sequences = "+".join(r for r in ROLES if r not in replaced_sequences(images))
     else:  # a volume in: the mask goes back onto its grid, the spacing is its header's
-        pixels = write_on_input_grid(folder, masks, case)
+        pixels = write_on_input_grid(folder, masks, case, maps)
         spacing, sequences = case.spacing, case.sequences
     write_overview(folder / "overview.png", images, masks, truths if has_truth else None,
                    numbers)
@@ -193,12 +196,14 @@ def tumour_volume_ml(pixels: int, spacing: tuple[float, float, float] | None) ->
 def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = True,
                   report=print, spacing: tuple[float, float, float] | None = None,
                   options: dict | None = None,
-                  series_roles: dict[str, str] | None = None) -> InferenceResult:
+                  series_roles: dict[str, str] | None = None,
+                  save_probabilities: bool = False) -> InferenceResult:
     """Run both stages over every patient found in ``scan_dirs`` and write the outputs into
     ``out`` as one run (see :mod:`output_folder`). ``spacing`` is the voxel size (x, y, z) in
     mm of slice folders, when known, for tumour volumes (volumes carry their own);
     ``series_roles`` picks DICOM series by description (:func:`volumes.read_case`);
-    ``options`` are recorded in ``run.json``."""
+    ``save_probabilities`` adds each patient's ``probability.nii.gz``; ``options`` are recorded
+    in ``run.json``."""
     folder = OutputFolder(out)
     patients, problems = scan_inputs(scan_dirs)
     check_no_overlap(folder.out, [*scan_dirs, *(path for scan in patients for path in (
@@ -209,7 +214,7 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
     started = time.time()
     with folder, _sigterm_as_interrupt():
         result = _run_patients(patients, problems, folder.staging, predictor, progress, spacing,
-                               series_roles)
+                               series_roles, save_probabilities)
         if result.patients.empty:  # nothing processed: an earlier OUT stays as it was
             if result.interrupted:
                 raise KeyboardInterrupt
@@ -240,7 +245,8 @@ def _sequence_note(patient: dict, predictor) -> str:
 
 def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[InputProblem],
                   out: Path, predictor, progress: bool, spacing,
-                  series_roles: dict[str, str] | None = None) -> InferenceResult:
+                  series_roles: dict[str, str] | None = None,
+                  save_probabilities: bool = False) -> InferenceResult:
     """Both stages over each patient, outputs into ``out``; stops early (``interrupted``) on
     Ctrl-C or SIGTERM, keeping what was finished.
 
@@ -287,11 +293,16 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
                     print(problem.line(), file=sys.stderr)
                 if not slices:
                     continue
-                probabilities, masks = predictor.predict([s.image for s in slices])
+                images = [s.image for s in slices]
+                if save_probabilities:
+                    probabilities, masks, maps = predictor.predict(images, with_maps=True)
+                else:
+                    (probabilities, masks), maps = predictor.predict(images), None
                 finish_pending()
                 pending = writer.submit(
                     write, out, scan, slices, probabilities, masks, threshold, pool,
-                    spacing, case, learnt_from=scan.patient_id in predictor.trained_on_patients)
+                    spacing, case, learnt_from=scan.patient_id in predictor.trained_on_patients,
+                    maps=maps)
             finish_pending()
         except KeyboardInterrupt:
             interrupted = True

@@ -309,11 +309,13 @@ class TwoStagePredictor:
             to_grid(prob, images[i].shape[0], images[i].shape[1])
             for prob, i in zip(maps, chosen, strict=True)]
 
-    def predict(self, images: list[np.ndarray]):
+    def predict(self, images: list[np.ndarray], with_maps: bool = False):
         """Both stages on one volume's uint8 RGB slices, in slice order.
 
         Returns ``(probabilities, masks)``: P(tumour) per slice and a uint8 {0, 1} mask per
-        slice at its own size, empty where the classifier says no tumour.
+        slice at its own size, empty where the classifier says no tumour. ``with_maps`` adds a
+        third item: the U-Net's float32 probability map per slice before post-processing, 0
+        where the classifier let the slice not through.
         """
         if self._shared is not None and images:
             probabilities, chosen, found = self._through_shared_trunk(images)
@@ -325,8 +327,13 @@ class TwoStagePredictor:
         for index, prob in zip(chosen, found, strict=True):
             maps[index] = prob
         masks = self.volume_masks(maps, gate_probabilities=probabilities)
-        return probabilities, [m if m is not None else np.zeros(image.shape[:2], np.uint8)
-                               for m, image in zip(masks, images, strict=True)]
+        masks = [m if m is not None else np.zeros(image.shape[:2], np.uint8)
+                 for m, image in zip(masks, images, strict=True)]
+        if not with_maps:
+            return probabilities, masks
+        return probabilities, masks, [
+            m.astype(np.float32) if m is not None else np.zeros(image.shape[:2], np.float32)
+            for m, image in zip(maps, images, strict=True)]
 
 
 def to_grid(probability: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -25,6 +25,9 @@ class Segmentation:
 
     #: uint8 {0, 1} SimpleITK image on the input FLAIR's grid (size, spacing, origin, direction).
     mask: object
+    #: float32 SimpleITK image on the same grid: the U-Net's probabilities before
+    #: post-processing, 0 on slices stage 1 did not pass.
+    probability: object
     #: Stage 1's P(tumour) per axial slice of the model grid, inferior to superior.
     slice_probabilities: np.ndarray
     #: The sequences given, ``pre+flair+post`` or fewer; a missing one was replaced by FLAIR.
@@ -77,6 +80,7 @@ def segment(flair, pre=None, post=None, *, predictor=None) -> Segmentation:
         case_on_model_grid,
         check_image,
         mask_on_input_grid,
+        probability_on_input_grid,
         read_volume,
     )
 
@@ -100,6 +104,6 @@ def segment(flair, pre=None, post=None, *, predictor=None) -> Segmentation:
                                   "a path is expected")
     case = case_on_model_grid(volumes, sources)
     predictor = shipped_predictor() if predictor is None else predictor
-    probabilities, masks = predictor.predict(case.images)
-    return Segmentation(mask_on_input_grid(masks, case), np.asarray(probabilities),
-                        case.sequences, tuple(case.notes))
+    probabilities, masks, maps = predictor.predict(case.images, with_maps=True)
+    return Segmentation(mask_on_input_grid(masks, case), probability_on_input_grid(maps, case),
+                        np.asarray(probabilities), case.sequences, tuple(case.notes))
