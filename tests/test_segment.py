@@ -1,4 +1,4 @@
-"""``bt_pipeline.segment``: one case in memory gives what ``infer`` writes for it."""
+"""``segment``: one case in memory gives what ``infer`` writes for it."""
 
 import numpy as np
 import pandas as pd
@@ -51,8 +51,8 @@ def _infer(tiny_models, folder, out, *options):
 
 def test_segment_gives_infers_mask_and_probabilities(case, predictor, tiny_models, tmp_path,
                                                      monkeypatch):
-    from bt_pipeline import segment
     from bt_pipeline.inference.predictor import TwoStagePredictor
+    from bt_pipeline.inference.segment import segment
 
     _, files = case
     found = segment(files["flair"], files["pre"], files["post"], predictor=predictor)
@@ -85,8 +85,8 @@ def test_segment_gives_infers_mask_and_probabilities(case, predictor, tiny_model
 
 def test_images_in_memory_and_their_files_give_one_answer(case, predictor, tmp_path,
                                                           monkeypatch):
-    from bt_pipeline import segment
     from bt_pipeline.inference.predictor import TwoStagePredictor
+    from bt_pipeline.inference.segment import segment
 
     images, files = case
     monkeypatch.setattr(TwoStagePredictor, "predict", _flair_over(150))
@@ -102,7 +102,7 @@ def test_images_in_memory_and_their_files_give_one_answer(case, predictor, tmp_p
 
 
 def test_bad_input_is_one_error_naming_it(case, predictor, tmp_path):
-    from bt_pipeline import segment
+    from bt_pipeline.inference.segment import segment
 
     _, files = case
     flat = sitk.Image(64, 64, sitk.sitkInt16)
@@ -117,13 +117,3 @@ def test_bad_input_is_one_error_naming_it(case, predictor, tmp_path):
     with pytest.raises(VolumeReadError, match=r"<pre image>: covers under 50%"):
         segment(files["flair"], pre=far, predictor=predictor)
 
-
-def test_importing_the_package_loads_no_tensorflow():
-    import subprocess
-    import sys
-
-    code = ("import sys, bt_pipeline; assert callable(bt_pipeline.__getattr__); "
-            "print('tensorflow' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
-    assert result.stdout.strip() == "False"

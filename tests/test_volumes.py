@@ -242,8 +242,8 @@ def test_oblique_direction_is_a_rotation():
 def test_a_flair_acquired_in_another_plane_gets_a_note(tiny_models, tmp_path, capsys):
     """Thick sagittal slices become axial pixels 4 mm wide left-right: the run says so (and
     still segments); axial storage of the same voxels says nothing."""
-    from bt_pipeline import segment
     from bt_pipeline.inference.predictor import TwoStagePredictor
+    from bt_pipeline.inference.segment import segment
 
     sagittal, _ = _blob_volume(np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], float))
     axial, _ = _blob_volume(np.diag([-1.0, -1.0, 1.0]))

@@ -314,8 +314,8 @@ class TwoStagePredictor:
 
         Returns ``(probabilities, masks)``: P(tumour) per slice and a uint8 {0, 1} mask per
         slice at its own size, empty where the classifier says no tumour. ``with_maps`` adds a
-        third item: the U-Net's float32 probability map per slice before post-processing, 0
-        where the classifier let the slice not through.
+        third item: the U-Net's float32 probability map per slice before post-processing, 0 on
+        slices the classifier did not pass.
         """
         if self._shared is not None and images:
             probabilities, chosen, found = self._through_shared_trunk(images)
