@@ -9,6 +9,7 @@ volumes in memory, or a notebook.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bt_pipeline.data.layout import ROLES
+from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
 
 
 @dataclass(frozen=True)
@@ -49,15 +51,11 @@ class Segmentation:
 
 @functools.cache
 def shipped_predictor():
-    """The shipped models, loaded once per process, in bfloat16 where the CPU computes it
-    natively (``infer``'s ``--precision auto``)."""
-    from bt_pipeline.cli import quiet_tensorflow
-
-    quiet_tensorflow()
-    from bt_pipeline.inference.predictor import TwoStagePredictor
-    from bt_pipeline.models.precision import cpu_has_bfloat16
-
-    return TwoStagePredictor.load(bfloat16=cpu_has_bfloat16())
+    """The models ``infer`` runs by default (the shipped ones, ``--precision auto``), loaded
+    once per process."""
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser, precision="auto")
+    return load_predictor(parser.parse_args([]))
 
 
 def segment(flair, pre=None, post=None, *, predictor=None) -> Segmentation:
