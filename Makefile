@@ -32,7 +32,7 @@ EXP_EPOCHS_OPTIONS ?= 15
 EXP_IMAGE_SIZE ?= 64
 EXP_BASE_FILTERS ?= 8
 
-.PHONY: install data manifest eda test test-quick test-slow lint tune cv-gates tune-classifier stage1-choice fit-gap tune-distributed \
+.PHONY: install data manifest brain-masks eda test test-quick test-slow lint tune cv-gates tune-classifier stage1-choice fit-gap tune-distributed \
         train-unet postprocess cv demo screenshot evaluate roundtrip radiogenomics experiments bench bench-loader \
         bench-infer bench-widths clean
 
@@ -60,6 +60,11 @@ data: install
 
 manifest: install
 	$(PY) -m bt_pipeline manifest --data-dir $(KAGGLE_ROOT) --out data_manifest.csv
+
+# A brain mask for every patient (committed): the skull-strip augmentation and the stripped
+# cross-validation read them.
+brain-masks: install
+	$(PY) -m bt_pipeline brain-masks --data-dir $(KAGGLE_ROOT)
 
 eda: install
 	$(PY) -m bt_pipeline eda --data-dir $(KAGGLE_ROOT) --out reports/eda

@@ -37,6 +37,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "manifest": ("bt_pipeline.data.manifest", "_manifest",
                  "(re)write the slice manifest with its patient split and folds"),
     "patients": ("bt_pipeline.data.manifest", "_patients", "patient folders of one split"),
+    "brain-masks": ("bt_pipeline.data.brain_masks", "_brain_masks",
+                    "a brain mask for every patient (skull-strip augmentation, stripped CV) "
+                    "-> reports/brain_masks"),
     "experiments": ("bt_pipeline.studies.experiments", "",
                     "the reference study's tables and the next-step options"),
     "bench": ("bt_pipeline.studies.bench", "",

@@ -86,6 +86,15 @@ class DataConfig:
     # centred like the area-resized image, so boundaries survive the trip down and back up).
     mask_resize: str = "area"
     cache_dir: str = ".cache/bt_pipeline"
+    # Skull-strip augmentation (data.brain_mask): each training slice is drawn from its
+    # volume with everything outside the brain mask set to 0, as skull-stripped (BraTS-style)
+    # data are, with this probability; each volume's mask eroded or dilated in-plane by up to
+    # strip_morph_px pixels of image_size (drawn once per volume), and the intensity rule
+    # computed on the stripped volume, as inference computes it. brain_masks: the committed
+    # masks (make brain-masks).
+    skull_strip_p: float = 0.0
+    strip_morph_px: int = 3
+    brain_masks: str = "reports/brain_masks/brain_masks.npz"
 
     @property
     def channels(self) -> int:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from bt_pipeline.atomic import write_with
 from bt_pipeline.config import DataConfig
 from bt_pipeline.data.augment import augment_batch
+from bt_pipeline.data.brain_mask import load_masks, morphed, resized_mask, strip
 from bt_pipeline.data.preprocess import load_mask, load_slice, standardise_volume, with_context
 
 _CACHE_VERSION = 1  # bump when preprocessing changes, to invalidate disk caches
@@ -41,6 +42,8 @@ class SplitArrays:
     masks: np.ndarray  # float32 (N, S, S, 1) in {0, 1}
     labels: np.ndarray  # float32 (N,) 1 = tumour on the slice
     rows: pd.DataFrame  # the manifest rows, index reset
+    # the same slices skull-stripped (DataConfig.skull_strip_p > 0), else None
+    stripped: np.ndarray | None = None
 
 
 def _cache_key(paths: list[Path], image_size: int) -> str:
@@ -97,6 +100,7 @@ def load_rows(rows: pd.DataFrame, config: DataConfig) -> SplitArrays:
                     [root / p for p in rows["mask"]], config.image_size, config.cache_dir,
                     f"masks-{config.mask_resize}")
     labels = rows["has_tumor"].to_numpy(dtype=np.float32)
+    stripped = _stripped(images, rows, config) if config.skull_strip_p > 0 else None
     if config.intensity != "raw":
         # in place: ``images`` is this call's own array (the disk cache holds the slices
         # before the volume rule, and is not touched)
@@ -105,7 +109,32 @@ def load_rows(rows: pd.DataFrame, config: DataConfig) -> SplitArrays:
             images[order] = standardise_volume(images[order], config.intensity)
     if config.context_slices > 0:
         images = _stack_context(images, rows, config.context_slices)
-    return SplitArrays(images=images, masks=masks, labels=labels, rows=rows)
+        if stripped is not None:
+            stripped = _stack_context(stripped, rows, config.context_slices)
+    return SplitArrays(images=images, masks=masks, labels=labels, rows=rows, stripped=stripped)
+
+
+def _stripped(images: np.ndarray, rows: pd.DataFrame, config: DataConfig) -> np.ndarray:
+    """Every slice of ``images`` (before the intensity rule) with its volume's skull removed
+    by the patient's brain mask, the mask eroded or dilated by a per-volume draw of up to
+    ``config.strip_morph_px`` pixels, then the volume's intensity rule applied to the stripped
+    volume: what a skull-stripped scan of that patient gives inference."""
+    masks = load_masks(config.brain_masks)
+    rng = np.random.default_rng(config.seed)
+    out = np.empty_like(images)
+    for patient, group in rows.groupby("patient_id", sort=True):
+        order = group.sort_values("slice").index.to_numpy()
+        if patient not in masks:
+            raise ValueError(f"{config.brain_masks}: no brain mask for patient {patient} "
+                             "(make brain-masks)")
+        mask = resized_mask(masks[patient], config.image_size)
+        if len(mask) != len(order):
+            raise ValueError(f"{config.brain_masks}: patient {patient}'s brain mask has "
+                             f"{len(mask)} slices, the manifest {len(order)}")
+        pixels = int(rng.integers(-config.strip_morph_px, config.strip_morph_px + 1))
+        out[order] = standardise_volume(strip(images[order], morphed(mask, pixels)),
+                                        config.intensity)
+    return out
 
 
 def _stack_context(images: np.ndarray, rows: pd.DataFrame, context_slices: int) -> np.ndarray:
@@ -150,15 +179,35 @@ def unet_dataset(arrays: SplitArrays, config: DataConfig, training: bool) -> tf.
                  .take(n_negative))
     indices = tf.data.Dataset.from_tensor_slices(positive).concatenate(negatives)
     images, masks = tf.constant(arrays.images), tf.constant(arrays.masks)
+    if arrays.stripped is not None and config.skull_strip_p > 0:
+        indices, images = _strip_draws(indices, arrays, config)
     # Gather whole batches of indices at once: one gather per batch, not per slice.
     dataset = (indices.shuffle(len(positive) + n_negative, seed=config.seed + 1,
                                reshuffle_each_iteration=True)
                .batch(config.batch_size)
-               .map(lambda i: (tf.gather(images, i), tf.gather(masks, i)),
+               .map(lambda i: (tf.gather(images, i),
+                               tf.gather(masks, tf.math.floormod(i, len(arrays.masks)))),
                     num_parallel_calls=tf.data.AUTOTUNE))
     if config.augment:
         dataset = _augment_batches(dataset, config, with_mask=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _strip_draws(indices: tf.data.Dataset, arrays: SplitArrays, config: DataConfig):
+    """Indices into the slices followed by their stripped copies: each index drawn (seeded,
+    anew every epoch) to its stripped copy with probability ``config.skull_strip_p``; the mask
+    of a slice is the same either way."""
+    n = len(arrays.images)
+    draws = tf.data.Dataset.random(seed=config.seed + 2, rerandomize_each_iteration=True)
+    threshold = int(round(config.skull_strip_p * 2**20))
+
+    def pick(index, draw):
+        use_stripped = tf.cast(tf.math.floormod(draw, 2**20) < threshold, tf.int64)
+        return tf.cast(index, tf.int64) + use_stripped * n
+
+    picked = tf.data.Dataset.zip((indices, draws)).map(pick)
+    both = tf.constant(np.concatenate([arrays.images, arrays.stripped]))
+    return picked, both
 
 
 def _augment_batches(dataset: tf.data.Dataset, config: DataConfig, with_mask: bool):
