@@ -32,7 +32,7 @@ EXP_EPOCHS_OPTIONS ?= 15
 EXP_IMAGE_SIZE ?= 64
 EXP_BASE_FILTERS ?= 8
 
-.PHONY: install data manifest brain-masks eda test test-quick test-slow lint tune cv-gates tune-classifier stage1-choice fit-gap tune-distributed \
+.PHONY: install data manifest brain-masks external eda test test-quick test-slow lint tune cv-gates tune-classifier stage1-choice fit-gap tune-distributed \
         train-unet postprocess cv demo screenshot evaluate roundtrip radiogenomics experiments bench bench-loader \
         bench-infer bench-widths clean
 
@@ -202,6 +202,13 @@ evaluate: install
 	$(PY) -m bt_pipeline evaluate --data-dir $(KAGGLE_ROOT) --splits test
 	$(PY) -m bt_pipeline evaluate --data-dir $(KAGGLE_ROOT) --splits test --flair-only \
 		--out reports/evaluation/flair_only
+
+# Labelled BraTS-style cases (folders of CASE_flair, _t1, _t1ce, _seg NIfTI files) through
+# the shipped models, whole-tumour Dice per case, all sequences and FLAIR alone
+# -> reports/external/<folder name>/ (docs/external.md: the BraTS 2015 development cases).
+EXTERNAL_DIR ?= external/brats2015_dev
+external: install
+	$(PY) -m bt_pipeline external $(EXTERNAL_DIR)
 
 # Test patients written as NIfTI and DICOM (oblique, int16), through infer, masks compared with
 # the slice-folder run's -> reports/roundtrip/.

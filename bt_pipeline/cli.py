@@ -29,6 +29,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "detect and outline tumours in scan folders (per-patient masks and reports)"),
     "evaluate": ("bt_pipeline.evaluation.evaluate", "",
                  "score the shipped models on the val/test patients -> reports/evaluation"),
+    "external": ("bt_pipeline.evaluation.external", "",
+                 "score labelled BraTS-style cases (CASE_flair, _t1, _t1ce, _seg) in 3D "
+                 "-> reports/external"),
     "cv": ("bt_pipeline.evaluation.cv_report", "",
            "5-fold cross-validation over the development patients -> reports/cv"),
     "tune": ("bt_pipeline.training.tune", "",

@@ -189,6 +189,10 @@ class UNetConfig(_ModelInput):
     min_component_pixels: int = 0
     keep_largest_3d: bool = False
     largest_3d_by: str = "voxels"
+    # With keep_largest_3d: every 3D component at least this share of the largest's size is
+    # kept too (1 = the largest alone), so that a tumour the U-Net outlines in fragments is not
+    # cut down to its largest piece.
+    component_share: float = 1.0
     # Inference options: average with the left-right mirrored slice; more U-Nets (files beside
     # this model, same input size) whose probabilities are averaged with this one's.
     tta_flips: bool = False

@@ -25,6 +25,7 @@ import pandas as pd
 from bt_pipeline.atomic import write_text_atomic, write_with
 from bt_pipeline.cli import UsageError, keras_verbosity, quiet_tensorflow
 from bt_pipeline.config import SHIPPED_UNET, DataConfig, GateConfig, UNetConfig, load_json
+from bt_pipeline.data.brain_mask import load_masks
 from bt_pipeline.data.manifest import N_FOLDS, read_manifest
 from bt_pipeline.data.preprocess import INTENSITY_RULES
 from bt_pipeline.evaluation.evaluate import by_slice_level
@@ -80,7 +81,8 @@ def postprocessed_as(config: UNetConfig, rule: UNetConfig) -> UNetConfig:
     """``config`` with ``rule``'s post-processing."""
     return dataclasses.replace(config, min_component_pixels=rule.min_component_pixels,
                                keep_largest_3d=rule.keep_largest_3d,
-                               largest_3d_by=rule.largest_3d_by)
+                               largest_3d_by=rule.largest_3d_by,
+                               component_share=rule.component_share)
 
 
 def baseline_classifier(models_root: Path) -> Path:
@@ -90,26 +92,28 @@ def baseline_classifier(models_root: Path) -> Path:
 
 
 def score_fold(recipe: str, fold: int, manifest: pd.DataFrame, data_root: str,
-               models_root: Path, classifier: Path, rule: UNetConfig, flair_alone: bool = False):
+               models_root: Path, classifier: Path, rule: UNetConfig, flair_alone: bool = False,
+               brain_masks: dict | None = None):
     """Per-patient and per-slice tables of fold ``fold``'s held-out patients, their
     predictions and the fold's predictor."""
     predictions, predictor = fold_predictions(recipe, fold, manifest, data_root, models_root,
-                                              classifier, rule, flair_alone)
+                                              classifier, rule, flair_alone, brain_masks)
     return (*score_split(predictor, predictions, f"fold{fold}"), predictions, predictor)
 
 
 def fold_predictions(recipe: str, fold: int, manifest: pd.DataFrame, data_root: str,
                      models_root: Path, classifier: Path, rule: UNetConfig,
-                     flair_alone: bool = False):
+                     flair_alone: bool = False, brain_masks: dict | None = None):
     """Fold ``fold``'s predictor (its U-Net, gated by its own gate where it has one, else by
-    ``classifier``) and its predictions for the fold's held-out patients."""
+    ``classifier``) and its predictions for the fold's held-out patients (skull-stripped by
+    ``brain_masks`` when given)."""
     _, held_out = fold_patients(manifest, fold)
     name = f"fold{fold}"
     rows = manifest[manifest["patient_id"].isin(held_out)].assign(split=name)
     gate = fold_gate(models_root, recipe, fold)
     predictor = load_under_rule(gate if gate.is_file() else classifier,
                                 fold_model(models_root, recipe, fold), rule)
-    return predict_split(predictor, rows, name, data_root, flair_alone), predictor
+    return predict_split(predictor, rows, name, data_root, flair_alone, brain_masks), predictor
 
 
 def report_dir(models_root: Path, recipe: str, intensity: str) -> Path:
@@ -274,6 +278,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flair-only", action="store_true",
                         help="score FLAIR-only input (FLAIR in all three channels) into "
                              "<recipe>/flair_only/")
+    parser.add_argument("--stripped", action="store_true",
+                        help="score every held-out volume skull-stripped by its brain mask "
+                             "(make brain-masks) into <report>/stripped/")
+    parser.add_argument("--brain-masks", type=Path, default=Path(DataConfig.brain_masks),
+                        help="with --stripped: the masks")
     parser.add_argument("--precision", default="auto", choices=TRAINING_PRECISIONS,
                         help="training compute; auto = mixed_bfloat16 where the CPU multiplies "
                              "bfloat16 natively (AVX512-BF16 or AMX), else float32 (emulated "
@@ -322,9 +331,10 @@ def run(args: argparse.Namespace) -> int:
                            suffix=target.suffix)
             print(f"shipped: {args.ship_to}")
         return 0
-    if args.write_postprocessing is not None and args.flair_only:
-        raise UsageError("--write-postprocessing chooses for three-channel input: drop "
-                         "--flair-only")
+    if args.write_postprocessing is not None and (args.flair_only or args.stripped):
+        raise UsageError("--write-postprocessing chooses for three-channel input with skull: "
+                         "drop --flair-only and --stripped")
+    brain_masks = load_masks(args.brain_masks) if args.stripped else None
     rule = load_json(args.rule_from.with_suffix(".json"), UNetConfig)
     if args.intensity is not None:
         rule = dataclasses.replace(rule, intensity=args.intensity)
@@ -346,14 +356,15 @@ def run(args: argparse.Namespace) -> int:
             missing.append(fold)
             continue
         results.append(score_fold(recipe.name, fold, manifest, args.data_dir, args.out,
-                                  classifier, rule, args.flair_only))
+                                  classifier, rule, args.flair_only, brain_masks))
     if not results:
         raise FileNotFoundError(f"{args.out / recipe.name / 'models'}: no fold is trained yet")
     trained = [fold for fold in args.folds if fold not in missing]
     # the rule the U-Nets were fed, whether --intensity, --rule-from's JSON or the recipe's
     # own training chose it
     report = report_dir(args.out, recipe.name, rule.intensity)
-    report = report / ("flair_only" if args.flair_only else "")
+    report = report / ("flair_only" if args.flair_only else "") / \
+        ("stripped" if args.stripped else "")
     if flips_differ:
         report = report / ("tta_flips" if rule.tta_flips else "no_tta_flips")
     if args.write_postprocessing is not None:
@@ -364,7 +375,8 @@ def run(args: argparse.Namespace) -> int:
                    for result, fold in zip(results, trained, strict=True)]
     patients = pd.concat([r[0] for r in results], ignore_index=True)
     slices = pd.concat([r[1] for r in results], ignore_index=True)
-    label = f"{recipe.name}, FLAIR-only input" if args.flair_only else recipe.name
+    label = recipe.name + (", FLAIR-only input" if args.flair_only else "") + \
+        (", skull-stripped by the brain masks" if args.stripped else "")
     reference = args.out / "baseline" / report.relative_to(args.out / recipe.name) / \
         "patients.csv"
     own_gates = tuple(f for f in trained if fold_gate(args.out, recipe.name, f).is_file())
@@ -375,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
         reference_label = "baseline"
     # the floor is a choice for what ships: only where every fold's pipeline is held out
     more = {"gate_sensitivity_floors": gate_floors(results)} \
-        if own_gates == tuple(trained) and not args.flair_only else None
+        if own_gates == tuple(trained) and not (args.flair_only or args.stripped) else None
     tables = write_report(label, patients, slices, report, missing, rule,
                           training_table(recipe.name, trained, args.out, args.runs_dir),
                           reference, own_gates, reference_label, more)
@@ -444,6 +456,7 @@ def choose_on_cv(results, folds: list[int], recipe: str, report: Path,
     config = write_choice(unet, choice)
     print(f"\n{unet.with_suffix('.json')}: min_component_pixels={config.min_component_pixels}, "
           f"keep_largest_3d={config.keep_largest_3d}, largest_3d_by={config.largest_3d_by}, "
+          f"component_share={config.component_share}, "
           f"intensity={config.intensity} "
           f"(gain {choice.gain:+.4f} on {on})")
     return config

@@ -170,6 +170,8 @@ def _sweep_figure(sweep: pd.DataFrame, predictor: TwoStagePredictor, out: Path) 
     classifier_threshold = predictor.classifier_config.threshold
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     at_gate = sweep[np.isclose(sweep["classifier_threshold"], classifier_threshold)]
+    if "component_share" in at_gate:  # the largest component alone, one line per rule
+        at_gate = at_gate[at_gate["component_share"] == 1.0]
     rules = ["min_component_pixels", "keep_largest_3d", "largest_3d_by"]
     for (pixels, largest, by), group in at_gate.groupby(rules):
         left.plot(group["mask_threshold"], group["dice_pipeline_mean"], marker="o",
@@ -184,7 +186,9 @@ def _sweep_figure(sweep: pd.DataFrame, predictor: TwoStagePredictor, out: Path) 
                   & (sweep["min_component_pixels"] == in_use.min_component_pixels)
                   & (sweep["keep_largest_3d"] == in_use.keep_largest_3d)
                   & (sweep["largest_3d_by"] == (in_use.largest_3d_by if in_use.keep_largest_3d
-                                                else "voxels"))]
+                                                else "voxels"))
+                  & (sweep.get("component_share", 1.0) == (in_use.component_share
+                                                           if in_use.keep_largest_3d else 1.0))]
     right.plot(plain["classifier_threshold"], plain["dice_pipeline_mean"], marker="o",
                label="mean per-patient Dice")
     right.plot(plain["classifier_threshold"], plain["slice_sensitivity"], marker="s",

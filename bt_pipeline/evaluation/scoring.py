@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from bt_pipeline.data.brain_mask import strip
 from bt_pipeline.data.preprocess import (
     MASK_RESIZE,
     flair_only,
@@ -49,15 +50,19 @@ class PatientPrediction:
 
 
 def predict_split(predictor: TwoStagePredictor, manifest: pd.DataFrame, split: str,
-                  data_root: str | Path, flair_alone: bool = False) -> list[PatientPrediction]:
+                  data_root: str | Path, flair_alone: bool = False,
+                  brain_masks: dict[str, np.ndarray] | None = None) -> list[PatientPrediction]:
     """Run both models once over every slice of every patient of ``split``; ``flair_alone``:
-    as a FLAIR-only user would, FLAIR in all three channels."""
+    as a FLAIR-only user would, FLAIR in all three channels; ``brain_masks`` (patient -> bool
+    (slices, H, W)): each volume skull-stripped by its mask first, as BraTS-style data come."""
     root = Path(data_root)
     rows = manifest[manifest["split"] == split].sort_values(["patient_id", "slice"])
     predictions = []
-    for _, group in tqdm(rows.groupby("patient_id", sort=True), desc=f"predicting {split}",
-                         unit="patient"):
+    for patient, group in tqdm(rows.groupby("patient_id", sort=True), desc=f"predicting {split}",
+                               unit="patient"):
         images = [read_image(root / p) for p in group["image"]]
+        if brain_masks is not None:
+            images = list(strip(np.stack(images), brain_masks[patient]))
         if flair_alone:
             images = [flair_only(image) for image in images]
         predictions.append(PatientPrediction(
@@ -192,10 +197,12 @@ def sweep_thresholds(predictor: TwoStagePredictor, predictions: list[PatientPred
                      classifier_thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
                      min_pixels=(0, 25, 50, 100, 200),
                      largest_3d=(False, True),
-                     largest_3d_by=LARGEST_3D_BY) -> pd.DataFrame:
+                     largest_3d_by=LARGEST_3D_BY,
+                     component_shares=(1.0, 0.5, 0.2, 0.1, 0.05)) -> pd.DataFrame:
     """Mean per-patient pipeline Dice (and slice sensitivity) over ``predictions`` for every
     combination of mask threshold, classifier threshold, small-component removal and keeping
-    the largest 3D component (sized each way in ``largest_3d_by``).
+    the largest 3D component (sized each way in ``largest_3d_by``, with the components at
+    least each of ``component_shares`` of its size).
 
     Reuses the models' outputs; only the thresholds vary. Meant for val only.
     """
@@ -203,8 +210,9 @@ def sweep_thresholds(predictor: TwoStagePredictor, predictions: list[PatientPred
     classifier_thresholds = sorted({*classifier_thresholds,
                                     predictor.classifier_config.threshold})
     # sizing by voxels or by gate only matters when the largest component is kept
-    volume_rules = [(largest, by) for largest in largest_3d
-                    for by in (largest_3d_by if largest else ("voxels",))]
+    volume_rules = [(largest, by, share) for largest in largest_3d
+                    for by in (largest_3d_by if largest else ("voxels",))
+                    for share in (component_shares if largest else (1.0,))]
     for prediction in predictions:
         truth = np.stack(prediction.truths)
         probabilities = prediction.probabilities
@@ -212,23 +220,24 @@ def sweep_thresholds(predictor: TwoStagePredictor, predictions: list[PatientPred
         for mask_threshold in mask_thresholds:
             for pixels in min_pixels:
                 slice_masks = predictor.masks(prediction.maps, mask_threshold, pixels)
-                for (largest, by), threshold in itertools.product(volume_rules,
-                                                                  classifier_thresholds):
+                for (largest, by, share), threshold in itertools.product(volume_rules,
+                                                                         classifier_thresholds):
                     gate = probabilities >= threshold
                     masks = _filled(predictor.finish_volume(
                         [m if g else None for m, g in zip(slice_masks, gate, strict=True)],
-                        largest, probabilities, by), prediction.truths)
+                        largest, probabilities, by, share), prediction.truths)
                     rows.append({
                         "patient_id": prediction.rows["patient_id"].iloc[0],
                         "mask_threshold": mask_threshold,
                         "min_component_pixels": pixels, "keep_largest_3d": largest,
-                        "largest_3d_by": by, "classifier_threshold": threshold,
+                        "largest_3d_by": by, "component_share": share,
+                        "classifier_threshold": threshold,
                         "dice_pipeline": dice_score(truth, np.stack(masks)),
                         "slice_sensitivity": float(gate[has_tumour].mean())
                         if has_tumour.any() else float("nan"),
                     })
     table = pd.DataFrame(rows)
     keys = ["mask_threshold", "min_component_pixels", "keep_largest_3d", "largest_3d_by",
-            "classifier_threshold"]
+            "component_share", "classifier_threshold"]
     return table.groupby(keys).agg(dice_pipeline_mean=("dice_pipeline", "mean"),
                                    slice_sensitivity=("slice_sensitivity", "mean")).reset_index()

@@ -193,6 +193,8 @@ def write_html_report(path: Path, patients: pd.DataFrame, problems: pd.DataFrame
         table = patients.copy()
         table["patient_id"] = [f"<a href='{esc(p)}/viewer.html'>{esc(p)}</a>"
                                for p in table["patient_id"]]
+        if "notes" in table:
+            table["notes"] = [esc(str(n)) if isinstance(n, str) else "" for n in table["notes"]]
         parts.append(table.to_html(index=False, escape=False, float_format=lambda v: f"{v:.3f}"))
     if not problems.empty:
         parts.append(f"<h2>Inputs not used ({len(problems)})</h2>")
@@ -256,6 +258,7 @@ def write_viewer(path: str | os.PathLike, patient: dict, images: list[np.ndarray
         "spacing": None if spacing is None else [float(v) for v in spacing],
         "has_truth": truths is not None, "gate_threshold": round(float(gate_threshold), 4),
         "predicted_rgb": PREDICTED_RGB, "truth_rgb": TRUTH_RGB,
+        "notes": [n for n in str(patient.get("notes") or "").split(" | ") if n],
     }
     page = (VIEWER_TEMPLATE.replace("{{TITLE}}", html.escape(patient["patient_id"]))
             .replace("{{DATA}}", json.dumps({"summary": summary, "slices": slices})
@@ -277,7 +280,7 @@ input[type=range]{width:512px}
 table{border-collapse:collapse}td{padding:2px 8px}
 .warn{color:#f0e442}
 </style></head><body>
-<h1 id="title"></h1><p id="facts"></p>
+<h1 id="title"></h1><p id="facts"></p><ul id="notes" class="warn"></ul>
 <div class="row"><div>
 <div id="stage"><img id="flair" alt="FLAIR slice"><img id="overlay" alt="outlines"></div>
 <input id="slider" type="range" min="0" value="0" aria-label="slice">
@@ -302,6 +305,11 @@ document.getElementById("legend").innerHTML =
   `<span class="key" style="background:${rgb(S.predicted_rgb)}"></span>predicted outline<br>` +
   (S.has_truth ? `<span class="key" style="background:${rgb(S.truth_rgb)}"></span>` +
    "ground-truth outline" : "no ground truth given");
+for (const note of S.notes) {
+  const li = document.createElement("li");
+  li.textContent = "note: " + note;
+  document.getElementById("notes").appendChild(li);
+}
 const slider = document.getElementById("slider"), strip = document.getElementById("strip");
 slider.max = slices.length - 1;
 for (const s of slices) {

@@ -29,6 +29,7 @@ from bt_pipeline.data.layout import (
 )
 from bt_pipeline.data.preprocess import SliceReadError, read_image, read_mask, replaced_sequences
 from bt_pipeline.evaluation.metrics import dice_score, iou_score
+from bt_pipeline.inference.domain import domain_notes
 from bt_pipeline.inference.output_folder import OutputFolder, check_no_overlap
 from bt_pipeline.inference.outputs import (
     write_html_report,
@@ -45,7 +46,7 @@ from bt_pipeline.inference.outputs import (
 SLICE_COLUMNS = ["patient_id", "slice", "image", "classifier_probability", "classifier_positive",
                  "tumor_detected", "mask_pixels"]
 PATIENT_COLUMNS = ["patient_id", "sequences", "n_slices", "n_tumor_slices", "tumor_detected",
-                   "tumor_pixels", "tumor_volume_ml"]
+                   "tumor_pixels", "tumor_volume_ml", "notes"]
 TRUTH_COLUMNS = ["dice", "iou", "dice_note"]
 #: The dice_note of a patient the U-Net learnt from: its score is not a held-out one.
 TRAINED_ON_NOTE = "not held out: the U-Net trained on this patient"
@@ -126,8 +127,6 @@ def _load_case(scan: VolumeScan, problems: list[InputProblem], series_roles):
     except VolumeReadError as exc:
         problems.append(InputProblem(exc.path, scan.patient_id, exc.reason))
         return [], None
-    for note in case.notes:
-        print(f"note: {scan.patient_id}: {note}", file=sys.stderr)
     source = Path(case.sources["flair"])
     return [LoadedSlice(k + 1, source, image, None, None, None)
             for k, image in enumerate(case.images)], case
@@ -136,7 +135,7 @@ def _load_case(scan: VolumeScan, problems: list[InputProblem], series_roles):
 def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilities, masks,
                    threshold, pool: ThreadPoolExecutor,
                    spacing: tuple[float, float, float] | None, case=None,
-                   learnt_from: bool = False, maps=None):
+                   learnt_from: bool = False, maps=None, notes=()):
     folder = out / scan.patient_id
     images, numbers = [s.image for s in slices], [s.number for s in slices]
     truths = [s.truth for s in slices]
@@ -170,6 +169,7 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
                "tumor_pixels": pixels,
                "tumor_volume_ml": tumour_volume_ml(pixels, spacing)}
     patient["tumor_detected"] = int(patient["n_tumor_slices"] > 0)
+    patient["notes"] = " | ".join(notes)
     if has_truth:
         patient["dice"] = dice_score(np.stack(truths), np.stack(masks))
         patient["iou"] = iou_score(np.stack(truths), np.stack(masks))
@@ -294,6 +294,10 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
                 if not slices:
                     continue
                 images = [s.image for s in slices]
+                notes = [*(case.notes if case is not None else []),
+                         *domain_notes(images, predictor)]
+                for note in notes:  # above the progress bar, not through it
+                    tqdm.write(f"note: {printable(scan.patient_id)}: {note}", file=sys.stderr)
                 if save_probabilities:
                     probabilities, masks, maps = predictor.predict(images, with_maps=True)
                 else:
@@ -302,7 +306,7 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
                 pending = writer.submit(
                     write, out, scan, slices, probabilities, masks, threshold, pool,
                     spacing, case, learnt_from=scan.patient_id in predictor.trained_on_patients,
-                    maps=maps)
+                    maps=maps, notes=notes)
             finish_pending()
         except KeyboardInterrupt:
             interrupted = True

@@ -3,9 +3,10 @@ chooses them from held-out predictions, and the code that writes the choice into
 JSON, which inference then reads. No post-processing setting of a shipped model is set by hand.
 
 Rules, in order: threshold each slice's map; drop 8-connected components smaller than
-``min_component_pixels`` (0 = off); if ``keep_largest_3d``, keep only the largest 26-connected
-component of the patient's volume, its size counted as ``largest_3d_by`` says: in voxels, or
-each voxel weighted by the stage-1 probability of its slice ("gate").
+``min_component_pixels`` (0 = off); if ``keep_largest_3d``, keep the largest 26-connected
+component of the patient's volume and every other one at least ``component_share`` of its size
+(1 = the largest alone), sizes counted as ``largest_3d_by`` says: in voxels, or each voxel
+weighted by the stage-1 probability of its slice ("gate").
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
 
 
 def keep_largest_component_3d(volume: np.ndarray,
-                              slice_weights: np.ndarray | None = None) -> np.ndarray:
+                              slice_weights: np.ndarray | None = None,
+                              share: float = 1.0) -> np.ndarray:
     """uint8 {0, 1} copy of a binary (slices, H, W) volume keeping only its largest
-    26-connected component (ties: the first found); an empty volume stays empty. With
-    ``slice_weights`` (one per slice) a component's size is the sum of its voxels' slice
-    weights instead of its voxel count."""
+    26-connected component (ties: the first found) and, with ``share`` < 1, every component at
+    least ``share`` of its size; an empty volume stays empty. With ``slice_weights`` (one per
+    slice) a component's size is the sum of its voxels' slice weights instead of its voxel
+    count."""
     volume = np.asarray(volume)
     kept = np.zeros(volume.shape, np.uint8)
     # labelled inside the masks' bounding box only: a tumour fills a small corner of the
@@ -63,7 +66,11 @@ def keep_largest_component_3d(volume: np.ndarray,
         weights = np.broadcast_to(np.asarray(slice_weights, np.float64)[box[0], None, None],
                                   labels.shape).ravel()
     sizes = np.bincount(labels.ravel(), weights=weights)[1:]
-    kept[box] = labels == 1 + int(np.argmax(sizes))
+    if share >= 1:
+        kept[box] = labels == 1 + int(np.argmax(sizes))
+        return kept
+    keep = np.concatenate([[False], sizes >= share * sizes.max()])
+    kept[box] = keep[labels]
     return kept
 
 
@@ -73,7 +80,8 @@ def slice_masks(maps: list[np.ndarray], threshold: float, min_pixels: int) -> li
 
 
 def finish_volume(masks: list[np.ndarray | None], largest_3d: bool,
-                  slice_weights: np.ndarray | None = None) -> list[np.ndarray | None]:
+                  slice_weights: np.ndarray | None = None,
+                  share: float = 1.0) -> list[np.ndarray | None]:
     """The volume rule on one patient's per-slice masks (None: not segmented), components
     sized by ``slice_weights`` (see :func:`keep_largest_component_3d`; None: voxels). A volume
     whose slices differ in size has no 3D neighbourhood and is left as it is."""
@@ -81,7 +89,8 @@ def finish_volume(masks: list[np.ndarray | None], largest_3d: bool,
     if largest_3d and len(shapes) == 1:
         shape = shapes.pop()
         volume = keep_largest_component_3d(np.stack(
-            [m if m is not None else np.zeros(shape, np.uint8) for m in masks]), slice_weights)
+            [m if m is not None else np.zeros(shape, np.uint8) for m in masks]), slice_weights,
+            share)
         masks = [v if m is not None else None for v, m in zip(volume, masks, strict=True)]
     return masks
 
@@ -96,6 +105,7 @@ class PostprocessingChoice:
     gain: float  # mean pipeline Dice of the best rule minus that of no post-processing
     chosen_on: str  # which held-out patients the sweep scored
     intensity: str | None = None  # the intensity rule it was chosen under; None: keep the JSON's
+    component_share: float = 1.0
 
 
 def choose_postprocessing(sweep: pd.DataFrame, classifier_threshold: float, chosen_on: str,
@@ -111,8 +121,10 @@ def choose_postprocessing(sweep: pd.DataFrame, classifier_threshold: float, chos
     gain = float(best["dice_pipeline_mean"] - baseline)
     if gain < MIN_POSTPROCESS_GAIN:
         return PostprocessingChoice(0, False, "voxels", gain, chosen_on)
+    share = float(best["component_share"]) if "component_share" in best else 1.0
     return PostprocessingChoice(int(best["min_component_pixels"]), bool(best["keep_largest_3d"]),
-                                str(best["largest_3d_by"]), gain, chosen_on)
+                                str(best["largest_3d_by"]), gain, chosen_on,
+                                component_share=share)
 
 
 def write_choice(unet_path: str | Path, choice: PostprocessingChoice) -> UNetConfig:
@@ -124,7 +136,8 @@ def write_choice(unet_path: str | Path, choice: PostprocessingChoice) -> UNetCon
     config = dataclasses.replace(load_json(json_path, UNetConfig),
                                  min_component_pixels=choice.min_component_pixels,
                                  keep_largest_3d=choice.keep_largest_3d,
-                                 largest_3d_by=choice.largest_3d_by)
+                                 largest_3d_by=choice.largest_3d_by,
+                                 component_share=choice.component_share)
     if choice.intensity is not None:
         config = dataclasses.replace(config, intensity=choice.intensity)
     extra["postprocessing"] = {"chosen_on": choice.chosen_on,

@@ -114,6 +114,9 @@ class TwoStagePredictor:
     #: Whether the U-Net trained with sequences replaced by FLAIR at random (its JSON's
     #: ``missing_sequence_p``), so that it serves FLAIR-only input.
     missing_sequence_training: bool = False
+    #: Whether the U-Net trained with skull-stripped volumes too (its JSON's
+    #: ``skull_strip_p``), so that it serves BraTS-style input.
+    skull_strip_training: bool = False
     #: The patients the U-Net learnt from (its JSON's ``trained_on_patients``; empty when the
     #: JSON does not say), so that a score on one of them is not taken for a held-out one.
     trained_on_patients: frozenset[str] = frozenset()
@@ -212,9 +215,10 @@ class TwoStagePredictor:
         unet_json = unet_path.with_suffix(".json").read_text(encoding="utf-8")
         trained_on = json.loads(unet_json).get("extra", {})
         missing = trained_on.get("data", {}).get("missing_sequence_p") or 0
+        stripped = trained_on.get("data", {}).get("skull_strip_p") or 0
         return cls(classifier, unet, classifier_config, unet_config, mask_threshold,
                    extra_unets=tuple(extra), tta_flips=tta_flips, bfloat16=bfloat16,
-                   missing_sequence_training=missing > 0,
+                   missing_sequence_training=missing > 0, skull_strip_training=stripped > 0,
                    trained_on_patients=frozenset(trained_on.get("trained_on_patients", [])))
 
     def _run(self, forward, batch: np.ndarray) -> np.ndarray:
@@ -270,27 +274,30 @@ class TwoStagePredictor:
     def volume_masks(self, maps: list[np.ndarray | None], mask_threshold: float | None = None,
                      min_pixels: int | None = None, largest_3d: bool | None = None,
                      gate_probabilities: np.ndarray | None = None,
-                     largest_3d_by: str | None = None) -> list[np.ndarray | None]:
+                     largest_3d_by: str | None = None,
+                     share: float | None = None) -> list[np.ndarray | None]:
         """One volume's masks (slices in order) from its probability maps, None where the
         classifier let no slice through: :meth:`masks`, then the volume rule (see
         :meth:`finish_volume` for ``gate_probabilities``)."""
         given = [m for m in maps if m is not None]
         found = iter(self.masks(given, mask_threshold, min_pixels))
         return self.finish_volume([next(found) if m is not None else None for m in maps],
-                                  largest_3d, gate_probabilities, largest_3d_by)
+                                  largest_3d, gate_probabilities, largest_3d_by, share)
 
     def finish_volume(self, masks: list[np.ndarray | None], largest_3d: bool | None = None,
                       gate_probabilities: np.ndarray | None = None,
-                      largest_3d_by: str | None = None) -> list[np.ndarray | None]:
-        """:func:`postprocess.finish_volume` with the U-Net config's ``keep_largest_3d`` and
-        ``largest_3d_by`` by default. Sizing by "gate" weights each slice by
+                      largest_3d_by: str | None = None,
+                      share: float | None = None) -> list[np.ndarray | None]:
+        """:func:`postprocess.finish_volume` with the U-Net config's ``keep_largest_3d``,
+        ``largest_3d_by`` and ``component_share`` by default. Sizing by "gate" weights each slice by
         ``gate_probabilities`` (stage 1's P(tumour) per slice); where no gate chose the slices
         (None: every slice, or the true tumour slices) every voxel counts 1."""
         config = self.unet_config
         largest_3d = config.keep_largest_3d if largest_3d is None else largest_3d
         largest_3d_by = config.largest_3d_by if largest_3d_by is None else largest_3d_by
         weights = gate_probabilities if largest_3d_by == "gate" else None
-        return finish_volume(masks, largest_3d, weights)
+        share = config.component_share if share is None else share
+        return finish_volume(masks, largest_3d, weights, share)
 
     def _through_shared_trunk(self, images: list[np.ndarray]):
         """The gate and the U-Net sharing one encoder pass: (probabilities, passed slices,

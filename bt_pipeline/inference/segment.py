@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bt_pipeline.data.layout import ROLES
+from bt_pipeline.inference.domain import domain_notes
 from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
 
 
@@ -34,7 +35,8 @@ class Segmentation:
     slice_probabilities: np.ndarray
     #: The sequences given, ``pre+flair+post`` or fewer; a missing one was replaced by FLAIR.
     sequences: str
-    #: What ``infer`` would print as notes for the case (a coarse axial plane), else empty.
+    #: What ``infer`` would print as notes for the case (a coarse axial plane, a
+    #: skull-stripped input), else empty.
     notes: tuple[str, ...] = ()
 
     @property
@@ -103,5 +105,6 @@ def segment(flair, pre=None, post=None, *, predictor=None) -> Segmentation:
     case = case_on_model_grid(volumes, sources)
     predictor = shipped_predictor() if predictor is None else predictor
     probabilities, masks, maps = predictor.predict(case.images, with_maps=True)
+    notes = (*case.notes, *domain_notes(case.images, predictor))
     return Segmentation(mask_on_input_grid(masks, case), probability_on_input_grid(maps, case),
-                        np.asarray(probabilities), case.sequences, tuple(case.notes))
+                        np.asarray(probabilities), case.sequences, notes)
