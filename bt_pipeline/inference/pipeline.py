@@ -30,7 +30,12 @@ from bt_pipeline.data.layout import (
 from bt_pipeline.data.preprocess import SliceReadError, read_image, read_mask, replaced_sequences
 from bt_pipeline.evaluation.metrics import dice_score, iou_score
 from bt_pipeline.inference.domain import domain_notes
-from bt_pipeline.inference.output_folder import OutputFolder, check_no_overlap
+from bt_pipeline.inference.output_folder import (
+    OutputFolder,
+    check_no_overlap,
+    name_problem,
+    output_file_name,
+)
 from bt_pipeline.inference.outputs import (
     write_html_report,
     write_image_volume,
@@ -143,7 +148,8 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
     truth_files = sum(s.mask_path is not None for s in slices)
     if case is None:  # slices in, slices (and the stack as NIfTI) out
         list(pool.map(lambda pair: write_mask_png(
-            folder / f"{printable(pair[0].image_path.stem)}_mask.png", pair[1]),
+            folder / output_file_name(printable(pair[0].image_path.stem), "_mask.png"),
+            pair[1]),
             zip(slices, masks, strict=True)))
         write_mask_volume(folder / "mask.nii.gz", masks, spacing)
         if maps is not None:
@@ -284,6 +290,14 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
                     print(problems[-1].line(), file=sys.stderr)
                     continue
                 seen.add(scan.patient_id)
+                unusable = name_problem(scan.patient_id)
+                if unusable:
+                    named = scan.nifti.get("flair", scan.folder) \
+                        if isinstance(scan, VolumeScan) else scan.folder
+                    problems.append(InputProblem(str(named), scan.patient_id,
+                                                 f"case not processed: {unusable}; rename it"))
+                    print(problems[-1].line(), file=sys.stderr)
+                    continue
                 before = len(problems)
                 if isinstance(scan, VolumeScan):
                     slices, case = _load_case(scan, problems, series_roles)
