@@ -169,8 +169,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--convs-per-block", type=int, default=ClassifierConfig.convs_per_block)
     parser.add_argument("--patience", type=int, default=ClassifierConfig.patience,
                         help="early-stopping patience of the retrain (epochs)")
-    parser.add_argument("--retrain-from", metavar="BEST_HPARAMS_JSON",
-                        help="skip the search: retrain the hyperparameters of this file")
+    parser.add_argument("--retrain-from", metavar="JSON",
+                        help="skip the search: retrain the hyperparameters of this file (the "
+                             "CNN: a search's best_hparams.json; --gate: an earlier gate's JSON, "
+                             "whose head and epochs are trained on the new trunks)")
     parser.add_argument("--gate", action="store_true",
                         help="stage 1 on the U-Net's trained encoder (--trunk) instead of the "
                              "from-scratch CNN")
@@ -206,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
         table = run_gate_tuning(data_config, args.recipe, Path(args.cv_dir), trunk,
                                 Path(args.out_dir), Path(args.work_dir), args.trials,
                                 args.epochs, args.executions, Path(args.ship_to),
-                                keras_verbosity(), tuple(args.fine_tune_choices))
+                                keras_verbosity(), tuple(args.fine_tune_choices),
+                                Path(args.retrain_from) if args.retrain_from else None)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         if trunk is not None:
             print(f"shipped gate: {args.ship_to}; reports in {args.out_dir}/")

@@ -39,7 +39,7 @@ from bt_pipeline.evaluation.metrics import classification_metrics
 from bt_pipeline.models.batch_norm import with_fused_batch_norm
 from bt_pipeline.models.gate import Gate, build_gate_from_config, cut_layer_name, fingerprint
 from bt_pipeline.training.callbacks import ship_model
-from bt_pipeline.training.cross_validation import fold_gate, fold_model
+from bt_pipeline.training.cross_validation import RECIPES, fold_gate, fold_model
 from bt_pipeline.training.search_reports import trials_table, write_search_reports
 from bt_pipeline.training.train_classifier import choose_threshold
 
@@ -106,20 +106,31 @@ class GateHyperModel(keras_tuner.HyperModel):
 
 
 class TrunkFeatures:
-    """Every slice's output of each trunk at each cut, computed on first use and kept."""
+    """Every slice's output of each trunk at each cut, computed on first use and kept; with
+    skull-stripped copies of the slices (``arrays.stripped``), theirs too."""
 
     def __init__(self, arrays: SplitArrays, batch_size: int = 32):
         self.arrays, self.batch_size = arrays, batch_size
-        self._cache: dict[tuple[str, int], np.ndarray] = {}
+        self._cache: dict[tuple[str, int, bool], np.ndarray] = {}
 
-    def get(self, trunk: Trunk, fine_tune_blocks: int) -> np.ndarray:
-        key = (trunk.name, fine_tune_blocks)
+    def get(self, trunk: Trunk, fine_tune_blocks: int, stripped: bool = False) -> np.ndarray:
+        key = (trunk.name, fine_tune_blocks, stripped)
         if key not in self._cache:
             cut = trunk.unet.get_layer(cut_layer_name(trunk.unet, fine_tune_blocks))
             encoder = keras.Model(trunk.unet.inputs, cut.output)
-            self._cache[key] = encoder.predict(self.arrays.images, batch_size=self.batch_size,
-                                               verbose=0)
+            images = self.arrays.stripped if stripped else self.arrays.images
+            self._cache[key] = encoder.predict(images, batch_size=self.batch_size, verbose=0)
         return self._cache[key]
+
+    def training(self, trunk: Trunk, fine_tune_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels the head trains on: the trunk's training slices, and their
+        skull-stripped copies too where the arrays have them."""
+        features = [self.get(trunk, fine_tune_blocks)[trunk.train]]
+        labels = [self.arrays.labels[trunk.train]]
+        if self.arrays.stripped is not None:
+            features.append(self.get(trunk, fine_tune_blocks, stripped=True)[trunk.train])
+            labels.append(labels[0])
+        return np.concatenate(features), np.concatenate(labels)
 
 
 class GateSearch(keras_tuner.RandomSearch):
@@ -168,9 +179,9 @@ def train_gate(trunk: Trunk, config: GateConfig, features: TrunkFeatures,
     keras.utils.set_random_seed(config.seed)
     gate = build_gate_from_config(trunk.unet, config)
     head = compile_head(gate, config.learning_rate)
-    head.fit(features.get(trunk, config.fine_tune_blocks)[trunk.train],
-             features.arrays.labels[trunk.train], epochs=config.epochs,
-             batch_size=config.batch_size, shuffle=True, verbose=verbose)
+    inputs, labels = features.training(trunk, config.fine_tune_blocks)
+    head.fit(inputs, labels, epochs=config.epochs, batch_size=config.batch_size, shuffle=True,
+             verbose=verbose)
     return gate
 
 
@@ -249,21 +260,29 @@ def _fed_as(unet_path: Path | None, cv_dir: Path, recipe: str) -> Preprocessing:
 def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path | None,
                     out_dir: Path, work_dir: Path, trials: int, epochs: int, executions: int,
                     ship_to: Path | None, verbose="auto",
-                    fine_tune_choices=FINE_TUNE_CHOICES) -> pd.DataFrame:
+                    fine_tune_choices=FINE_TUNE_CHOICES,
+                    retrain_from: Path | None = None) -> pd.DataFrame:
     """The whole of ``bt tune --gate``: search on the folds, the winner trained per fold
     (held-out probabilities, threshold) and on the shipped U-Net ``unet_path`` (shipped to
     ``ship_to``), scores. With ``unet_path`` None only the folds' gates are trained, which is
-    all a candidate recipe's cross-validation needs. Returns the metrics table."""
+    all a candidate recipe's cross-validation needs. ``retrain_from`` (an earlier gate's JSON)
+    skips the search: its head's hyperparameters and epochs are trained on these trunks. A
+    recipe that trained with skull-stripped slices (``skull_strip_p``) gives its gates'
+    heads the stripped copies of their training slices too. Returns the metrics table."""
     preprocessing = _fed_as(unet_path, cv_dir, recipe)
     # the gate reads the U-Net's encoder, so it is fed what the U-Net is fed: every
     # preprocessing field (size, context, denoising, intensity rule)
     fed_as_unet = dataclasses.asdict(preprocessing)
-    data_config = dataclasses.replace(data_config, **fed_as_unet)
+    data_config = dataclasses.replace(data_config, **fed_as_unet,
+                                      skull_strip_p=_strip_share(recipe))
     manifest = read_manifest(data_config.manifest)
     arrays = load_rows(manifest, data_config)
     trunks = fold_trunks(arrays.rows, recipe, cv_dir)
     base = GateConfig(**fed_as_unet, epochs=epochs, seed=data_config.seed)
     features = TrunkFeatures(arrays)
+    if retrain_from is not None:
+        return _retrained(retrain_from, base, trunks, features, data_config, recipe, cv_dir,
+                          unet_path, out_dir, ship_to, verbose)
     tuner = GateSearch(GateHyperModel(trunks, base, fine_tune_choices), features, seed=base.seed,
                        objective=keras_tuner.Objective("val_auc", "max"), max_trials=trials,
                        executions_per_trial=executions, directory=str(work_dir),
@@ -303,6 +322,42 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path | No
                  "trial_seconds_total": trial_seconds}
         metrics = _shipped_gate(unet_path, dataclasses.replace(config, threshold=threshold),
                                 features, metrics, ship_to, verbose, extra, started)
+    write_text_atomic(out_dir / "gate_metrics.csv",
+                      metrics.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
+    return metrics
+
+
+def _strip_share(recipe: str) -> float:
+    """The share of skull-stripped slices ``recipe``'s U-Net trained with."""
+    return RECIPES[recipe]().data.skull_strip_p if recipe in RECIPES else 0.0
+
+
+def _retrained(retrain_from: Path, base: GateConfig, trunks: list[Trunk],
+               features: TrunkFeatures, data_config, recipe: str, cv_dir: Path,
+               unet_path: Path | None, out_dir: Path, ship_to: Path | None,
+               verbose) -> pd.DataFrame:
+    """The gates of ``retrain_from``'s head (no search) on ``trunks`` and the shipped trunk."""
+    started = time.monotonic()
+    earlier = load_json(retrain_from, GateConfig)
+    head_fields = ("fine_tune_blocks", "feature_dropout", "dense_dropout", "dense_units",
+                   "dense_activation", "learning_rate", "epochs", "batch_size")
+    config = dataclasses.replace(base, **{f: getattr(earlier, f) for f in head_fields})
+    held_out, threshold = cross_validated_gates(trunks, config, features, cv_dir, recipe,
+                                                verbose)
+    write_text_atomic(Path(cv_dir) / recipe / "gate_heldout.csv",
+                      held_out.to_csv(index=False, lineterminator="\n", float_format="%.6f"))
+    metrics = pd.DataFrame([
+        {"patients": f"cv held-out ({held_out['patient_id'].nunique()}, folds "
+                     f"{','.join(str(t.fold) for t in trunks)})",
+         **classification_metrics(held_out["has_tumor"], held_out["gate_probability"],
+                                  threshold)}])
+    if unet_path is not None:
+        extra = {"data": dataclasses.asdict(data_config), "trunk": Path(unet_path).name,
+                 "cv_recipe": recipe, "threshold_chosen_on": "cv held-out",
+                 "head_from": str(retrain_from)}
+        metrics = _shipped_gate(unet_path, dataclasses.replace(config, threshold=threshold),
+                                features, metrics, ship_to, verbose, extra, started)
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "gate_metrics.csv",
                       metrics.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
     return metrics
