@@ -217,3 +217,47 @@ def test_a_signal_during_a_two_rename_swap_leaves_a_complete_out(tmp_path, monke
         signal.signal(signal.SIGTERM, previous)
     assert received == [1]  # acted on, after the swap
     assert (out / "new.txt").is_file()
+
+
+# --- every argument is checked before any work --------------------------------------------
+
+@pytest.mark.parametrize("spacing", [["nan", "1", "1"], ["inf", "1", "1"], ["1", "1", "0"]])
+def test_a_bad_spacing_is_refused_before_work(tiny_models, good_case, tmp_path, spacing, capsys):
+    out = tmp_path / "out"
+    assert _run(tiny_models, good_case.parent, "--out", out, "--spacing", *spacing) == 2
+    assert "--spacing" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file"])
+def test_a_bad_timing_path_is_refused_before_work(tiny_models, good_case, tmp_path, where,
+                                                  capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    timing = tmp_path if where == "folder" else blocker / "t.json"
+    out = tmp_path / "out"
+    assert _run(tiny_models, good_case.parent, "--out", out, "--timing", timing) == 2
+    assert "--timing" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_empty_scan_dir_is_refused_not_the_working_folder(tiny_models, tmp_path, capsys):
+    assert _run(tiny_models, "", "--out", tmp_path / "out") == 2
+    assert "SCAN_DIR is empty" in capsys.readouterr().err
+
+
+def test_a_tiny_file_declaring_a_huge_volume_is_refused_from_its_header(tmp_path):
+    from bt_pipeline.data.volumes import MAX_VOXELS, VolumeReadError, read_volume
+
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.Nifti1Header()  # 400 M voxels declared, each side within its limit
+    header.set_data_shape((2000, 2000, 100))
+    header.set_data_dtype(np.uint8)
+    path = tmp_path / "huge_flair.nii.gz"
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))  # a 100-byte file
+    assert 2000 * 2000 * 100 > MAX_VOXELS
+    with pytest.raises(VolumeReadError, match="voxels in all"):
+        read_volume(path)

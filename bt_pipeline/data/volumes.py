@@ -39,6 +39,9 @@ GRID_SIDE = 256
 MIN_OVERLAP = 0.5
 #: Largest accepted volume side in voxels (a larger header is refused before decoding).
 MAX_VOXELS_PER_SIDE = 2048
+#: Largest accepted volume in voxels, from the header before any decode: 512 x 512 x 1000 (a
+#: tiny compressed file may declare gigabytes).
+MAX_VOXELS = 512 * 512 * 1000
 #: Axial pixel side (mm) above which a case gets a note: a FLAIR acquired as thick sagittal or
 #: coronal slices becomes axial slices that are blurred along one axis.
 COARSE_AXIAL_MM = 2.0
@@ -276,6 +279,9 @@ def _check_header(path: str | Path, dimension: int, size, components: int) -> No
     if max(size) > MAX_VOXELS_PER_SIDE:
         raise VolumeReadError(path, f"size {'x'.join(map(str, size))} over the "
                               f"{MAX_VOXELS_PER_SIDE}-voxel limit (not decoded)")
+    if int(np.prod([int(v) for v in size])) > MAX_VOXELS:
+        raise VolumeReadError(path, f"size {'x'.join(map(str, size))} over the limit of "
+                              f"{MAX_VOXELS:,} voxels in all (not decoded)")
 
 
 def _series_files(folder: Path) -> list[str]:

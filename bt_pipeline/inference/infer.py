@@ -19,7 +19,7 @@ from bt_pipeline.inference.model_options import add_model_arguments, load_predic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("scan_dirs", nargs="+", type=Path, metavar="SCAN_DIR",
+    parser.add_argument("scan_dirs", nargs="+", metavar="SCAN_DIR",
                         help="a patient folder of slices, a folder of patient folders, a NIfTI "
                              "file or case folder, a DICOM series or case folder (README)")
     parser.add_argument("--out", default="predictions",
@@ -49,8 +49,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not 0.0 < args.threshold < 1.0:
         raise UsageError("--threshold must be between 0 and 1")
-    if args.spacing is not None and min(args.spacing) <= 0:
-        raise UsageError("--spacing needs three sizes above 0 mm")
+    if args.spacing is not None and not all(0 < v < 100 for v in args.spacing):
+        raise UsageError("--spacing needs three finite sizes above 0 and under 100 mm")
+    for scan_dir in args.scan_dirs:
+        if not str(scan_dir).strip():  # Path("") would be the working folder
+            raise UsageError("a SCAN_DIR is empty; give the folder or file to segment")
+    args.scan_dirs = [Path(p) for p in args.scan_dirs]
+    if args.timing is not None and (args.timing.is_dir() or not args.timing.parent.is_dir()):
+        raise UsageError(f"--timing {args.timing}: not a file in an existing folder")
     series_roles = _series_roles(args.series)
     from bt_pipeline.inference.pipeline import run_inference
 
