@@ -239,6 +239,17 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
     return result
 
 
+#: Why a blank case is skipped: with every voxel alike there is nothing to examine, and "no
+#: tumour" would be an answer about nothing.
+BLANK = "blank: every voxel has the same value (empty, constant or unreadable values); skipped"
+
+
+def is_blank(images: list[np.ndarray]) -> bool:
+    """Whether one case's slices (uint8) hold a single value throughout."""
+    first = images[0].flat[0]
+    return all(not np.any(image != first) for image in images)
+
+
 def _sequence_note(patient: dict, predictor) -> str:
     """What a patient with sequences replaced by FLAIR gets, and how far to trust it."""
     model = ("the U-Net trained with sequences replaced by FLAIR at random"
@@ -308,6 +319,11 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
                 if not slices:
                     continue
                 images = [s.image for s in slices]
+                if is_blank(images):
+                    named = slices[0].image_path if case is None else case.sources["flair"]
+                    problems.append(InputProblem(str(named), scan.patient_id, BLANK))
+                    print(problems[-1].line(), file=sys.stderr)
+                    continue
                 notes = [*(case.notes if case is not None else []),
                          *domain_notes(images, predictor)]
                 for note in notes:  # above the progress bar, not through it

@@ -20,6 +20,7 @@ import numpy as np
 from bt_pipeline.data.layout import ROLES
 from bt_pipeline.inference.domain import domain_notes
 from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
+from bt_pipeline.inference.pipeline import BLANK, is_blank
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ def segment(flair, pre=None, post=None, *, predictor=None) -> Segmentation:
             raise VolumeReadError(f"<{role}>", f"a {type(value).__name__}; a SimpleITK image or "
                                   "a path is expected")
     case = case_on_model_grid(volumes, sources)
+    if is_blank(case.images):
+        raise VolumeReadError(sources["flair"], BLANK)
     predictor = shipped_predictor() if predictor is None else predictor
     probabilities, masks, maps = predictor.predict(case.images, with_maps=True)
     notes = (*case.notes, *domain_notes(case.images, predictor))

@@ -1,0 +1,60 @@
+"""Promise: no wrong answer with exit 0. An input with nothing to examine is skipped with one
+line naming it, never answered "no tumour"; the other cases of the call are still processed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from bt_pipeline.data.volumes import VolumeReadError
+from bt_pipeline.infer import main
+from bt_pipeline.inference.segment import segment
+
+
+def _write(path: Path, volume: np.ndarray) -> Path:
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing((0.9, 0.9, 3.0))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _run(tiny_models, *args):
+    classifier, unet = tiny_models
+    return main([*map(str, args), "--classifier", str(classifier), "--unet", str(unet),
+                 "--quiet"])
+
+
+BLANKS = {"zeros": np.zeros((6, 64, 64), np.float32),
+          "constant": np.full((6, 64, 64), 7.0, np.float32),
+          "nan": np.full((6, 64, 64), np.nan, np.float32)}
+
+
+@pytest.mark.parametrize("kind", sorted(BLANKS))
+def test_a_blank_volume_is_skipped_not_answered(tiny_models, tmp_path, kind, capsys):
+    scans = tmp_path / "scans"
+    (scans / "good").mkdir(parents=True)
+    (scans / "blank").mkdir()
+    rng = np.random.default_rng(0)
+    _write(scans / "good" / "good_flair.nii.gz", rng.integers(0, 200, (6, 64, 64)).astype(
+        np.int16))
+    _write(scans / "blank" / "blank_flair.nii.gz", BLANKS[kind])
+    out = tmp_path / "out"
+    assert _run(tiny_models, scans, "--out", out) == 1
+    assert list(pd.read_csv(out / "patients.csv")["patient_id"]) == ["good"]
+    err = capsys.readouterr().err
+    assert "blank_flair.nii.gz: blank" in err
+    errors = pd.read_csv(out / "errors.csv")
+    assert (errors["patient_id"] == "blank").any()
+
+
+def test_segment_refuses_a_blank_volume(tiny_models):
+    from bt_pipeline.inference.predictor import TwoStagePredictor
+
+    predictor = TwoStagePredictor.load(*tiny_models)
+    image = sitk.GetImageFromArray(np.zeros((4, 32, 32), np.float32))
+    with pytest.raises(VolumeReadError, match="blank"):
+        segment(image, predictor=predictor)
