@@ -247,11 +247,11 @@ def test_an_empty_scan_dir_is_refused_not_the_working_folder(tiny_models, tmp_pa
 
 
 def test_a_tiny_file_declaring_a_huge_volume_is_refused_from_its_header(tmp_path):
-    from bt_pipeline.data.volumes import MAX_VOXELS, VolumeReadError, read_volume
-
     import gzip
 
     import nibabel as nib
+
+    from bt_pipeline.data.volumes import MAX_VOXELS, VolumeReadError, read_volume
 
     header = nib.Nifti1Header()  # 400 M voxels declared, each side within its limit
     header.set_data_shape((2000, 2000, 100))
