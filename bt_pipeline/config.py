@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -245,7 +246,41 @@ def from_dict(data: dict[str, Any], cls: type[T] | None = None) -> T:
         raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
     for name, value in data.items():
         data[name] = _checked(cls.__name__, name, fields[name].type, value)
-    return cls(**data)
+    config = cls(**data)
+    _check_ranges(config)
+    return config
+
+
+#: Allowed ranges (inclusive) of numeric config fields, wherever a config has them: a value
+#: outside turns every patient into "no tumour" or crashes deep inside a model build.
+_RANGES = {
+    "threshold": (0.0, 1.0), "mask_threshold": (0.0, 1.0), "min_val_sensitivity": (0.0, 1.0),
+    "min_component_pixels": (0, 256 * 256), "component_share": (0.0, 1.0),
+    "image_size": (16, 1024), "context_slices": (0, 8), "depth": (1, 8),
+    "base_filters": (1, 1024), "fine_tune_blocks": (0, 4), "tv_weight": (0.0, 10.0),
+    "learning_rate": (0.0, 1.0), "epochs": (0, 100_000), "batch_size": (1, 100_000),
+    "skull_strip_p": (0.0, 1.0), "missing_sequence_p": (0.0, 1.0),
+}
+#: Fields that name one of a fixed set of rules.
+_CHOICES = {"intensity": ("raw", "volume_p99"), "largest_3d_by": ("voxels", "gate")}
+
+
+def _check_ranges(config: Any) -> None:
+    """ValueError naming the first field whose value is not finite, outside its range or not
+    one of its choices."""
+    owner = type(config).__name__
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{owner}.{field.name}: {value!r} is not a finite number")
+        if field.name in _RANGES and isinstance(value, int | float) and \
+                not isinstance(value, bool):
+            low, high = _RANGES[field.name]
+            if not low <= value <= high:
+                raise ValueError(f"{owner}.{field.name}: {value!r} is outside {low}..{high}")
+        if field.name in _CHOICES and value not in _CHOICES[field.name]:
+            raise ValueError(f"{owner}.{field.name}: {value!r} is none of "
+                             f"{list(_CHOICES[field.name])}")
 
 
 #: The JSON types each annotated field type accepts (bool is not taken for a number).
@@ -274,10 +309,17 @@ def save_json(config: Any, path: str | os.PathLike, extra: dict[str, Any] | None
 
 
 def load_json(path: str | os.PathLike, cls: type[T] | None = None) -> T:
-    """Read a config written by :func:`save_json` (its ``extra`` block is ignored)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    """Read a config written by :func:`save_json` (its ``extra`` block is ignored). A JSON
+    object without the ``type`` tag save_json writes (``{}``, a hand-made file) is refused,
+    so no model runs on silent defaults."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except RecursionError as exc:  # nested deeper than the parser's stack
+        raise ValueError("nested too deeply to be a config") from exc
     if isinstance(data, dict):
         data.pop("extra", None)
+        if "type" not in data:
+            raise ValueError("no 'type' field: not a config written by bt_pipeline")
     return from_dict(data, cls)
 
 

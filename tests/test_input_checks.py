@@ -58,3 +58,50 @@ def test_segment_refuses_a_blank_volume(tiny_models):
     image = sitk.GetImageFromArray(np.zeros((4, 32, 32), np.float32))
     with pytest.raises(VolumeReadError, match="blank"):
         segment(image, predictor=predictor)
+
+
+# --- model configs are checked field by field ---------------------------------------------
+
+@pytest.mark.parametrize("which, change, field", [
+    ("classifier", {"threshold": 2.0}, "threshold"),
+    ("classifier", {"threshold": float("nan")}, "threshold"),
+    ("unet", {"min_component_pixels": 10**9}, "min_component_pixels"),
+    ("unet", {"intensity": "sideways"}, "intensity"),
+    ("unet", "empty", "type"),
+    ("unet", "nested", "nested"),
+])
+def test_an_out_of_range_model_config_is_one_line_naming_file_and_field(
+        tiny_models, tmp_path, which, change, field, capsys):
+    import json
+    import shutil
+
+    classifier, unet = tiny_models
+    paths = {"classifier": tmp_path / "classifier.keras", "unet": tmp_path / "unet.keras"}
+    for name, source in (("classifier", classifier), ("unet", unet)):
+        shutil.copy(source, paths[name])
+        shutil.copy(source.with_suffix(".json"), paths[name].with_suffix(".json"))
+    bad = paths[which].with_suffix(".json")
+    config = json.loads(bad.read_text())
+    if change == "empty":
+        text = "{}"
+    elif change == "nested":
+        text = "[" * 100_000 + "]" * 100_000
+    else:
+        text = json.dumps({**config, **change})
+    bad.write_text(text)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _write(scans / "one_flair.nii.gz", np.random.default_rng(0).integers(
+        0, 200, (6, 64, 64)).astype(np.int16))
+    code = main([str(scans), "--out", str(tmp_path / "out"), "--classifier",
+                 str(paths["classifier"]), "--unet", str(paths["unet"]), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert str(bad) in err[0] and field in err[0], err
+
+
+def test_a_gate_fine_tuning_more_blocks_than_the_trunk_has_is_refused():
+    from bt_pipeline.config import GateConfig, from_dict, to_dict
+
+    with pytest.raises(ValueError, match="GateConfig.fine_tune_blocks"):
+        from_dict({**to_dict(GateConfig(image_size=160)), "fine_tune_blocks": 99})
