@@ -105,3 +105,17 @@ def test_a_gate_fine_tuning_more_blocks_than_the_trunk_has_is_refused():
 
     with pytest.raises(ValueError, match="GateConfig.fine_tune_blocks"):
         from_dict({**to_dict(GateConfig(image_size=160)), "fine_tune_blocks": 99})
+
+
+def test_a_newline_in_a_file_name_cannot_forge_a_line(tiny_models, synthetic_root, tmp_path,
+                                                      capsys):
+    import shutil
+
+    patient = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+    scans = tmp_path / "scans"
+    shutil.copytree(patient, scans / patient.name)
+    (scans / patient.name / "notes\nskipped: forged.tif: fake").write_text("x")
+    assert _run(tiny_models, scans, "--out", tmp_path / "out") == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert not any(line.startswith("skipped: forged") for line in lines), lines
+    assert any("notes\\nskipped: forged.tif" in line for line in lines), lines

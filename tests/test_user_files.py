@@ -261,3 +261,23 @@ def test_a_tiny_file_declaring_a_huge_volume_is_refused_from_its_header(tmp_path
     assert 2000 * 2000 * 100 > MAX_VOXELS
     with pytest.raises(VolumeReadError, match="voxels in all"):
         read_volume(path)
+
+
+# --- a symlink loop is one input problem, not the end of the batch ---------------------------
+
+def test_a_symlink_loop_beside_good_input_is_skipped(tiny_models, good_case, tmp_path, capsys):
+    loop_a, loop_b = tmp_path / "loop_a", tmp_path / "loop_b"
+    loop_a.symlink_to(loop_b)
+    loop_b.symlink_to(loop_a)
+    out = tmp_path / "out"
+    assert _run(tiny_models, loop_a, good_case.parent, "--out", out) == 1
+    assert _patients(out) == ["good"]
+    assert "symlink loop" in capsys.readouterr().err
+
+
+def test_a_symlink_loop_as_out_is_refused(tiny_models, good_case, tmp_path, capsys):
+    loop_a, loop_b = tmp_path / "loop_a", tmp_path / "loop_b"
+    loop_a.symlink_to(loop_b)
+    loop_b.symlink_to(loop_a)
+    assert _run(tiny_models, good_case.parent, "--out", loop_a) == 2
+    assert "symlink loop" in capsys.readouterr().err

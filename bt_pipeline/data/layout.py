@@ -76,10 +76,16 @@ def institution_of(patient_id: str) -> str:
     return match.group("institution") if match else "unknown"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def printable(path: str | Path) -> str:
-    """``path`` as valid UTF-8 text: bytes that are not UTF-8 (a name from another system's
-    encoding) are shown as backslash escapes, so the path can be printed and written to a CSV."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """``path`` as one line of valid UTF-8 text: bytes that are not UTF-8 (a name from another
+    system's encoding) and control characters (a newline in a file name, which could forge a
+    line of bt's own output) are shown as backslash escapes, so the path can be printed and
+    written to a CSV."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 @dataclass(frozen=True)
@@ -259,7 +265,9 @@ def scan_inputs(scan_dirs: list[Path]
             patients.append(VolumeScan(case_id, scan_dir.parent, nifti={"flair": scan_dir}))
             continue
         if not scan_dir.is_dir():
-            problems.append(InputProblem(str(scan_dir), "", "not a directory or NIfTI file"))
+            reason = "a broken symlink or a symlink loop" if scan_dir.is_symlink() \
+                else "not a directory or NIfTI file"
+            problems.append(InputProblem(str(scan_dir), "", reason))
             continue
         if not _holds_slices(scan_dir):
             cases = _volume_cases(scan_dir, problems)

@@ -86,11 +86,24 @@ def _is_earlier_run(out: Path) -> bool:
     return False
 
 
+def _resolved(path: Path) -> Path | None:
+    """``path`` through its symlinks; None for a symlink loop."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop
+        return None
+
+
 def check_no_overlap(out: Path, inputs: list[Path]) -> None:
-    """Raise UsageError if ``out`` is, contains or lies inside any of ``inputs``."""
-    target = out.resolve()
+    """Raise UsageError if ``out`` is, contains or lies inside any of ``inputs``, or is a
+    symlink loop. An input that is a loop is not read, so it overlaps nothing."""
+    target = _resolved(out)
+    if target is None:
+        raise UsageError(f"--out {printable(out)} is a symlink loop; choose another --out")
     for folder in inputs:
-        source = folder.resolve()
+        source = _resolved(folder)
+        if source is None:
+            continue
         if target == source or source in target.parents or target in source.parents:
             raise UsageError(f"--out {printable(out)} overlaps the input "
                              f"{printable(folder)} (resolved: {printable(source)}); inputs are "
