@@ -281,3 +281,20 @@ def test_a_symlink_loop_as_out_is_refused(tiny_models, good_case, tmp_path, caps
     loop_b.symlink_to(loop_a)
     assert _run(tiny_models, good_case.parent, "--out", loop_a) == 2
     assert "symlink loop" in capsys.readouterr().err
+
+
+def test_sigterm_while_the_tables_are_written_keeps_every_finished_patient(
+        tiny_models, good_case, tmp_path, monkeypatch):
+    from bt_pipeline.inference import pipeline
+
+    real = pipeline._write_tables
+
+    def write_then_signal(out, result):
+        os.kill(os.getpid(), signal.SIGTERM)
+        real(out, result)
+
+    monkeypatch.setattr(pipeline, "_write_tables", write_then_signal)
+    out = tmp_path / "out"
+    assert _run(tiny_models, good_case.parent, "--out", out) == 130
+    assert _patients(out) == ["good"]
+    assert (out / "report.html").is_file()

@@ -35,6 +35,7 @@ from bt_pipeline.inference.output_folder import (
     check_no_overlap,
     name_problem,
     output_file_name,
+    signals_held,
 )
 from bt_pipeline.inference.outputs import (
     write_html_report,
@@ -225,8 +226,10 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
             if result.interrupted:
                 raise KeyboardInterrupt
             return result
-        _write_tables(folder.staging, result)
-        folder.commit(_manifest(scan_dirs, predictor, options, result, started))
+        # every patient is finished: a signal now waits until they are committed
+        with signals_held():
+            _write_tables(folder.staging, result)
+            folder.commit(_manifest(scan_dirs, predictor, options, result, started))
     if result.interrupted:
         raise KeyboardInterrupt
     for row in result.patients.itertuples(index=False):
