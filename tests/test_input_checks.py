@@ -119,3 +119,21 @@ def test_a_newline_in_a_file_name_cannot_forge_a_line(tiny_models, synthetic_roo
     lines = capsys.readouterr().err.splitlines()
     assert not any(line.startswith("skipped: forged") for line in lines), lines
     assert any("notes\\nskipped: forged.tif" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_truncated_nifti_is_skipped_and_the_batch_goes_on(tiny_models, tmp_path, suffix,
+                                                            capsys):
+    scans = tmp_path / "scans"
+    (scans / "good").mkdir(parents=True)
+    (scans / "cut").mkdir()
+    rng = np.random.default_rng(0)
+    _write(scans / "good" / "good_flair.nii.gz",
+           rng.integers(0, 200, (6, 64, 64)).astype(np.int16))
+    cut = _write(scans / "cut" / f"cut_flair{suffix}",
+                 rng.integers(0, 200, (20, 64, 64)).astype(np.int16))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    out = tmp_path / "out"
+    assert _run(tiny_models, scans, "--out", out) == 1
+    assert list(pd.read_csv(out / "patients.csv")["patient_id"]) == ["good"]
+    assert f"cut_flair{suffix}: truncated" in capsys.readouterr().err

@@ -26,6 +26,7 @@ exact size, spacing, origin and direction.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,6 +249,10 @@ def read_volume(path: Path):
     size = reader.GetSize()
     if files is None:
         _check_header(path, reader.GetDimension(), size, reader.GetNumberOfComponents())
+        if path.name.lower().endswith((".nii", ".nii.gz")) and not _nifti_complete(path):
+            # SimpleITK would fill the missing voxels with 0 and say nothing
+            raise VolumeReadError(path, "truncated: holds fewer voxels than its header "
+                                  "declares")
     try:
         if files is None:
             image = reader.Execute()
@@ -260,6 +265,36 @@ def read_volume(path: Path):
     _check_header(path, image.GetDimension(), image.GetSize(),
                   image.GetNumberOfComponentsPerPixel())
     return image
+
+
+def _nifti_complete(path: Path) -> bool:
+    """Whether a NIfTI file holds every byte its header declares. A .nii.gz is judged by its
+    gzip trailer (the uncompressed size) and decompressed in full only when that disagrees."""
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * \
+            header.get_data_dtype().itemsize
+    except Exception:  # noqa: BLE001 - nibabel cannot parse it: SimpleITK's reading decides
+        return True
+    if not path.name.lower().endswith(".gz"):
+        return path.stat().st_size >= expected
+    with open(path, "rb") as handle:
+        handle.seek(-4, os.SEEK_END)
+        if int.from_bytes(handle.read(4), "little") == expected % 2**32:
+            return True
+    total = 0  # several gzip members, or truncated: count what decompresses
+    try:
+        with gzip.open(path) as stream:
+            while chunk := stream.read(1 << 20):
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error):
+        return False
+    return total >= expected
 
 
 def check_image(name: str | Path, image) -> None:
