@@ -137,3 +137,14 @@ def test_a_truncated_nifti_is_skipped_and_the_batch_goes_on(tiny_models, tmp_pat
     assert _run(tiny_models, scans, "--out", out) == 1
     assert list(pd.read_csv(out / "patients.csv")["patient_id"]) == ["good"]
     assert f"cut_flair{suffix}: truncated" in capsys.readouterr().err
+
+
+def test_a_fifo_named_like_a_slice_is_said_to_be_one(tmp_path):
+    import os
+
+    from bt_pipeline.data.preprocess import SliceReadError, read_image
+
+    fifo = tmp_path / "TCGA_CS_0001_20000101_1.tif"
+    os.mkfifo(fifo)
+    with pytest.raises(SliceReadError, match="not a regular file"):
+        read_image(fifo)

@@ -75,7 +75,9 @@ def _check_header(path: Path) -> None:
 def _decode(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
-        raise SliceReadError(path, "file not found")
+        what = "not a regular file (a FIFO, device or folder)" if path.exists() else \
+            "file not found"
+        raise SliceReadError(path, what)
     size = path.stat().st_size
     if size == 0:
         raise SliceReadError(path, "empty file")
