@@ -182,6 +182,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds-only", action="store_true",
                         help="with --gate: train the recipe's fold gates only (what its "
                              "cross-validation scores the pipeline with) and ship nothing")
+    parser.add_argument("--shipped-only", action="store_true",
+                        help="with --gate --retrain-from: train only the shipped gate, the "
+                             "fold gates (and their threshold) kept as --folds-only trained "
+                             "them")
     parser.add_argument("--recipe", default=SHIPPED_RECIPE,
                         help="with --gate: the U-Net recipe whose cross-validation folds the "
                              "search trains and judges on (one gate per fold)")
@@ -209,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
                                 Path(args.out_dir), Path(args.work_dir), args.trials,
                                 args.epochs, args.executions, Path(args.ship_to),
                                 keras_verbosity(), tuple(args.fine_tune_choices),
-                                Path(args.retrain_from) if args.retrain_from else None)
+                                Path(args.retrain_from) if args.retrain_from else None,
+                                args.shipped_only)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         if trunk is not None:
             print(f"shipped gate: {args.ship_to}; reports in {args.out_dir}/")

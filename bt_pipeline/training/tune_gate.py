@@ -261,12 +261,14 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path | No
                     out_dir: Path, work_dir: Path, trials: int, epochs: int, executions: int,
                     ship_to: Path | None, verbose="auto",
                     fine_tune_choices=FINE_TUNE_CHOICES,
-                    retrain_from: Path | None = None) -> pd.DataFrame:
+                    retrain_from: Path | None = None,
+                    shipped_only: bool = False) -> pd.DataFrame:
     """The whole of ``bt tune --gate``: search on the folds, the winner trained per fold
     (held-out probabilities, threshold) and on the shipped U-Net ``unet_path`` (shipped to
     ``ship_to``), scores. With ``unet_path`` None only the folds' gates are trained, which is
     all a candidate recipe's cross-validation needs. ``retrain_from`` (an earlier gate's JSON)
-    skips the search: its head's hyperparameters and epochs are trained on these trunks. A
+    skips the search: its head's hyperparameters and epochs are trained on these trunks
+    (``shipped_only``: on the shipped trunk alone, the folds' gates kept as trained). A
     recipe that trained with skull-stripped slices (``skull_strip_p``) gives its gates'
     heads the stripped copies of their training slices too. Returns the metrics table."""
     preprocessing = _fed_as(unet_path, cv_dir, recipe)
@@ -282,7 +284,7 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path | No
     features = TrunkFeatures(arrays)
     if retrain_from is not None:
         return _retrained(retrain_from, base, trunks, features, data_config, recipe, cv_dir,
-                          unet_path, out_dir, ship_to, verbose)
+                          unet_path, out_dir, ship_to, verbose, shipped_only)
     tuner = GateSearch(GateHyperModel(trunks, base, fine_tune_choices), features, seed=base.seed,
                        objective=keras_tuner.Objective("val_auc", "max"), max_trials=trials,
                        executions_per_trial=executions, directory=str(work_dir),
@@ -335,17 +337,29 @@ def _strip_share(recipe: str) -> float:
 def _retrained(retrain_from: Path, base: GateConfig, trunks: list[Trunk],
                features: TrunkFeatures, data_config, recipe: str, cv_dir: Path,
                unet_path: Path | None, out_dir: Path, ship_to: Path | None,
-               verbose) -> pd.DataFrame:
+               verbose, shipped_only: bool = False) -> pd.DataFrame:
     """The gates of ``retrain_from``'s head (no search) on ``trunks`` and the shipped trunk."""
     started = time.monotonic()
     earlier = load_json(retrain_from, GateConfig)
     head_fields = ("fine_tune_blocks", "feature_dropout", "dense_dropout", "dense_units",
                    "dense_activation", "learning_rate", "epochs", "batch_size")
     config = dataclasses.replace(base, **{f: getattr(earlier, f) for f in head_fields})
-    held_out, threshold = cross_validated_gates(trunks, config, features, cv_dir, recipe,
-                                                verbose)
-    write_text_atomic(Path(cv_dir) / recipe / "gate_heldout.csv",
-                      held_out.to_csv(index=False, lineterminator="\n", float_format="%.6f"))
+    heldout_csv = Path(cv_dir) / recipe / "gate_heldout.csv"
+    fold_gates = [fold_gate(cv_dir, recipe, trunk.fold) for trunk in trunks]
+    if shipped_only:
+        # the folds' gates stand as trained (their threshold, their held-out probabilities):
+        # only the shipped trunk's gate is trained
+        missing = [str(g) for g in fold_gates if not g.is_file()]
+        if missing or not heldout_csv.is_file():
+            raise FileNotFoundError(f"{missing or heldout_csv}: train the fold gates first "
+                                    "(--folds-only)")
+        threshold = load_json(fold_gates[0].with_suffix(".json"), GateConfig).threshold
+        held_out = pd.read_csv(heldout_csv)
+    else:
+        held_out, threshold = cross_validated_gates(trunks, config, features, cv_dir, recipe,
+                                                    verbose)
+        write_text_atomic(heldout_csv, held_out.to_csv(index=False, lineterminator="\n",
+                                                       float_format="%.6f"))
     metrics = pd.DataFrame([
         {"patients": f"cv held-out ({held_out['patient_id'].nunique()}, folds "
                      f"{','.join(str(t.fold) for t in trunks)})",
