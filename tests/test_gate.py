@@ -183,6 +183,34 @@ def test_folds_only_trains_the_fold_gates_and_ships_nothing(tiny_gate, tmp_path,
     assert list(metrics["patients"].str[:11]) == ["cv held-out"]
 
 
+def test_retrain_from_an_earlier_gate_trains_its_head_without_a_search(
+        tiny_gate, tiny_models, tmp_path, synthetic_root, synthetic_manifest):
+    import json
+    import shutil
+
+    from bt_pipeline.cli import main
+
+    cv = tmp_path / "cv"
+    shutil.copytree(tiny_gate / "cv" / "tiny" / "models", cv / "tiny" / "models",
+                    ignore=shutil.ignore_patterns("gate_*"))
+    earlier = tiny_gate / "gate.json"
+    common = ["tune", "--gate", "--recipe", "tiny", "--cv-dir", str(cv),
+              "--data-dir", str(synthetic_root), "--manifest", str(synthetic_manifest),
+              "--retrain-from", str(earlier), "--out-dir", str(tmp_path / "out"),
+              "--work-dir", str(tmp_path / "no_search"), "--ship-to", str(tmp_path / "g.keras")]
+    assert main([*common, "--folds-only"]) == 0
+    assert not (tmp_path / "no_search").exists()  # no Keras Tuner project: no search ran
+    fold_json = json.loads((cv / "tiny" / "models" / "gate_fold0.json").read_text())
+    head = json.loads(earlier.read_text())
+    for field in ("dense_units", "dense_activation", "learning_rate", "epochs"):
+        assert fold_json[field] == head[field]
+    stamp = (cv / "tiny" / "models" / "gate_fold0.keras").stat().st_mtime_ns
+    assert main([*common, "--trunk", str(tiny_models[1]), "--shipped-only"]) == 0
+    shipped = json.loads((tmp_path / "g.json").read_text())
+    assert shipped["threshold"] == pytest.approx(fold_json["threshold"])
+    assert (cv / "tiny" / "models" / "gate_fold0.keras").stat().st_mtime_ns == stamp
+
+
 @pytest.mark.parametrize("tta_flips", [False, True])
 def test_shared_trunk_gives_the_masks_of_separate_stages(tiny_gate, tiny_models,
                                                          synthetic_root, tta_flips):
