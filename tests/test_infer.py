@@ -93,7 +93,9 @@ def test_single_patient_folder_and_no_truth(tiny_models, synthetic_root, tmp_pat
     out = tmp_path / "out"
     assert _run(tiny_models, patient, "--out", out) == 0
     patients = pd.read_csv(out / "patients.csv")
-    assert list(patients.columns) == PATIENT_COLUMNS  # no truth, no dice/iou
+    # the same columns as with truth, the truth's cells empty
+    assert list(patients.columns) == PATIENT_COLUMNS + TRUTH_COLUMNS
+    assert patients[TRUTH_COLUMNS].isna().all().all()
     assert len(list((out / patient.name).glob("*_mask.png"))) == 9
 
 

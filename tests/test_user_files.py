@@ -71,6 +71,7 @@ def test_a_case_named_like_a_path_component_never_writes_outside_its_folder(
     assert "rename it" in capsys.readouterr().err
     errors = pd.read_csv(out / "errors.csv")
     assert errors["problem"].str.contains("case not processed").any()
+    assert errors["skipped"].tolist() == [1] * len(errors)  # 1/0, not True/False
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\0b", "patients.csv", "RUN.JSON",

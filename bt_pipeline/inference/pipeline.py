@@ -346,9 +346,9 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
             # the write under way runs to its end on its thread; keep what it finished
             with contextlib.suppress(KeyboardInterrupt):
                 finish_pending()
-    with_truth = any("dice" in p for p in patient_rows)
+    # one column set whether or not truth was given: empty cells where it was not
     return InferenceResult(
-        pd.DataFrame(patient_rows, columns=PATIENT_COLUMNS + (TRUTH_COLUMNS if with_truth else [])),
+        pd.DataFrame(patient_rows, columns=PATIENT_COLUMNS + TRUTH_COLUMNS),
         pd.DataFrame(slice_rows, columns=SLICE_COLUMNS), problems, first, interrupted)
 
 
@@ -398,5 +398,6 @@ def _write_tables(out: Path, result: InferenceResult) -> None:
     write_text_atomic(out / "patients.csv", result.patients.to_csv(
         index=False, lineterminator="\n", float_format="%.4f", na_rep=""))
     errors = pd.DataFrame([p.__dict__ for p in result.problems], columns=ERROR_COLUMNS)
+    errors["skipped"] = errors["skipped"].astype(int)  # 1/0, as README defines it
     write_text_atomic(out / "errors.csv", errors.to_csv(index=False, lineterminator="\n"))
     write_html_report(out / "report.html", result.patients, errors)
