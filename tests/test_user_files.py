@@ -299,3 +299,26 @@ def test_sigterm_while_the_tables_are_written_keeps_every_finished_patient(
     assert _run(tiny_models, good_case.parent, "--out", out) == 130
     assert _patients(out) == ["good"]
     assert (out / "report.html").is_file()
+
+
+# --- no patient vanishes unreported --------------------------------------------------------
+
+def test_slice_patients_beside_a_volume_case_are_processed(tiny_models, good_case, tmp_path,
+                                                           synthetic_root):
+    patient = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+    shutil.copytree(patient, good_case.parent / patient.name)
+    out = tmp_path / "out"
+    assert _run(tiny_models, good_case.parent, "--out", out) == 0
+    assert _patients(out) == sorted(["good", patient.name])
+
+
+def test_a_case_nested_too_deep_is_reported_not_dropped(tiny_models, good_case, tmp_path,
+                                                        capsys):
+    deep = good_case.parent / "site" / "deep"  # cases are looked for one level down
+    deep.mkdir(parents=True)
+    _flair(deep / "deep_flair.nii.gz")
+    out = tmp_path / "out"
+    assert _run(tiny_models, good_case.parent, "--out", out) == 1
+    assert "not searched" in capsys.readouterr().err
+    errors = pd.read_csv(out / "errors.csv")
+    assert errors["path"].str.endswith("deep").any()

@@ -198,6 +198,13 @@ def _volume_cases(folder: Path, problems: list[InputProblem], depth: int = 0
         for sub in candidates:
             cases.extend([VolumeScan(printable(sub.name), sub, dicom_series=[sub])]
                          if sub in series else _volume_cases(sub, problems, depth + 1))
+    else:  # deeper folders are not searched: say so for those that hold volumes
+        for sub in candidates:
+            if sub not in series and (_holds_dicom(sub) or any(
+                    p.is_file() and is_nifti(p) for p in sub.iterdir())):
+                problems.append(InputProblem(str(sub), printable(sub.name), "volumes two "
+                                             "levels below SCAN_DIR are not searched; give "
+                                             "this folder or its parent as SCAN_DIR"))
     return cases
 
 
@@ -273,6 +280,12 @@ def scan_inputs(scan_dirs: list[Path]
             cases = _volume_cases(scan_dir, problems)
             if cases:
                 patients.extend(cases)
+                # slice-folder patients beside the volume cases are patients too
+                for folder in sorted(p for p in scan_dir.iterdir()
+                                     if p.is_dir() and _holds_slices(p)):
+                    scan = _scan_patient(folder, problems)
+                    if scan.slices:
+                        patients.append(scan)
                 continue
         entries = sorted(scan_dir.iterdir())
         folders = [p for p in entries if p.is_dir() and _holds_slices(p)]
