@@ -322,3 +322,20 @@ def test_a_case_nested_too_deep_is_reported_not_dropped(tiny_models, good_case, 
     assert "not searched" in capsys.readouterr().err
     errors = pd.read_csv(out / "errors.csv")
     assert errors["path"].str.endswith("deep").any()
+
+
+def test_an_extra_folder_without_images_does_not_split_a_dicom_case(tmp_path):
+    from bt_pipeline.data.layout import scan_inputs
+    from bt_pipeline.studies.roundtrip import write_dicom_series
+
+    volume = sitk.GetImageFromArray(np.random.default_rng(0).integers(
+        0, 200, (4, 32, 32)).astype(np.int16))
+    case = tmp_path / "case7"
+    write_dicom_series(volume, case / "s1", "AX FLAIR", 1)
+    write_dicom_series(volume, case / "s2", "T1 POST GD", 2)
+    (case / "notes").mkdir()
+    (case / "notes" / "readme.txt").write_text("export notes")
+    patients, problems = scan_inputs([case])
+    assert [p.patient_id for p in patients] == ["case7"]
+    assert len(patients[0].dicom_series) == 2
+    assert any("holds no DICOM" in p.problem and not p.skipped for p in problems)

@@ -191,7 +191,13 @@ def _volume_cases(folder: Path, problems: list[InputProblem], depth: int = 0
     folders = [p for p in entries if p.is_dir()]
     candidates = [p for p in folders if not _holds_slices(p)]  # a listing, not 50 file reads
     series = [p for p in candidates if _holds_dicom(p)]
-    if series and len(series) == len(folders):
+    # a sub-folder holding no image at all (notes, an export's extras) does not make the
+    # series beside it separate cases
+    holding = [p for p in folders if p in series or not _holds_nothing(p)]
+    if series and len(series) == len(holding):
+        for extra in (p for p in folders if p not in holding):
+            problems.append(InputProblem(str(extra), printable(folder.name),
+                                         "holds no DICOM, NIfTI or slice", False))
         return [VolumeScan(printable(folder.name), folder, dicom_series=series)]
     cases = _nifti_cases(folder, [p for p in entries if p.is_file() and is_nifti(p)], problems)
     if depth == 0:
@@ -246,6 +252,13 @@ def _mask_of(image: Path, masks: dict[str, Path]) -> Path | None:
     """The mask beside ``image``: same stem, the image's own suffix first."""
     same = mask_path_for(image)
     return same if same in masks.values() else masks.get(slice_name(image).stem)
+
+
+def _holds_nothing(folder: Path) -> bool:
+    """Whether ``folder`` holds no slice, NIfTI or DICOM file, nor a folder."""
+    entries = list(folder.iterdir())
+    return not any(p.is_dir() or is_nifti(p) or slice_name(p) is not None for p in entries) \
+        and not _holds_dicom(folder)
 
 
 def _holds_slices(folder: Path) -> bool:
