@@ -7,8 +7,10 @@ A case is a folder holding ``CASE_flair.nii.gz``, ``CASE_seg.nii.gz`` and any of
 every sequence it has and once with FLAIR alone, and scored against whole tumour (``_seg`` > 0,
 every label) on the FLAIR's grid:
 
-    reports/external/<name>/cases.csv    per case and input: Dice, volumes in mL, notes
-    reports/external/<name>/summary.md   mean and median Dice per input
+    reports/external/<name>/<label>/cases.csv    per case and input: Dice, volumes in mL, notes
+    reports/external/<name>/<label>/summary.md   mean and median Dice per input
+
+(``<name>`` the cases folder's name, ``<label>`` "shipped" or the name given to other models.)
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("cases", type=Path, help="a folder of BraTS-named case folders")
     parser.add_argument("--name", default=None,
                         help="the report's folder name (default: the cases folder's name)")
+    parser.add_argument("--label", default="shipped",
+                        help="the models' folder inside the report (default: shipped); name "
+                             "other models to compare them")
     parser.add_argument("--out", type=Path, default=Path("reports/external"))
     add_model_arguments(parser, precision="auto")
 
@@ -107,17 +112,17 @@ def run(args: argparse.Namespace) -> int:
     for case, files in tqdm(cases.items(), desc="external cases", unit="case"):
         rows += score_case(case, files, predictor)
     table = pd.DataFrame(rows)
-    out = args.out / (args.name or args.cases.resolve().name)
+    out = args.out / (args.name or args.cases.resolve().name) / args.label
     write_text_atomic(out / "cases.csv",
                       table.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
     summary = (table.groupby("input", sort=False)["dice"]
                .agg(cases="count", mean_dice="mean", median_dice="median", min_dice="min")
                .reset_index())
-    write_summary(out / "summary.md", f"External cases: {out.name}", [
+    write_summary(out / "summary.md", f"External cases: {out.parent.name}, {args.label}", [
         f"Whole-tumour Dice (label > 0) per case in 3D on the FLAIR's grid, {len(cases)} cases; "
         f"U-Net {shown_path(args.unet)}, stage 1 {shown_path(args.classifier)}. "
         "No model trained on these cases.",
-        f"Written by `bt external <cases> --name {out.name}` (docs/external.md)."],
+        f"Written by `bt external <cases> --label {args.label}` (docs/external.md)."],
         {"summary": summary, "cases": table})
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"wrote {out}/cases.csv, summary.md")
