@@ -19,11 +19,12 @@ FINE_TUNE_CHOICES ?= 0
 WORKERS ?= 2
 ORACLE_PORT ?= 8000
 # The recipe of the U-Net that ships (training/cross_validation.py), chosen on the
-# cross-validation: `make cv CV_RECIPE=...` scores any recipe. `four_cycles` continues each of
-# `longer_standardised`'s models, which continue `longer`'s, which continue `fixed`'s (all
-# committed in reports/cv/*/models/), so from scratch it needs `make cv` and `bt cv --all` for
-# `fixed`, `longer`, then `longer_standardised`, first.
-UNET_RECIPE ?= four_cycles
+# cross-validation: `make cv CV_RECIPE=...` scores any recipe. `skull_strip` continues each of
+# `four_cycles`' models with skull-stripped slices, which continue `longer_standardised`'s,
+# `longer`'s and `fixed`'s (all committed in reports/cv/*/models/), so from scratch it needs
+# `make cv` and `bt cv --all` for `fixed`, `longer`, `longer_standardised` and `four_cycles`
+# first; then `make cv CV_RECIPE=skull_strip`, `make fold-gates`, `make train-unet`, `make gate`.
+UNET_RECIPE ?= skull_strip
 CV_RECIPE ?= baseline
 # make experiments: epochs per table (the reference study used 100 and 30) and the scale.
 EXP_EPOCHS_LR_BN ?= 12
@@ -32,7 +33,7 @@ EXP_EPOCHS_OPTIONS ?= 15
 EXP_IMAGE_SIZE ?= 64
 EXP_BASE_FILTERS ?= 8
 
-.PHONY: install data manifest brain-masks external eda test test-quick test-slow lint tune cv-gates tune-classifier stage1-choice fit-gap tune-distributed \
+.PHONY: install data manifest brain-masks external eda test test-quick test-slow lint tune cv-gates fold-gates gate tune-classifier stage1-choice fit-gap tune-distributed \
         train-unet postprocess cv demo screenshot evaluate roundtrip radiogenomics experiments bench bench-loader \
         bench-infer bench-widths clean
 
@@ -100,6 +101,19 @@ cv-gates: install
 		--fine-tune-choices $(FINE_TUNE_CHOICES) --out-dir reports/cv/$(CV_RECIPE)/gate_search \
 		--work-dir tuning/work/gate
 
+# The gate without a search: the head a recipe's search chose (GATE_FROM, an earlier gate's
+# JSON: its dropout, activation, width, rate and epochs) trained on the recipe's fold U-Nets
+# (held-out probabilities, threshold; `fold-gates`), then on the shipped U-Net (`gate`, after
+# `make train-unet`). For a recipe that only fine-tunes its predecessor's U-Nets.
+GATE_FROM ?= reports/cv/four_cycles/models/gate_fold0.json
+fold-gates: install
+	$(PY) -m bt_pipeline tune --gate --folds-only --recipe $(UNET_RECIPE) --retrain-from $(GATE_FROM) \
+		--data-dir $(KAGGLE_ROOT) --out-dir reports/cv/$(UNET_RECIPE)/gate_search
+
+gate: install
+	$(PY) -m bt_pipeline tune --gate --shipped-only --recipe $(UNET_RECIPE) --retrain-from $(GATE_FROM) \
+		--data-dir $(KAGGLE_ROOT) --out-dir tuning/gate
+
 # The from-scratch slice CNN, stage 1 before the gate, kept as an option and as the baseline row:
 # RandomSearch on val, the best retrained into runs/classifier/ (not shipped).
 tune-classifier: install
@@ -137,7 +151,7 @@ train-unet: install
 INTENSITY ?= volume_p99
 # The recipe that shipped before $(UNET_RECIPE): its CV report is what the shipped recipe's report
 # is paired against, patient by patient.
-SHIPPED_BEFORE ?= longer_standardised
+SHIPPED_BEFORE ?= four_cycles
 postprocess: install
 	$(PY) -m bt_pipeline cv --data-dir $(KAGGLE_ROOT) --recipe $(UNET_RECIPE) --no-train \
 		--intensity $(INTENSITY) \
