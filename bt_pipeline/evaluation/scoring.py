@@ -198,7 +198,7 @@ def sweep_thresholds(predictor: TwoStagePredictor, predictions: list[PatientPred
                      min_pixels=(0, 25, 50, 100, 200),
                      largest_3d=(False, True),
                      largest_3d_by=LARGEST_3D_BY,
-                     component_shares=(1.0, 0.5, 0.2, 0.1, 0.05)) -> pd.DataFrame:
+                     component_shares=(1.0, 0.25)) -> pd.DataFrame:
     """Mean per-patient pipeline Dice (and slice sensitivity) over ``predictions`` for every
     combination of mask threshold, classifier threshold, small-component removal and keeping
     the largest 3D component (sized each way in ``largest_3d_by``, with the components at
