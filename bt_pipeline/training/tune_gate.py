@@ -311,11 +311,7 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path | No
                                                 verbose)
     write_text_atomic(Path(cv_dir) / recipe / "gate_heldout.csv",
                       held_out.to_csv(index=False, lineterminator="\n", float_format="%.6f"))
-    metrics = pd.DataFrame([
-        {"patients": f"cv held-out ({held_out['patient_id'].nunique()}, folds "
-                     f"{','.join(str(t.fold) for t in trunks)})",
-         **classification_metrics(held_out["has_tumor"], held_out["gate_probability"],
-                                  threshold)}])
+    metrics = _heldout_metrics(held_out, trunks, threshold)
     if unet_path is not None:
         extra = {"data": dataclasses.asdict(data_config), "trunk": Path(unet_path).name,
                  "cv_recipe": recipe, "threshold_chosen_on": "cv held-out",
@@ -327,6 +323,16 @@ def run_gate_tuning(data_config, recipe: str, cv_dir: Path, unet_path: Path | No
     write_text_atomic(out_dir / "gate_metrics.csv",
                       metrics.to_csv(index=False, lineterminator="\n", float_format="%.4f"))
     return metrics
+
+
+def _heldout_metrics(held_out: pd.DataFrame, trunks: list[Trunk],
+                     threshold: float) -> pd.DataFrame:
+    """The metrics table's row for the folds' held-out probabilities at ``threshold``."""
+    return pd.DataFrame([
+        {"patients": f"cv held-out ({held_out['patient_id'].nunique()}, folds "
+                     f"{','.join(str(t.fold) for t in trunks)})",
+         **classification_metrics(held_out["has_tumor"], held_out["gate_probability"],
+                                  threshold)}])
 
 
 def _strip_share(recipe: str) -> float:
@@ -360,11 +366,7 @@ def _retrained(retrain_from: Path, base: GateConfig, trunks: list[Trunk],
                                                     verbose)
         write_text_atomic(heldout_csv, held_out.to_csv(index=False, lineterminator="\n",
                                                        float_format="%.6f"))
-    metrics = pd.DataFrame([
-        {"patients": f"cv held-out ({held_out['patient_id'].nunique()}, folds "
-                     f"{','.join(str(t.fold) for t in trunks)})",
-         **classification_metrics(held_out["has_tumor"], held_out["gate_probability"],
-                                  threshold)}])
+    metrics = _heldout_metrics(held_out, trunks, threshold)
     if unet_path is not None:
         extra = {"data": dataclasses.asdict(data_config), "trunk": Path(unet_path).name,
                  "cv_recipe": recipe, "threshold_chosen_on": "cv held-out",
