@@ -244,7 +244,7 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
 
 #: Why a blank case is skipped: with every voxel alike there is nothing to examine, and "no
 #: tumour" would be an answer about nothing.
-BLANK = "blank: every voxel has the same value (empty, constant or unreadable values); skipped"
+BLANK = "blank: every voxel has the same value (empty, constant or unreadable values)"
 
 
 def is_blank(images: list[np.ndarray]) -> bool:
