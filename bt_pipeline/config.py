@@ -261,8 +261,13 @@ _RANGES = {
     "learning_rate": (0.0, 1.0), "epochs": (0, 100_000), "batch_size": (1, 100_000),
     "skull_strip_p": (0.0, 1.0), "missing_sequence_p": (0.0, 1.0),
 }
+#: The per-volume intensity rules (data.preprocess.standardise_volume).
+INTENSITY_RULES = ("raw", "volume_p99")
+#: How the volume rule sizes a 3D component: its voxels, or its voxels each weighted by the
+#: stage-1 probability of its slice (inference.postprocess).
+LARGEST_3D_BY = ("voxels", "gate")
 #: Fields that name one of a fixed set of rules.
-_CHOICES = {"intensity": ("raw", "volume_p99"), "largest_3d_by": ("voxels", "gate")}
+_CHOICES = {"intensity": INTENSITY_RULES, "largest_3d_by": LARGEST_3D_BY}
 
 
 def _check_ranges(config: Any) -> None:

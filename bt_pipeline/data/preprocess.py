@@ -25,6 +25,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bt_pipeline.config import INTENSITY_RULES
+
 # A broken file is reported once, by SliceReadError; OpenCV's own codec chatter on stderr
 # (libtiff "TIFFReadDirectory: ..." lines) would only bury that message.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
@@ -168,7 +170,6 @@ def preprocess_image(image_rgb: np.ndarray, image_size: int, tv_weight: float = 
 VOLUME_P99_TARGET = 0.6
 #: A pixel is brain when its FLAIR value is above this (10 of 255): background is near 0.
 BRAIN_FLAIR_FLOOR = 10 / 255
-INTENSITY_RULES = ("raw", "volume_p99")
 
 
 def brain_p99(volume: np.ndarray, flair_floor: float) -> np.ndarray | None:

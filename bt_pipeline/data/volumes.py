@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bt_pipeline.data.layout import ROLES, VolumeScan, printable
+from bt_pipeline.data.layout import ROLES, VolumeScan, is_nifti, printable
 
 #: In-plane size of the model grid: the dataset's slices are 256x256.
 GRID_SIDE = 256
@@ -249,7 +249,7 @@ def read_volume(path: Path):
     size = reader.GetSize()
     if files is None:
         _check_header(path, reader.GetDimension(), size, reader.GetNumberOfComponents())
-        if path.name.lower().endswith((".nii", ".nii.gz")) and not _nifti_complete(path):
+        if is_nifti(path) and not _nifti_complete(path):
             # SimpleITK would fill the missing voxels with 0 and say nothing
             raise VolumeReadError(path, "truncated: holds fewer voxels than its header "
                                   "declares")

@@ -24,10 +24,16 @@ import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic, write_with
 from bt_pipeline.cli import UsageError, keras_verbosity, quiet_tensorflow
-from bt_pipeline.config import SHIPPED_UNET, DataConfig, GateConfig, UNetConfig, load_json
+from bt_pipeline.config import (
+    INTENSITY_RULES,
+    SHIPPED_UNET,
+    DataConfig,
+    GateConfig,
+    UNetConfig,
+    load_json,
+)
 from bt_pipeline.data.brain_mask import load_masks
 from bt_pipeline.data.manifest import N_FOLDS, read_manifest
-from bt_pipeline.data.preprocess import INTENSITY_RULES
 from bt_pipeline.evaluation.evaluate import by_slice_level
 from bt_pipeline.evaluation.metrics import dice_score
 from bt_pipeline.evaluation.scoring import (

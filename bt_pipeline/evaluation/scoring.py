@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from bt_pipeline.config import LARGEST_3D_BY
 from bt_pipeline.data.brain_mask import strip
 from bt_pipeline.data.preprocess import (
     MASK_RESIZE,
@@ -35,7 +36,6 @@ from bt_pipeline.data.preprocess import (
     read_mask,
 )
 from bt_pipeline.evaluation.metrics import dice_score, iou_score
-from bt_pipeline.inference.postprocess import LARGEST_3D_BY
 from bt_pipeline.inference.predictor import TwoStagePredictor, to_grid
 
 

@@ -25,9 +25,6 @@ from bt_pipeline.config import UNetConfig, load_json, save_json
 #: A rule is adopted only if it lifts the mean held-out pipeline Dice by at least this much.
 MIN_POSTPROCESS_GAIN = 0.005
 
-#: How the volume rule sizes a component: its voxels, or its voxels each weighted by the
-#: stage-1 probability of its slice.
-LARGEST_3D_BY = ("voxels", "gate")
 
 
 def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from bt_pipeline.config import (
     load_json,
 )
 from bt_pipeline.data.preprocess import preprocess_image, standardise_volume, with_context
-from bt_pipeline.inference.postprocess import LARGEST_3D_BY, finish_volume, slice_masks
+from bt_pipeline.inference.postprocess import finish_volume, slice_masks
 from bt_pipeline.models.batch_norm import with_fused_batch_norm
 from bt_pipeline.models.gate import cut_layer_name, fingerprint
 from bt_pipeline.models.precision import with_dtype_policy
@@ -189,9 +189,6 @@ class TwoStagePredictor:
         classifier_path, unet_path = Path(classifier_path), Path(unet_path)
         classifier_config = _config_beside(classifier_path, (ClassifierConfig, GateConfig))
         unet_config = _config_beside(unet_path, UNetConfig)
-        if unet_config.largest_3d_by not in LARGEST_3D_BY:
-            raise ModelLoadError(f"{unet_path.with_suffix('.json')}: largest_3d_by "
-                                 f"{unet_config.largest_3d_by!r} is none of {LARGEST_3D_BY}")
         if extra_unet_paths is None:
             extra_unet_paths = [unet_path.parent / name for name in unet_config.ensemble]
         if tta_flips is None:
