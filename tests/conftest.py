@@ -101,3 +101,13 @@ def tiny_models(synthetic_root, synthetic_manifest, tmp_path_factory):
     ship_model(classifier, out / "classifier.keras", clf_config, {"note": "test model"})
     ship_model(unet, out / "unet.keras", unet_config, {"note": "test model"})
     return out / "classifier.keras", out / "unet.keras"
+
+
+@pytest.fixture
+def run_infer(tiny_models):
+    """``bt infer ARGS --quiet`` with the tiny models; returns its exit status."""
+    from bt_pipeline.infer import main
+
+    classifier, unet = tiny_models
+    return lambda *args: main([*map(str, args), "--classifier", str(classifier),
+                               "--unet", str(unet), "--quiet"])

@@ -22,19 +22,13 @@ def _write(path: Path, volume: np.ndarray) -> Path:
     return path
 
 
-def _run(tiny_models, *args):
-    classifier, unet = tiny_models
-    return main([*map(str, args), "--classifier", str(classifier), "--unet", str(unet),
-                 "--quiet"])
-
-
 BLANKS = {"zeros": np.zeros((6, 64, 64), np.float32),
           "constant": np.full((6, 64, 64), 7.0, np.float32),
           "nan": np.full((6, 64, 64), np.nan, np.float32)}
 
 
 @pytest.mark.parametrize("kind", sorted(BLANKS))
-def test_a_blank_volume_is_skipped_not_answered(tiny_models, tmp_path, kind, capsys):
+def test_a_blank_volume_is_skipped_not_answered(run_infer, tmp_path, kind, capsys):
     scans = tmp_path / "scans"
     (scans / "good").mkdir(parents=True)
     (scans / "blank").mkdir()
@@ -43,7 +37,7 @@ def test_a_blank_volume_is_skipped_not_answered(tiny_models, tmp_path, kind, cap
         np.int16))
     _write(scans / "blank" / "blank_flair.nii.gz", BLANKS[kind])
     out = tmp_path / "out"
-    assert _run(tiny_models, scans, "--out", out) == 1
+    assert run_infer(scans, "--out", out) == 1
     assert list(pd.read_csv(out / "patients.csv")["patient_id"]) == ["good"]
     err = capsys.readouterr().err
     assert "blank_flair.nii.gz: blank" in err
@@ -107,7 +101,7 @@ def test_a_gate_fine_tuning_more_blocks_than_the_trunk_has_is_refused():
         from_dict({**to_dict(GateConfig(image_size=160)), "fine_tune_blocks": 99})
 
 
-def test_a_newline_in_a_file_name_cannot_forge_a_line(tiny_models, synthetic_root, tmp_path,
+def test_a_newline_in_a_file_name_cannot_forge_a_line(run_infer, synthetic_root, tmp_path,
                                                       capsys):
     import shutil
 
@@ -115,14 +109,14 @@ def test_a_newline_in_a_file_name_cannot_forge_a_line(tiny_models, synthetic_roo
     scans = tmp_path / "scans"
     shutil.copytree(patient, scans / patient.name)
     (scans / patient.name / "notes\nskipped: forged.tif: fake").write_text("x")
-    assert _run(tiny_models, scans, "--out", tmp_path / "out") == 0
+    assert run_infer(scans, "--out", tmp_path / "out") == 0
     lines = capsys.readouterr().err.splitlines()
     assert not any(line.startswith("skipped: forged") for line in lines), lines
     assert any("notes\\nskipped: forged.tif" in line for line in lines), lines
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
-def test_a_truncated_nifti_is_skipped_and_the_batch_goes_on(tiny_models, tmp_path, suffix,
+def test_a_truncated_nifti_is_skipped_and_the_batch_goes_on(run_infer, tmp_path, suffix,
                                                             capsys):
     scans = tmp_path / "scans"
     (scans / "good").mkdir(parents=True)
@@ -134,7 +128,7 @@ def test_a_truncated_nifti_is_skipped_and_the_batch_goes_on(tiny_models, tmp_pat
                  rng.integers(0, 200, (20, 64, 64)).astype(np.int16))
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     out = tmp_path / "out"
-    assert _run(tiny_models, scans, "--out", out) == 1
+    assert run_infer(scans, "--out", out) == 1
     assert list(pd.read_csv(out / "patients.csv")["patient_id"]) == ["good"]
     assert f"cut_flair{suffix}: truncated" in capsys.readouterr().err
 

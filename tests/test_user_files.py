@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from bt_pipeline.infer import main
 from bt_pipeline.inference import output_folder
 from bt_pipeline.inference.output_folder import (
     RUN_MARKER,
@@ -24,12 +23,6 @@ from bt_pipeline.inference.output_folder import (
     name_problem,
     output_file_name,
 )
-
-
-def _run(tiny_models, *args):
-    classifier, unet = tiny_models
-    return main([*map(str, args), "--classifier", str(classifier), "--unet", str(unet),
-                 "--quiet"])
 
 
 def _flair(path: Path, seed: int = 0) -> None:
@@ -54,7 +47,7 @@ def good_case(tmp_path):
                                                (".._0001.nii.gz", False),
                                                ("...nii.gz", True), (".nii.gz", True)])
 def test_a_case_named_like_a_path_component_never_writes_outside_its_folder(
-        tiny_models, good_case, tmp_path, name, given_alone, capsys):
+        run_infer, good_case, tmp_path, name, given_alone, capsys):
     scans = good_case.parent
     bad = (tmp_path / "single" if given_alone else scans) / name
     bad.parent.mkdir(exist_ok=True)
@@ -63,7 +56,7 @@ def test_a_case_named_like_a_path_component_never_writes_outside_its_folder(
     bystander.parent.mkdir()
     bystander.write_text("mine")
     out = tmp_path / "results" / "run"
-    code = _run(tiny_models, scans, *([bad] if given_alone else []), "--out", out)
+    code = run_infer(scans, *([bad] if given_alone else []), "--out", out)
     assert code == 1  # the good case done, the other skipped
     assert bystander.read_text() == "mine"
     assert sorted(p.name for p in bystander.parent.iterdir()) == ["run", "thesis.txt"]
@@ -94,13 +87,13 @@ def test_a_long_slice_name_gets_a_unique_short_output_name():
     assert output_file_name("short", "_mask.png") == "short_mask.png"
 
 
-def test_a_case_named_like_an_output_table_is_skipped_not_the_batch(tiny_models, good_case,
+def test_a_case_named_like_an_output_table_is_skipped_not_the_batch(run_infer, good_case,
                                                                     tmp_path):
     table = good_case.parent / "patients.csv"
     table.mkdir()
     _flair(table / "flair.nii.gz", seed=2)
     out = tmp_path / "out"
-    assert _run(tiny_models, good_case.parent, "--out", out) == 1
+    assert run_infer(good_case.parent, "--out", out) == 1
     assert _patients(out) == ["good"]
     assert (out / "patients.csv").is_file()
 
@@ -113,31 +106,31 @@ def _patients(out: Path) -> list[str]:
 
 @pytest.mark.parametrize("table", ["slices.csv", "run.json"])
 def test_a_folder_with_a_table_named_file_is_not_taken_for_an_earlier_run(
-        tiny_models, good_case, tmp_path, table, capsys):
+        run_infer, good_case, tmp_path, table, capsys):
     out = tmp_path / "thesis"
     (out / "chapters").mkdir(parents=True)
     (out / "chapters" / "one.tex").write_text("years of work")
     (out / table).write_text("{}\n" if table == "run.json" else "a,b\n")
-    assert _run(tiny_models, good_case.parent, "--out", out) == 2
+    assert run_infer(good_case.parent, "--out", out) == 2
     assert "holds files that bt did not write" in capsys.readouterr().err
     assert (out / "chapters" / "one.tex").read_text() == "years of work"
 
 
-def test_an_earlier_run_is_replaced_and_carries_the_marker(tiny_models, good_case, tmp_path):
+def test_an_earlier_run_is_replaced_and_carries_the_marker(run_infer, good_case, tmp_path):
     out = tmp_path / "out"
-    assert _run(tiny_models, good_case.parent, "--out", out) == 0
+    assert run_infer(good_case.parent, "--out", out) == 0
     marker = json.loads((out / RUN_MARKER).read_text())
     assert marker["tool"] == "bt_pipeline" and marker["run_id"]
-    assert _run(tiny_models, good_case.parent, "--out", out) == 0
+    assert run_infer(good_case.parent, "--out", out) == 0
     assert json.loads((out / RUN_MARKER).read_text())["run_id"] != marker["run_id"]
 
 
-def test_a_run_written_before_the_marker_existed_is_still_recognised(tiny_models, good_case,
+def test_a_run_written_before_the_marker_existed_is_still_recognised(run_infer, good_case,
                                                                      tmp_path):
     out = tmp_path / "out"
-    assert _run(tiny_models, good_case.parent, "--out", out) == 0
+    assert run_infer(good_case.parent, "--out", out) == 0
     (out / RUN_MARKER).unlink()  # as an older version left it: run.json names the tool
-    assert _run(tiny_models, good_case.parent, "--out", out) == 0
+    assert run_infer(good_case.parent, "--out", out) == 0
 
 
 # --- clean-up matches exact names -----------------------------------------------------------
@@ -223,27 +216,27 @@ def test_a_signal_during_a_two_rename_swap_leaves_a_complete_out(tmp_path, monke
 # --- every argument is checked before any work --------------------------------------------
 
 @pytest.mark.parametrize("spacing", [["nan", "1", "1"], ["inf", "1", "1"], ["1", "1", "0"]])
-def test_a_bad_spacing_is_refused_before_work(tiny_models, good_case, tmp_path, spacing, capsys):
+def test_a_bad_spacing_is_refused_before_work(run_infer, good_case, tmp_path, spacing, capsys):
     out = tmp_path / "out"
-    assert _run(tiny_models, good_case.parent, "--out", out, "--spacing", *spacing) == 2
+    assert run_infer(good_case.parent, "--out", out, "--spacing", *spacing) == 2
     assert "--spacing" in capsys.readouterr().err
     assert not out.exists()
 
 
 @pytest.mark.parametrize("where", ["folder", "under_a_file"])
-def test_a_bad_timing_path_is_refused_before_work(tiny_models, good_case, tmp_path, where,
+def test_a_bad_timing_path_is_refused_before_work(run_infer, good_case, tmp_path, where,
                                                   capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     timing = tmp_path if where == "folder" else blocker / "t.json"
     out = tmp_path / "out"
-    assert _run(tiny_models, good_case.parent, "--out", out, "--timing", timing) == 2
+    assert run_infer(good_case.parent, "--out", out, "--timing", timing) == 2
     assert "--timing" in capsys.readouterr().err
     assert not out.exists()
 
 
-def test_an_empty_scan_dir_is_refused_not_the_working_folder(tiny_models, tmp_path, capsys):
-    assert _run(tiny_models, "", "--out", tmp_path / "out") == 2
+def test_an_empty_scan_dir_is_refused_not_the_working_folder(run_infer, tmp_path, capsys):
+    assert run_infer("", "--out", tmp_path / "out") == 2
     assert "SCAN_DIR is empty" in capsys.readouterr().err
 
 
@@ -266,26 +259,26 @@ def test_a_tiny_file_declaring_a_huge_volume_is_refused_from_its_header(tmp_path
 
 # --- a symlink loop is one input problem, not the end of the batch ---------------------------
 
-def test_a_symlink_loop_beside_good_input_is_skipped(tiny_models, good_case, tmp_path, capsys):
+def test_a_symlink_loop_beside_good_input_is_skipped(run_infer, good_case, tmp_path, capsys):
     loop_a, loop_b = tmp_path / "loop_a", tmp_path / "loop_b"
     loop_a.symlink_to(loop_b)
     loop_b.symlink_to(loop_a)
     out = tmp_path / "out"
-    assert _run(tiny_models, loop_a, good_case.parent, "--out", out) == 1
+    assert run_infer(loop_a, good_case.parent, "--out", out) == 1
     assert _patients(out) == ["good"]
     assert "symlink loop" in capsys.readouterr().err
 
 
-def test_a_symlink_loop_as_out_is_refused(tiny_models, good_case, tmp_path, capsys):
+def test_a_symlink_loop_as_out_is_refused(run_infer, good_case, tmp_path, capsys):
     loop_a, loop_b = tmp_path / "loop_a", tmp_path / "loop_b"
     loop_a.symlink_to(loop_b)
     loop_b.symlink_to(loop_a)
-    assert _run(tiny_models, good_case.parent, "--out", loop_a) == 2
+    assert run_infer(good_case.parent, "--out", loop_a) == 2
     assert "symlink loop" in capsys.readouterr().err
 
 
 def test_sigterm_while_the_tables_are_written_keeps_every_finished_patient(
-        tiny_models, good_case, tmp_path, monkeypatch):
+        run_infer, good_case, tmp_path, monkeypatch):
     from bt_pipeline.inference import pipeline
 
     real = pipeline._write_tables
@@ -296,29 +289,29 @@ def test_sigterm_while_the_tables_are_written_keeps_every_finished_patient(
 
     monkeypatch.setattr(pipeline, "_write_tables", write_then_signal)
     out = tmp_path / "out"
-    assert _run(tiny_models, good_case.parent, "--out", out) == 130
+    assert run_infer(good_case.parent, "--out", out) == 130
     assert _patients(out) == ["good"]
     assert (out / "report.html").is_file()
 
 
 # --- no patient vanishes unreported --------------------------------------------------------
 
-def test_slice_patients_beside_a_volume_case_are_processed(tiny_models, good_case, tmp_path,
+def test_slice_patients_beside_a_volume_case_are_processed(run_infer, good_case, tmp_path,
                                                            synthetic_root):
     patient = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
     shutil.copytree(patient, good_case.parent / patient.name)
     out = tmp_path / "out"
-    assert _run(tiny_models, good_case.parent, "--out", out) == 0
+    assert run_infer(good_case.parent, "--out", out) == 0
     assert _patients(out) == sorted(["good", patient.name])
 
 
-def test_a_case_nested_too_deep_is_reported_not_dropped(tiny_models, good_case, tmp_path,
+def test_a_case_nested_too_deep_is_reported_not_dropped(run_infer, good_case, tmp_path,
                                                         capsys):
     deep = good_case.parent / "site" / "deep"  # cases are looked for one level down
     deep.mkdir(parents=True)
     _flair(deep / "deep_flair.nii.gz")
     out = tmp_path / "out"
-    assert _run(tiny_models, good_case.parent, "--out", out) == 1
+    assert run_infer(good_case.parent, "--out", out) == 1
     assert "not searched" in capsys.readouterr().err
     errors = pd.read_csv(out / "errors.csv")
     assert errors["path"].str.endswith("deep").any()

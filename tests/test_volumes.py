@@ -8,7 +8,6 @@ sitk = pytest.importorskip("SimpleITK")
 
 from bt_pipeline.data.layout import scan_inputs  # noqa: E402
 from bt_pipeline.data.synthetic import make_synthetic_dataset  # noqa: E402
-from bt_pipeline.infer import main  # noqa: E402
 from bt_pipeline.studies.roundtrip import (  # noqa: E402
     oblique_direction,
     patient_slices,
@@ -18,12 +17,6 @@ from bt_pipeline.studies.roundtrip import (  # noqa: E402
     write_dicom_series,
     write_nifti_case,
 )
-
-
-def _run(tiny_models, *args):
-    classifier, unet = tiny_models
-    return main([*map(str, args), "--classifier", str(classifier), "--unet", str(unet),
-                 "--quiet"])
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +76,7 @@ def _blob_volume(direction, size=(40, 48, 12)):
 
 @pytest.mark.parametrize("storage", ["RAS", "LPI", "sagittal"])
 @pytest.mark.parametrize("form", ["nifti", "dicom"])
-def test_mask_lands_in_the_anatomical_corner_of_the_input(tiny_models, tmp_path, monkeypatch,
+def test_mask_lands_in_the_anatomical_corner_of_the_input(run_infer, tmp_path, monkeypatch,
                                                           storage, form):
     """A bright blob in the patient's left-anterior-superior corner, stored in three different
     voxel orders: the model sees it top-right (anterior, patient's left) in the upper slices,
@@ -108,7 +101,7 @@ def test_mask_lands_in_the_anatomical_corner_of_the_input(tiny_models, tmp_path,
 
     monkeypatch.setattr(TwoStagePredictor, "predict", bright_is_tumour)
     out = tmp_path / "out"
-    assert _run(tiny_models, scan, "--out", out) == 0
+    assert run_infer(scan, "--out", out) == 0
     model_view = np.stack(seen)[..., 1] > 200  # (slice, row, column)
     k, row, column = np.argwhere(model_view).T
     assert k.min() > len(seen) / 2  # superior: the upper slices
@@ -128,12 +121,12 @@ def test_mask_lands_in_the_anatomical_corner_of_the_input(tiny_models, tmp_path,
     assert (world[:, 2] > centre[2]).all()  # +z: superior
 
 
-def test_tumour_volume_of_a_nifti_case_uses_its_header_spacing(tiny_models, patient_256,
+def test_tumour_volume_of_a_nifti_case_uses_its_header_spacing(run_infer, patient_256,
                                                                 tmp_path):
     images = patient_slices(patient_256)
     write_nifti_case(images, tmp_path / "cases" / "c1", "c1", spacing=(0.7, 0.6, 2.5))
     out = tmp_path / "out"
-    assert _run(tiny_models, tmp_path / "cases", "--out", out) == 0
+    assert run_infer(tmp_path / "cases", "--out", out) == 0
     patients = pd.read_csv(out / "patients.csv")
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "c1" / "mask.nii.gz")))
     assert patients.loc[0, "tumor_pixels"] == int(mask.sum())
@@ -142,7 +135,7 @@ def test_tumour_volume_of_a_nifti_case_uses_its_header_spacing(tiny_models, pati
     assert patients.loc[0, "sequences"] == "pre+flair+post"
 
 
-def test_flair_alone_in_every_form_is_processed_and_said(tiny_models, patient_256, tmp_path,
+def test_flair_alone_in_every_form_is_processed_and_said(run_infer, patient_256, tmp_path,
                                                          capsys):
     """A single NIfTI file, a single DICOM series and single-channel slices are FLAIR-only
     cases: processed, marked ``sequences`` = flair, with a note saying how far to trust it."""
@@ -159,7 +152,7 @@ def test_flair_alone_in_every_form_is_processed_and_said(tiny_models, patient_25
     for n, image in enumerate(images, start=1):
         cv2.imwrite(str(gray / f"TCGA_CS_0001_20000101_{n}.tif"), image[..., 1])
     out = tmp_path / "out"
-    assert _run(tiny_models, inputs / "scan.nii.gz", inputs / "dicom_case", gray,
+    assert run_infer(inputs / "scan.nii.gz", inputs / "dicom_case", gray,
                 "--out", out) == 0
     patients = pd.read_csv(out / "patients.csv")
     assert sorted(patients["patient_id"]) == ["TCGA_CS_0001_20000101", "dicom_case", "scan"]
@@ -170,7 +163,7 @@ def test_flair_alone_in_every_form_is_processed_and_said(tiny_models, patient_25
 
 
 def test_bad_volumes_get_one_line_naming_the_file_and_good_cases_still_run(
-        tiny_models, patient_256, tmp_path, capsys):
+        run_infer, patient_256, tmp_path, capsys):
     images = patient_slices(patient_256)
     root = tmp_path / "cases"
     write_nifti_case(images, root / "good", "good")
@@ -197,7 +190,7 @@ def test_bad_volumes_get_one_line_naming_the_file_and_good_cases_still_run(
             path.rename(mixed / f"{role}_{path.name}")
     before = sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*"))
     out = tmp_path / "out"
-    assert _run(tiny_models, root, mixed, "--out", out) == 1
+    assert run_infer(root, mixed, "--out", out) == 1
     assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*")) == before
     assert list(pd.read_csv(out / "patients.csv")["patient_id"]) == ["good"]
     stderr = capsys.readouterr().err.splitlines()
@@ -240,7 +233,7 @@ def test_oblique_direction_is_a_rotation():
     assert np.linalg.det(direction) == pytest.approx(1.0)
 
 
-def test_a_flair_acquired_in_another_plane_gets_a_note(tiny_models, tmp_path, capsys):
+def test_a_flair_acquired_in_another_plane_gets_a_note(tiny_models, run_infer, tmp_path, capsys):
     """Thick sagittal slices become axial pixels 4 mm wide left-right: the run says so (and
     still segments); axial storage of the same voxels says nothing."""
     from bt_pipeline.inference.predictor import TwoStagePredictor
@@ -251,7 +244,7 @@ def test_a_flair_acquired_in_another_plane_gets_a_note(tiny_models, tmp_path, ca
     sitk.WriteImage(sagittal, str(tmp_path / "sag_flair.nii.gz"))
     sitk.WriteImage(axial, str(tmp_path / "ax_flair.nii.gz"))
     out = tmp_path / "out"
-    assert _run(tiny_models, tmp_path / "sag_flair.nii.gz", tmp_path / "ax_flair.nii.gz",
+    assert run_infer(tmp_path / "sag_flair.nii.gz", tmp_path / "ax_flair.nii.gz",
                 "--out", out) == 0
     notes = [line for line in capsys.readouterr().err.splitlines()
              if line.startswith("note: ") and "axial pixels" in line]
@@ -264,7 +257,7 @@ def test_a_flair_acquired_in_another_plane_gets_a_note(tiny_models, tmp_path, ca
     assert segment(axial, predictor=predictor).notes == ()
 
 
-def test_save_probabilities_on_a_volume_lands_on_the_masks_grid(tiny_models, patient_256,
+def test_save_probabilities_on_a_volume_lands_on_the_masks_grid(run_infer, patient_256,
                                                                tmp_path, monkeypatch):
     """An oblique NIfTI case: probability.nii.gz has the mask's header to the last bit, and the
     resampled probabilities cut at 0.5 give the written mask (the stand-in's maps are its
@@ -283,7 +276,7 @@ def test_save_probabilities_on_a_volume_lands_on_the_masks_grid(tiny_models, pat
     monkeypatch.setattr(TwoStagePredictor, "predict", with_maps)
     write_nifti_case(patient_slices(patient_256), tmp_path / "cases" / "c1", "c1")
     out = tmp_path / "out"
-    assert _run(tiny_models, tmp_path / "cases", "--out", out, "--save-probabilities") == 0
+    assert run_infer(tmp_path / "cases", "--out", out, "--save-probabilities") == 0
     mask = nib.load(out / "c1" / "mask.nii.gz")
     probability = nib.load(out / "c1" / "probability.nii.gz")
     assert probability.get_data_dtype() == np.float32
