@@ -142,3 +142,141 @@ def test_a_fifo_named_like_a_slice_is_said_to_be_one(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(SliceReadError, match="not a regular file"):
         read_image(fifo)
+
+
+# --- a DICOM series is read as its files say, or refused with the reason -------------------
+
+def _series(folder: Path, depth: int = 8, side: int = 32, description: str = "AX FLAIR",
+            number: int = 1) -> Path:
+    from bt_pipeline.studies.roundtrip import write_dicom_series
+
+    values = np.random.default_rng(number).integers(0, 1000, (depth, side, side))
+    image = sitk.GetImageFromArray(values.astype(np.int16))
+    image.SetSpacing((32 / side, 32 / side, 3.3))
+    write_dicom_series(image, folder, description, number)
+    return folder
+
+
+@pytest.mark.parametrize("damage, reason", [("missing", "not evenly spaced"),
+                                            ("repeated", "one slice position")])
+def test_an_irregular_dicom_series_is_refused_not_spread_evenly(tmp_path, damage, reason):
+    from bt_pipeline.data.volumes import read_volume
+
+    series = _series(tmp_path / "flair")
+    if damage == "missing":
+        (series / "slice0004.dcm").unlink()
+    else:
+        (series / "slice0004b.dcm").write_bytes((series / "slice0004.dcm").read_bytes())
+    with pytest.raises(VolumeReadError, match=reason):
+        read_volume(series)
+    (series / "slice0004b.dcm").unlink(missing_ok=True)
+    if damage == "repeated":  # the intact series reads on its own 3.3 mm grid
+        assert read_volume(series).GetSpacing()[2] == pytest.approx(3.3)
+
+
+def test_a_one_file_series_keeps_its_slice_thickness(tmp_path):
+    from bt_pipeline.data.volumes import read_volume
+
+    image = read_volume(_series(tmp_path / "flair", depth=1))
+    assert image.GetSpacing()[2] == pytest.approx(3.3)
+
+
+def test_a_slice_of_another_size_is_named_with_both_sizes(tmp_path):
+    from bt_pipeline.data.volumes import read_volume
+
+    series = _series(tmp_path / "flair")
+    larger = _series(tmp_path / "larger", side=64)
+    # one file of another plane size with this series' UIDs: an export mixing matrices
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(series / "slice0000.dcm"))
+    reader.ReadImageInformation()
+    odd = sitk.ReadImage(str(larger / "slice0003.dcm"))
+    for tag in ("0020|000d", "0020|000e"):
+        odd.SetMetaData(tag, reader.GetMetaData(tag))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(series / "slice0003.dcm"))
+    writer.Execute(odd)
+    with pytest.raises(VolumeReadError, match=r"slice0003.dcm is 64x64 while the series' "
+                                              r"first file is 32x32"):
+        read_volume(series)
+
+
+def test_a_dicom_file_or_dicomdir_beside_series_folders_is_not_the_case(tmp_path):
+    from bt_pipeline.data.layout import scan_inputs
+
+    case = tmp_path / "cases" / "case7"
+    _series(case / "flair", description="AX FLAIR", number=1)
+    _series(case / "t1", description="AX T1", number=2)
+    (case / "DICOMDIR").write_bytes((case / "flair" / "slice0000.dcm").read_bytes())
+    (case / "stray.dcm").write_bytes((case / "t1" / "slice0001.dcm").read_bytes())
+    for scan_dir in (case, case.parent):
+        found, problems = scan_inputs([scan_dir])
+        assert [sorted(s.name for s in f.dicom_series) for f in found] == [["flair", "t1"]]
+        lines = {p.path.rsplit("/", 1)[-1]: p for p in problems}
+        assert not lines["DICOMDIR"].skipped and "DICOMDIR index" in lines["DICOMDIR"].problem
+        assert lines["stray.dcm"].skipped and "beside the case's series" in \
+            lines["stray.dcm"].problem
+
+
+def test_two_series_of_one_description_are_told_apart_by_folder(tmp_path):
+    from bt_pipeline.data.layout import scan_inputs
+    from bt_pipeline.data.volumes import read_case
+
+    case = tmp_path / "case7"
+    _series(case / "flair_a", description="AX FLAIR", number=1)
+    _series(case / "flair_b", description="AX FLAIR", number=2)
+    _series(case / "t1", description="AX T1", number=3)
+    (scan,), _ = scan_inputs([case])
+    with pytest.raises(VolumeReadError, match="--series flair=FOLDER"):
+        read_case(scan)
+    with pytest.raises(VolumeReadError, match=r"fits 2 series \(flair_a, flair_b\)"):
+        read_case(scan, {"flair": "AX FLAIR"})
+    chosen = read_case(scan, {"flair": "FLAIR_B"})
+    assert chosen.sources["flair"].endswith("flair_b")
+    assert chosen.sequences == "pre+flair"
+
+
+def test_a_sequence_covering_part_of_the_flair_gets_a_note():
+    from bt_pipeline.data.volumes import case_on_model_grid
+
+    rng = np.random.default_rng(0)
+    flair = sitk.GetImageFromArray(rng.random((10, 64, 64)).astype(np.float32))
+    flair.SetSpacing((1.0, 1.0, 3.0))
+    sources = {"flair": "f.nii.gz", "pre": "t1.nii.gz"}
+    whole = case_on_model_grid({"flair": flair, "pre": flair}, sources)
+    assert whole.notes == []
+    part = case_on_model_grid({"flair": flair, "pre": flair[:, :, :6]}, sources)
+    assert part.sequences == "pre+flair"
+    assert part.notes == ["the pre-contrast T1 (t1.nii.gz) covers 60% of the FLAIR volume; "
+                          "outside it that channel is blank, which the models never saw"]
+
+
+# --- library messages become the tool's one line --------------------------------------------
+
+@pytest.mark.integration
+def test_library_messages_never_reach_stderr_only_the_tools_lines(tiny_models, tmp_path):
+    """ITK warns on an irregular series and nifticlib on a negative pixdim, straight to file
+    descriptor 2; what the user sees is one line of the tool's per input."""
+    import subprocess
+    import sys
+
+    import nibabel as nib
+
+    scans = tmp_path / "scans"
+    irregular = _series(scans / "irregular")
+    (irregular / "slice0004.dcm").unlink()
+    flipped = nib.Nifti1Image(np.random.default_rng(0).integers(0, 200, (64, 64, 6)).astype(
+        np.int16), np.diag([0.9, 0.9, 3.0, 1.0]))
+    flipped.header["pixdim"][1] = -0.9  # a header ITK reads with a warning
+    (scans / "flipped").mkdir()
+    nib.save(flipped, scans / "flipped" / "flipped_flair.nii.gz")
+    result = subprocess.run(
+        [sys.executable, "-m", "bt_pipeline.infer", str(scans), "--out", str(tmp_path / "out"),
+         "--classifier", str(tiny_models[0]), "--unet", str(tiny_models[1]), "--quiet"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines and all(line.startswith(("skipped: ", "note: ", "ignored: ")) for line in lines), \
+        lines
+    assert any("irregular: slices are not evenly spaced" in line for line in lines)

@@ -28,6 +28,7 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: Sequence roles of a case, in the channel order of a slice (pre-contrast, FLAIR, post-contrast).
 ROLES = ("pre", "flair", "post")
+ROLE_NAMES = {"pre": "pre-contrast T1", "flair": "FLAIR", "post": "post-contrast T1"}
 _NNUNET = re.compile(r"^(?P<case>.+)_(?P<code>\d{4})$")
 _NNUNET_ROLES = {"0000": "pre", "0001": "flair", "0002": "post"}
 _BRATS = re.compile(r"^(?:(?P<case>.+?)[_-])?(?P<code>t1|t1ce|t1c|t1gd|t1post|flair|t2)$",
@@ -186,11 +187,22 @@ def _volume_cases(folder: Path, problems: list[InputProblem], depth: int = 0
     """The volume cases in ``folder``: itself a DICOM series or a case of series folders, its
     NIfTI files, and (one level down) the same in each sub-folder."""
     entries = sorted(folder.iterdir())
-    if depth == 0 and _holds_dicom(folder):  # a sub-folder's own check is its parent's
-        return [VolumeScan(printable(folder.name), folder, dicom_series=[folder])]
     folders = [p for p in entries if p.is_dir()]
     candidates = [p for p in folders if not _holds_slices(p)]  # a listing, not 50 file reads
-    series = [p for p in candidates if _holds_dicom(p)]
+    # a folder of DICOM files is a series unless it also holds series folders (a case)
+    series = [p for p in candidates if _holds_dicom(p) and not any(
+        q.is_dir() and _holds_dicom(q) for q in p.iterdir())]
+    if _holds_dicom(folder):  # below SCAN_DIR only a case holding series folders gets here
+        if not series:
+            return [VolumeScan(printable(folder.name), folder, dicom_series=[folder])]
+        # files beside the series folders (a DICOMDIR index, a stray slice) are not a series
+        for stray in (p for p in entries if p.is_file() and is_dicom(p)):
+            index = stray.name.upper() == "DICOMDIR"
+            problems.append(InputProblem(
+                str(stray), printable(folder.name),
+                "a DICOMDIR index; the series folders beside it are read" if index else
+                "a DICOM file beside the case's series folders; a series belongs in a folder "
+                "of its own", not index))
     # a sub-folder holding no image at all (notes, an export's extras) does not make the
     # series beside it separate cases
     holding = [p for p in folders if p in series or not _holds_nothing(p)]

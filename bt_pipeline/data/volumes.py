@@ -32,12 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bt_pipeline.data.layout import ROLES, VolumeScan, is_nifti, printable
+from bt_pipeline.data.layout import ROLE_NAMES, ROLES, VolumeScan, is_nifti, printable
 
 #: In-plane size of the model grid: the dataset's slices are 256x256.
 GRID_SIDE = 256
-#: Smallest share of the model grid another sequence must cover.
+#: Smallest share of the FLAIR volume another sequence must cover.
 MIN_OVERLAP = 0.5
+#: Share of the FLAIR volume under which another sequence's coverage gets a note.
+FULL_OVERLAP = 0.98
 #: Largest accepted volume side in voxels (a larger header is refused before decoding).
 MAX_VOXELS_PER_SIDE = 2048
 #: Largest accepted volume in voxels, from the header before any decode: 512 x 512 x 1000 (a
@@ -121,22 +123,29 @@ def _on_model_grid(volumes: dict, sources: dict[str, str | Path],
     flair = volumes["flair"]
     oriented = sitk.DICOMOrient(flair, "LPS")
     grid = model_grid(oriented)
-    channels, replaced = {}, []
+    channels, replaced, notes = {}, [], coarse_axial_notes(oriented.GetSpacing())
+    in_flair = _inside_on(flair, grid)
     for role in ROLES:
         if role not in volumes:
             replaced.append(role)
             continue
-        if role != "flair" and _coverage(volumes[role], grid) < MIN_OVERLAP:
-            raise VolumeReadError(sources[role], f"covers under {MIN_OVERLAP:.0%} of the FLAIR "
-                                  f"volume's field of view ({printable(sources['flair'])}); "
-                                  "sequences of one case must overlap in world coordinates")
+        if role != "flair":
+            covered = float(_inside_on(volumes[role], grid)[in_flair].mean())
+            if covered < MIN_OVERLAP:
+                raise VolumeReadError(sources[role], f"covers under {MIN_OVERLAP:.0%} of the "
+                                      f"FLAIR volume ({printable(sources['flair'])}); sequences "
+                                      "of one case must overlap in world coordinates")
+            if covered < FULL_OVERLAP:
+                notes.append(f"the {ROLE_NAMES[role]} ({printable(sources[role])}) covers "
+                             f"{covered:.0%} of the FLAIR volume; outside it that channel is "
+                             "blank, which the models never saw")
         channels[role] = _windowed_on(volumes[role], grid)
     for role in replaced:
         channels[role] = channels["flair"]
     stack = np.stack([channels[role] for role in ROLES], axis=-1)  # (k, row, column, 3)
     return CaseVolume([np.ascontiguousarray(s) for s in stack], flair, grid,
                       {role: printable(path) for role, path in sources.items()}, replaced,
-                      flair_nifti, coarse_axial_notes(oriented.GetSpacing()))
+                      flair_nifti, notes)
 
 
 def coarse_axial_notes(spacing) -> list[str]:
@@ -195,14 +204,14 @@ def _windowed_on(volume, grid) -> np.ndarray:
     return np.clip(np.rint(sitk.GetArrayViewFromImage(resampled)), 0, 255).astype(np.uint8)
 
 
-def _coverage(volume, grid) -> float:
-    """Share of ``grid``'s voxels that lie inside ``volume``."""
+def _inside_on(volume, grid) -> np.ndarray:
+    """Which of ``grid``'s voxels lie inside ``volume``: bool (slices, rows, columns)."""
     import SimpleITK as sitk
 
     inside = sitk.Image(volume.GetSize(), sitk.sitkUInt8) + 1
     inside.CopyInformation(volume)
     on_grid = sitk.Resample(inside, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return float(sitk.GetArrayViewFromImage(on_grid).mean())
+    return sitk.GetArrayViewFromImage(on_grid).astype(bool)
 
 
 def mask_on_input_grid(masks: list[np.ndarray], case: CaseVolume):
@@ -253,18 +262,89 @@ def read_volume(path: Path):
             # SimpleITK would fill the missing voxels with 0 and say nothing
             raise VolumeReadError(path, "truncated: holds fewer voxels than its header "
                                   "declares")
+    else:  # a series: the first file's plane times the file count, before decoding
+        _check_header(path, 3, (*size[:2], len(files)), reader.GetNumberOfComponents())
     try:
         if files is None:
             image = reader.Execute()
         else:
             series = sitk.ImageSeriesReader()
             series.SetFileNames(files)
+            series.MetaDataDictionaryArrayUpdateOn()
             image = series.Execute()
     except RuntimeError as exc:
-        raise VolumeReadError(path, "image data cannot be read (truncated or corrupt)") from exc
+        odd = _odd_slice(files, size) if files else None
+        raise VolumeReadError(path, odd or "image data cannot be read (truncated or "
+                              "corrupt)") from exc
     _check_header(path, image.GetDimension(), image.GetSize(),
                   image.GetNumberOfComponentsPerPixel())
+    if files is not None:
+        image = _series_on_its_own_grid(path, image, series, reader)
     return image
+
+
+#: Largest departure of a DICOM series' slice step from its median step, as a share of it
+#: (the position tags are written with a few decimals).
+SLICE_STEP_TOLERANCE = 0.1
+
+
+def _series_on_its_own_grid(folder: Path, image, series, first):
+    """``image`` read from the DICOM series in ``folder`` on the grid its files' positions
+    give. ITK spaces the slices evenly from the first to the last position and only warns when
+    they are not; a series whose slice steps differ (a slice missing, a position repeated) is
+    refused instead. A one-file series takes its slice thickness from its own tags (ITK would
+    say 1 mm)."""
+    files = series.GetFileNames()
+    if len(files) == 1:
+        # the slice's own thickness measures its volume; there is no neighbour to step to
+        thickness = _dicom_float(first, "0018|0050") or _dicom_float(first, "0018|0088")
+        if thickness:
+            image.SetSpacing((*image.GetSpacing()[:2], thickness))
+        return image
+    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    try:
+        positions = np.array([[float(v) for v in series.GetMetaData(k, "0020|0032").split("\\")]
+                              for k in range(len(files))])
+    except (RuntimeError, ValueError):  # no position tags: ITK's even spacing is all there is
+        return image
+    steps = np.diff(positions @ normal)
+    median = float(np.median(np.abs(steps)))
+    if median == 0 or np.any(np.abs(steps) < SLICE_STEP_TOLERANCE * median):
+        raise VolumeReadError(folder, "two files lie at one slice position (a slice repeated "
+                              "or two series mixed); one file per position is expected")
+    if np.any(np.abs(np.abs(steps) - median) > SLICE_STEP_TOLERANCE * median):
+        raise VolumeReadError(folder, f"slices are not evenly spaced (steps from "
+                              f"{np.abs(steps).min():.2f} to {np.abs(steps).max():.2f} mm): a "
+                              "slice is missing or the series mixes acquisitions")
+    return image
+
+
+def _dicom_float(reader, tag: str) -> float | None:
+    """A positive number from a DICOM tag of ``reader``'s file, else None."""
+    try:
+        value = float(reader.GetMetaData(tag).split("\\")[0])
+    except (RuntimeError, ValueError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
+
+
+def _odd_slice(files: list[str], size) -> str | None:
+    """What makes a series unreadable when one of its files differs from the first in plane
+    size: that file and both sizes (ITK's own message says only that reading failed)."""
+    import SimpleITK as sitk
+
+    for name in files[1:]:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return f"{printable(Path(name).name)} cannot be read (truncated or corrupt)"
+        if tuple(reader.GetSize()[:2]) != tuple(size[:2]):
+            return (f"{printable(Path(name).name)} is {'x'.join(map(str, reader.GetSize()[:2]))}"
+                    f" while the series' first file is {'x'.join(map(str, size[:2]))}; the "
+                    "files of one series share one plane size")
+    return None
 
 
 def _nifti_complete(path: Path) -> bool:
@@ -345,13 +425,10 @@ def series_description(folder: Path) -> str:
         if reader.HasMetaDataKey(DICOM_DESCRIPTION_TAG) else ""
 
 
-def series_role(description: str, chosen: dict[str, str]) -> str | None:
-    """The role a series description gives: a ``chosen`` piece of text first, then the
-    built-in words (FLAIR; T1 with a contrast word is post-contrast, T1 alone pre-contrast)."""
+def series_role(description: str) -> str | None:
+    """The role a series description's built-in words give: FLAIR; T1 with a contrast word is
+    post-contrast, T1 alone pre-contrast."""
     text = description.upper()
-    for role, piece in chosen.items():
-        if piece.upper() in text:
-            return role
     if any(word in text for word in _FLAIR_WORDS):
         return "flair"
     if any(word in text for word in _PRE_WORDS):
@@ -360,23 +437,36 @@ def series_role(description: str, chosen: dict[str, str]) -> str | None:
 
 
 def _dicom_roles(scan: VolumeScan, chosen: dict[str, str]) -> dict[str, Path]:
-    """Role -> series folder of a DICOM case. One series alone is FLAIR."""
+    """Role -> series folder of a DICOM case. One series alone is FLAIR. ``chosen`` (role ->
+    text) names a series by its folder's name or a piece of its description, before the
+    built-in words; two series of one description can only be told apart by folder."""
     if len(scan.dicom_series) == 1:
         _series_files(scan.dicom_series[0])  # refuses a folder mixing series
         return {"flair": scan.dicom_series[0]}
+    described = {folder: series_description(folder) for folder in scan.dicom_series}
     roles: dict[str, Path] = {}
-    for folder in scan.dicom_series:
-        description = series_description(folder)
-        role = series_role(description, chosen)
-        if role is None:
+    for role, piece in chosen.items():
+        matches = [f for f in described if f.name.upper() == piece.upper()] or \
+            [f for f, text in described.items() if piece.upper() in text.upper()]
+        if len(matches) > 1:
+            names = ", ".join(printable(f.name) for f in matches)
+            raise VolumeReadError(scan.folder, f"--series {role}={piece} fits {len(matches)} "
+                                  f"series ({names}); give one series folder's name: --series "
+                                  f"{role}=FOLDER")
+        if matches:
+            roles[role] = matches[0]
+    for folder, description in described.items():
+        role = series_role(description)
+        if folder in roles.values() or role is None or role in chosen and role in roles:
             continue
         if role in roles:
             raise VolumeReadError(folder, f"a second {role} series ({description!r}; the first "
                                   f"is {printable(roles[role].name)}); choose one with --series "
-                                  f"{role}=TEXT")
+                                  f"{role}=FOLDER (a series folder's name) or =TEXT (a piece of "
+                                  "its description)")
         roles[role] = folder
     if "flair" not in roles:
         raise VolumeReadError(scan.folder, "no FLAIR series among "
                               f"{len(scan.dicom_series)} (descriptions name none; choose one with "
-                              "--series flair=TEXT)")
+                              "--series flair=FOLDER or =TEXT)")
     return roles
