@@ -164,6 +164,39 @@ def stderr_closed():
         os.close(devnull)
 
 
+@contextlib.contextmanager
+def library_output_silenced(keep: bool = False):
+    """For a command reading users' images: what C++ libraries write straight to file
+    descriptor 2 (ITK and GDCM warnings, nifticlib, VNL) goes to /dev/null, while Python's
+    ``sys.stderr`` (the tool's own lines, the progress bar) keeps writing where stderr went.
+    The tool's own line names each input those libraries complain about. ``keep`` (--debug)
+    leaves everything as it is."""
+    if keep:
+        yield
+        return
+    sys.stderr.flush()
+    python_stderr = sys.stderr
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        on_fd2 = python_stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a test's capture, an embedding host
+        on_fd2 = False
+    if on_fd2:
+        sys.stderr = open(saved, "w", buffering=1, encoding=python_stderr.encoding,  # noqa: SIM115
+                          errors=python_stderr.errors, closefd=False)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        if on_fd2:
+            sys.stderr.close()
+            sys.stderr = python_stderr
+        os.close(saved)
+        os.close(devnull)
+
+
 def quiet_tensorflow(threads: int | None = None) -> None:
     """Import TensorFlow and start its runtime with stderr closed: its C++ start-up lines
     (oneDNN notice, CUDA probing, absl) are not meant for users and no setting silences all of

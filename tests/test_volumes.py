@@ -9,6 +9,7 @@ sitk = pytest.importorskip("SimpleITK")
 from bt_pipeline.data.layout import scan_inputs  # noqa: E402
 from bt_pipeline.data.synthetic import make_synthetic_dataset  # noqa: E402
 from bt_pipeline.studies.roundtrip import (  # noqa: E402
+    geometry,
     oblique_direction,
     patient_slices,
     round_trip,
@@ -220,11 +221,10 @@ def test_case_names_nnunet_brats_and_dicom_series_roles(tmp_path):
     assert not any(p.skipped for p in problems)  # not inputs: the exit status is unaffected
     alone, problems = scan_inputs([tmp_path / "b_t1.nii"])
     assert not alone and "another sequence" in problems[0].problem and problems[0].skipped
-    assert series_role("AX T2 FLAIR", {}) == "flair"
-    assert series_role("T1 AX POST GD", {}) == "post"
-    assert series_role("SAG T1 SE", {}) == "pre"
-    assert series_role("DWI", {}) is None
-    assert series_role("DWI", {"flair": "dwi"}) == "flair"
+    assert series_role("AX T2 FLAIR") == "flair"
+    assert series_role("T1 AX POST GD") == "post"
+    assert series_role("SAG T1 SE") == "pre"
+    assert series_role("DWI") is None
 
 
 def test_oblique_direction_is_a_rotation():
@@ -285,3 +285,32 @@ def test_save_probabilities_on_a_volume_lands_on_the_masks_grid(run_infer, patie
     final = mask.get_fdata() > 0
     assert final.any()
     np.testing.assert_array_equal(probability.get_fdata() >= 0.5, final)
+
+
+def test_a_negative_pixdim_header_is_kept_so_input_and_mask_agree(run_infer, tmp_path):
+    """nibabel turns a negative pixdim positive when it loads a header, and ITK then reads
+    another direction: the outputs keep the input's header field for field."""
+    import nibabel as nib
+
+    values = np.random.default_rng(0).integers(0, 200, (64, 64, 6)).astype(np.int16)
+    flair = nib.Nifti1Image(values, np.diag([0.9, 0.9, 3.0, 1.0]))
+    flair.header["pixdim"][1] = -0.9
+    case = tmp_path / "scans" / "flipped_flair.nii.gz"
+    case.parent.mkdir()
+    nib.save(flair, case)
+    out = tmp_path / "out"
+    assert run_infer(case, "--out", out) == 0
+    written = out / "flipped"
+    for name in ("mask.nii.gz", "image.nii.gz"):
+        assert geometry(sitk.ReadImage(str(written / name))) == geometry(
+            sitk.ReadImage(str(case)))
+        assert _stored_pixdim(written / name)[1] == pytest.approx(-0.9)
+
+
+def _stored_pixdim(path):
+    import gzip
+
+    import nibabel as nib
+
+    with gzip.open(path) as handle:
+        return nib.Nifti1Header.from_fileobj(handle, check=False)["pixdim"]

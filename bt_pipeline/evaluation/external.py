@@ -23,7 +23,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.cli import UsageError
+from bt_pipeline.cli import UsageError, library_output_silenced
 from bt_pipeline.data.layout import nifti_role, nifti_stem
 from bt_pipeline.evaluation.metrics import dice_score
 from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
@@ -109,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.cases}: no case folder with CASE_flair and CASE_seg NIfTI files")
     predictor = load_predictor(args)
     rows = []
-    for case, files in tqdm(cases.items(), desc="external cases", unit="case"):
-        rows += score_case(case, files, predictor)
+    with library_output_silenced(keep=args.debug):
+        for case, files in tqdm(cases.items(), desc="external cases", unit="case"):
+            rows += score_case(case, files, predictor)
     table = pd.DataFrame(rows)
     out = args.out / (args.name or args.cases.resolve().name) / args.label
     write_text_atomic(out / "cases.csv",

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.cli import UsageError
+from bt_pipeline.cli import UsageError, library_output_silenced
 from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
 
 
@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="voxel size in mm (in-plane column, row, slice) of slice "
                              "folders, when known: gives tumor_volume_ml (volumes carry theirs)")
     parser.add_argument("--series", action="append", default=[], metavar="ROLE=TEXT",
-                        help="DICOM: the series whose description contains TEXT is ROLE (pre, "
-                             "flair or post); repeatable; before the built-in words")
+                        help="DICOM: the series in the folder named TEXT, else the one whose "
+                             "description contains TEXT, is ROLE (pre, flair or post); "
+                             "repeatable; before the built-in words")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write each patient's probability.nii.gz: the U-Net's "
                              "probabilities before post-processing, 0 on slices stage 1 did not "
@@ -62,10 +63,12 @@ def run(args: argparse.Namespace) -> int:
 
     predictor = load_predictor(args, args.threshold)
     try:
-        result = run_inference(args.scan_dirs, out, predictor, progress=not args.quiet,
-                               spacing=None if args.spacing is None else tuple(args.spacing),
-                               options=_recorded_options(args), series_roles=series_roles,
-                               save_probabilities=args.save_probabilities)
+        with library_output_silenced(keep=args.debug):
+            result = run_inference(args.scan_dirs, out, predictor, progress=not args.quiet,
+                                   spacing=None if args.spacing is None else
+                                   tuple(args.spacing), options=_recorded_options(args),
+                                   series_roles=series_roles,
+                                   save_probabilities=args.save_probabilities)
     except OSError as exc:
         print(f"error: cannot write outputs: {exc}", file=sys.stderr)
         return 2

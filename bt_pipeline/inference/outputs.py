@@ -156,13 +156,10 @@ def write_on_input_grid(folder: Path, masks: list[np.ndarray], case,
         source = nib.load(case.flair_nifti)
         for name, image in outputs.items():
             values = sitk.GetArrayFromImage(image)  # (k, j, i)
-            header = source.header.copy()
-            header.set_data_dtype(values.dtype)
-            header.set_slope_inter(1.0, 0.0)
-            out = nib.Nifti1Image(values.transpose(2, 1, 0), source.affine, header)
+            out = _on_header_of(source, case.flair_nifti, values.transpose(2, 1, 0))
             write_with(folder / name, lambda tmp, out=out: nib.save(out, str(tmp)),
                        suffix=".nii.gz")
-        write_with(folder / "image.nii.gz", lambda tmp: nib.save(source, str(tmp)),
+        write_with(folder / "image.nii.gz", lambda tmp: _copy_gzipped(case.flair_nifti, tmp),
                    suffix=".nii.gz")
     else:
         for name, image in outputs.items():
@@ -172,6 +169,37 @@ def write_on_input_grid(folder: Path, masks: list[np.ndarray], case,
         write_with(folder / "image.nii.gz",
                    lambda tmp: sitk.WriteImage(case.flair, str(tmp), True), suffix=".nii.gz")
     return int(sitk.GetArrayViewFromImage(outputs["mask.nii.gz"]).sum())
+
+
+def _on_header_of(source, path: Path, values: np.ndarray):
+    """``values`` (the input's voxel order) as a NIfTI image whose header is ``source``'s
+    field for field, but for the data type and scaling. nibabel corrects some fields when it
+    loads or builds a header (a negative pixdim becomes positive), and other readers (ITK)
+    then see another geometry: the fields are taken from the file as it is."""
+    import gzip
+
+    with (gzip.open(path) if path.name.lower().endswith(".gz") else open(path, "rb")) as handle:
+        as_stored = type(source.header).from_fileobj(handle, check=False)
+    header = source.header.copy()
+    header.set_data_dtype(values.dtype)
+    header.set_slope_inter(1.0, 0.0)
+    image = type(source)(values, None, header)
+    image.header["pixdim"] = as_stored["pixdim"]
+    return image
+
+
+def _copy_gzipped(source: Path, target: Path) -> None:
+    """The input file's bytes as they are, gzip-compressed unless they already are."""
+    import gzip
+    import shutil
+
+    with open(source, "rb") as read:
+        if source.name.lower().endswith(".gz"):
+            with open(target, "wb") as write:
+                shutil.copyfileobj(read, write)
+        else:
+            with gzip.open(target, "wb") as write:
+                shutil.copyfileobj(read, write)
 
 
 def write_html_report(path: Path, patients: pd.DataFrame, problems: pd.DataFrame,
