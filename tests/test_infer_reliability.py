@@ -358,3 +358,27 @@ def test_version_and_fast_help(capsys):
     subprocess.run([sys.executable, "-m", "bt_pipeline.infer", "--help"], cwd=REPO, check=True,
                    capture_output=True)
     assert time.monotonic() - started < 3  # < 1 s on an idle machine; slack for a busy CI
+
+
+def test_a_missing_scan_dir_is_refused_at_once_without_tensorflow(tmp_path):
+    probe = ("import sys, time; from bt_pipeline.infer import main; t = time.monotonic(); "
+             "code = main(sys.argv[1:]); print(code, time.monotonic() - t, "
+             "'tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "nowhere"), "--out",
+                             str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    code, seconds, loaded = result.stdout.split()
+    assert (code, loaded) == ("2", "False")
+    assert float(seconds) < 1.0
+    assert result.stderr.strip() == f"error: SCAN_DIR not found: {tmp_path / 'nowhere'}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_scan_dir_with_nothing_to_segment_is_refused_before_the_models_load(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images here\n")
+    probe = ("import sys; from bt_pipeline.infer import main; code = main(sys.argv[1:]); "
+             "print(code, 'tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "notes"), "--out",
+                             str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    assert result.stdout.split() == ["2", "False"]
+    assert "error: nothing to segment" in result.stderr

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.cli import UsageError, library_output_silenced
+from bt_pipeline.data.layout import printable
 from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
 
 
@@ -59,8 +61,22 @@ def run(args: argparse.Namespace) -> int:
     if args.timing is not None and (args.timing.is_dir() or not args.timing.parent.is_dir()):
         raise UsageError(f"--timing {args.timing}: not a file in an existing folder")
     series_roles = _series_roles(args.series)
-    from bt_pipeline.inference.pipeline import run_inference
+    missing = [p for p in args.scan_dirs if not os.path.lexists(p)]
+    for path in missing:
+        print(f"error: SCAN_DIR not found: {printable(path)}", file=sys.stderr)
+    if missing:
+        return 2
+    from bt_pipeline.inference.pipeline import find_inputs, run_inference
 
+    # every input and OUT checked before TensorFlow and the models load (seconds)
+    found = find_inputs(args.scan_dirs, out)
+    if not found.patients:
+        for problem in found.problems:
+            print(problem.line(), file=sys.stderr)
+        print("error: nothing to segment: no slice folder, NIfTI or DICOM case in "
+              f"{', '.join(printable(p) for p in args.scan_dirs)} (README: input formats)",
+              file=sys.stderr)
+        return 2
     predictor = load_predictor(args, args.threshold)
     try:
         with library_output_silenced(keep=args.debug):
@@ -68,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                                    spacing=None if args.spacing is None else
                                    tuple(args.spacing), options=_recorded_options(args),
                                    series_roles=series_roles,
-                                   save_probabilities=args.save_probabilities)
+                                   save_probabilities=args.save_probabilities, found=found)
     except OSError as exc:
         print(f"error: cannot write outputs: {exc}", file=sys.stderr)
         return 2

@@ -119,12 +119,16 @@ class OutputFolder:
         self.staging = self.parent / f".{self.out.name}.bt-partial-{os.getpid()}"
         self._lock = None
 
-    def __enter__(self) -> OutputFolder:
+    def check(self) -> None:
+        """Refuse an OUT this run may not replace (before any work; again on entering)."""
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out {printable(self.out)} is a file, not a folder")
         if self.out.is_dir() and any(self.out.iterdir()) and not _is_earlier_run(self.out):
             raise UsageError(f"--out {printable(self.out)} holds files that bt did not write; "
                              "choose a new or empty folder")
+
+    def __enter__(self) -> OutputFolder:
+        self.check()
         self.parent.mkdir(parents=True, exist_ok=True)
         self._lock = self._locked()
         self._remove_leftovers()
