@@ -32,6 +32,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "external": ("bt_pipeline.evaluation.external", "",
                  "score labelled BraTS-style cases (CASE_flair, _t1, _t1ce, _seg) in 3D "
                  "-> reports/external"),
+    "quality": ("bt_pipeline.evaluation.quality_report", "",
+                "the per-case quality estimate on held-out patients (nested CV, test, "
+                "external) -> reports/quality; --ship-to writes it beside the U-Net"),
     "cv": ("bt_pipeline.evaluation.cv_report", "",
            "5-fold cross-validation over the development patients -> reports/cv"),
     "tune": ("bt_pipeline.training.tune", "",

@@ -109,17 +109,19 @@ def score_fold(recipe: str, fold: int, manifest: pd.DataFrame, data_root: str,
 
 def fold_predictions(recipe: str, fold: int, manifest: pd.DataFrame, data_root: str,
                      models_root: Path, classifier: Path, rule: UNetConfig,
-                     flair_alone: bool = False, brain_masks: dict | None = None):
+                     flair_alone: bool = False, brain_masks: dict | None = None,
+                     mirrored: bool = False):
     """Fold ``fold``'s predictor (its U-Net, gated by its own gate where it has one, else by
     ``classifier``) and its predictions for the fold's held-out patients (skull-stripped by
-    ``brain_masks`` when given)."""
+    ``brain_masks`` when given; ``mirrored`` as :func:`scoring.predict_split`)."""
     _, held_out = fold_patients(manifest, fold)
     name = f"fold{fold}"
     rows = manifest[manifest["patient_id"].isin(held_out)].assign(split=name)
     gate = fold_gate(models_root, recipe, fold)
     predictor = load_under_rule(gate if gate.is_file() else classifier,
                                 fold_model(models_root, recipe, fold), rule)
-    return predict_split(predictor, rows, name, data_root, flair_alone, brain_masks), predictor
+    return predict_split(predictor, rows, name, data_root, flair_alone, brain_masks,
+                         mirrored), predictor
 
 
 def report_dir(models_root: Path, recipe: str, intensity: str) -> Path:

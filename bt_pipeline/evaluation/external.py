@@ -86,6 +86,7 @@ def score_case(case: str, files: dict[str, Path], predictor) -> list[dict]:
                      "dice": dice_score(truth, predicted),
                      "truth_ml": round(float(truth.sum()) * voxel_ml, 2),
                      "predicted_ml": round(float(predicted.sum()) * voxel_ml, 2),
+                     "predicted_dice": result.predicted_dice, "review": result.review,
                      "notes": " | ".join(result.notes)})
     return rows
 

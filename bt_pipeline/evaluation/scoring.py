@@ -47,14 +47,19 @@ class PatientPrediction:
     truths: list[np.ndarray]  # bool masks at each slice's own size
     probabilities: np.ndarray  # classifier P(tumour) per slice
     maps: list[np.ndarray]  # U-Net probability maps at each slice's own size
+    #: the maps of the mirrored slices (mirrored back) on the slices stage 1 passed, None on
+    #: the others; only when asked for (the quality estimate's features)
+    mirrored: list[np.ndarray | None] | None = None
 
 
 def predict_split(predictor: TwoStagePredictor, manifest: pd.DataFrame, split: str,
                   data_root: str | Path, flair_alone: bool = False,
-                  brain_masks: dict[str, np.ndarray] | None = None) -> list[PatientPrediction]:
+                  brain_masks: dict[str, np.ndarray] | None = None,
+                  mirrored: bool = False) -> list[PatientPrediction]:
     """Run both models once over every slice of every patient of ``split``; ``flair_alone``:
     as a FLAIR-only user would, FLAIR in all three channels; ``brain_masks`` (patient -> bool
-    (slices, H, W)): each volume skull-stripped by its mask first, as BraTS-style data come."""
+    (slices, H, W)): each volume skull-stripped by its mask first, as BraTS-style data come;
+    ``mirrored``: also the U-Net on the mirrored slices stage 1 passes."""
     root = Path(data_root)
     rows = manifest[manifest["split"] == split].sort_values(["patient_id", "slice"])
     predictions = []
@@ -65,11 +70,19 @@ def predict_split(predictor: TwoStagePredictor, manifest: pd.DataFrame, split: s
             images = list(strip(np.stack(images), brain_masks[patient]))
         if flair_alone:
             images = [flair_only(image) for image in images]
+        probabilities = predictor.tumour_probabilities(images)
+        mirror = None
+        if mirrored:
+            passed = np.flatnonzero(probabilities >= predictor.classifier_config.threshold)
+            mirror = [None] * len(images)
+            for k, found in zip(passed, predictor.mirrored_mask_probabilities(images, passed),
+                                strict=True):
+                mirror[k] = found
         predictions.append(PatientPrediction(
             rows=group.reset_index(drop=True),
             truths=[read_mask(root / p).astype(bool) for p in group["mask"]],
-            probabilities=predictor.tumour_probabilities(images),
-            maps=predictor.mask_probabilities(images)))
+            probabilities=probabilities, maps=predictor.mask_probabilities(images),
+            mirrored=mirror))
     return predictions
 
 

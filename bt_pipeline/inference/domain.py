@@ -15,11 +15,18 @@ from bt_pipeline.data.brain_mask import looks_skull_stripped
 MEASURED_IN = "docs/model-card.md, Domains"
 
 
-def domain_notes(images: list[np.ndarray], predictor) -> list[str]:
-    """Notes on one case's slices (uint8 RGB on the model grid) for ``predictor``'s models."""
+def is_skull_stripped(images: list[np.ndarray]) -> bool:
+    """Whether one case's slices (uint8 RGB on the model grid) look skull-stripped."""
+    return bool(images) and len({image.shape for image in images}) == 1 and \
+        looks_skull_stripped(np.stack(images))
+
+
+def domain_notes(images: list[np.ndarray], predictor, stripped: bool | None = None
+                 ) -> list[str]:
+    """Notes on one case's slices (uint8 RGB on the model grid) for ``predictor``'s models;
+    ``stripped``: :func:`is_skull_stripped`'s answer when already known."""
     notes = []
-    if images and len({image.shape for image in images}) == 1 and \
-            looks_skull_stripped(np.stack(images)):
+    if is_skull_stripped(images) if stripped is None else stripped:
         if predictor.skull_strip_training:
             notes.append("skull-stripped input (no scalp or skull around the brain): the U-Net "
                          "trained on skull-stripped volumes too; accuracy measured on such "

@@ -219,6 +219,13 @@ def write_html_report(path: Path, patients: pd.DataFrame, problems: pd.DataFrame
              "<a href='errors.csv'>errors.csv</a>.</p>"]
     if not patients.empty:
         table = patients.copy()
+        if "review" in table:  # cases to check by eye first, the flag beside the name
+            table = table.sort_values("review", ascending=False, na_position="last",
+                                      kind="stable")
+            first = ["patient_id", "review", "predicted_dice"]
+            table = table[first + [c for c in table.columns if c not in first]]
+            table["review"] = ["CHECK" if r == 1 else "" if pd.isna(r) else "ok"
+                               for r in table["review"]]
         table["patient_id"] = [f"<a href='{esc(p)}/viewer.html'>{esc(p)}</a>"
                                for p in table["patient_id"]]
         if "notes" in table:
@@ -287,6 +294,10 @@ def write_viewer(path: str | os.PathLike, patient: dict, images: list[np.ndarray
         "has_truth": truths is not None, "gate_threshold": round(float(gate_threshold), 4),
         "predicted_rgb": PREDICTED_RGB, "truth_rgb": TRUTH_RGB,
         "notes": [n for n in str(patient.get("notes") or "").split(" | ") if n],
+        "review": None if pd.isna(patient.get("review", float("nan"))) else
+        int(patient["review"]),
+        "predicted_dice": None if pd.isna(patient.get("predicted_dice", float("nan"))) else
+        round(float(patient["predicted_dice"]), 2),
     }
     page = (VIEWER_TEMPLATE.replace("{{TITLE}}", html.escape(patient["patient_id"]))
             .replace("{{DATA}}", json.dumps({"summary": summary, "slices": slices})
@@ -307,8 +318,9 @@ input[type=range]{width:512px}
 .key{display:inline-block;width:1.6em;height:.35em;vertical-align:middle;margin-right:.3em}
 table{border-collapse:collapse}td{padding:2px 8px}
 .warn{color:#f0e442}
+.flag{color:#111;background:#f0e442;padding:.3em .6em;font-weight:bold;display:inline-block}
 </style></head><body>
-<h1 id="title"></h1><p id="facts"></p><ul id="notes" class="warn"></ul>
+<h1 id="title"></h1><p id="review"></p><p id="facts"></p><ul id="notes" class="warn"></ul>
 <div class="row"><div>
 <div id="stage"><img id="flair" alt="FLAIR slice"><img id="overlay" alt="outlines"></div>
 <input id="slider" type="range" min="0" value="0" aria-label="slice">
@@ -333,6 +345,14 @@ document.getElementById("legend").innerHTML =
   `<span class="key" style="background:${rgb(S.predicted_rgb)}"></span>predicted outline<br>` +
   (S.has_truth ? `<span class="key" style="background:${rgb(S.truth_rgb)}"></span>` +
    "ground-truth outline" : "no ground truth given");
+const review = document.getElementById("review");
+if (S.review === 1) {
+  review.className = "flag";
+  review.textContent = `CHECK THIS MASK: predicted Dice ${S.predicted_dice}, in the range ` +
+    "where held-out masks were often poor (quality estimate, docs/model-card.md)";
+} else if (S.review === 0) {
+  review.textContent = `predicted Dice ${S.predicted_dice} (quality estimate)`;
+}
 for (const note of S.notes) {
   const li = document.createElement("li");
   li.textContent = "note: " + note;

@@ -29,7 +29,7 @@ from bt_pipeline.data.layout import (
 )
 from bt_pipeline.data.preprocess import SliceReadError, read_image, read_mask, replaced_sequences
 from bt_pipeline.evaluation.metrics import dice_score, iou_score
-from bt_pipeline.inference.domain import domain_notes
+from bt_pipeline.inference.domain import domain_notes, is_skull_stripped
 from bt_pipeline.inference.output_folder import (
     OutputFolder,
     check_no_overlap,
@@ -47,12 +47,13 @@ from bt_pipeline.inference.outputs import (
     write_probability_volume,
     write_viewer,
 )
+from bt_pipeline.inference.quality import QUALITY_FILE
 
 #: The output tables' columns (README "Reading the outputs" defines each).
 SLICE_COLUMNS = ["patient_id", "slice", "image", "classifier_probability", "classifier_positive",
                  "tumor_detected", "mask_pixels"]
 PATIENT_COLUMNS = ["patient_id", "sequences", "n_slices", "n_tumor_slices", "tumor_detected",
-                   "tumor_pixels", "tumor_volume_ml", "notes"]
+                   "tumor_pixels", "tumor_volume_ml", "predicted_dice", "review", "notes"]
 TRUTH_COLUMNS = ["dice", "iou", "dice_note"]
 #: The dice_note of a patient the U-Net learnt from: its score is not a held-out one.
 TRAINED_ON_NOTE = "not held out: the U-Net trained on this patient"
@@ -141,7 +142,8 @@ def _load_case(scan: VolumeScan, problems: list[InputProblem], series_roles):
 def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilities, masks,
                    threshold, pool: ThreadPoolExecutor,
                    spacing: tuple[float, float, float] | None, case=None,
-                   learnt_from: bool = False, maps=None, notes=()):
+                   learnt_from: bool = False, maps=None, notes=(), quality=None,
+                   sequences: str = ""):
     folder = out / scan.patient_id
     images, numbers = [s.image for s in slices], [s.number for s in slices]
     truths = [s.truth for s in slices]
@@ -157,10 +159,9 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
             write_probability_volume(folder / "probability.nii.gz", maps, spacing)
         write_image_volume(folder / "image.nii.gz", images, spacing)
         pixels = int(sum(int(m.sum()) for m in masks))
-        sequences = "+".join(r for r in ROLES if r not in replaced_sequences(images))
     else:  # a volume in: the mask goes back onto its grid, the spacing is its header's
         pixels = write_on_input_grid(folder, masks, case, maps)
-        spacing, sequences = case.spacing, case.sequences
+        spacing = case.spacing
     write_overview(folder / "overview.png", images, masks, truths if has_truth else None,
                    numbers)
     # classifier_*: what the stage-1 gate said; tumor_detected: whether the final mask (after
@@ -176,6 +177,8 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
                "tumor_pixels": pixels,
                "tumor_volume_ml": tumour_volume_ml(pixels, spacing)}
     patient["tumor_detected"] = int(patient["n_tumor_slices"] > 0)
+    patient["predicted_dice"], patient["review"] = quality if quality is not None else (
+        float("nan"), float("nan"))
     patient["notes"] = " | ".join(notes)
     if has_truth:
         patient["dice"] = dice_score(np.stack(truths), np.stack(masks))
@@ -192,6 +195,11 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
     return patient, slice_rows
 
 
+def _sequences(images: list[np.ndarray]) -> str:
+    """The sequences a patient's slices hold, ``pre+flair+post`` or fewer."""
+    return "+".join(r for r in ROLES if r not in replaced_sequences(images))
+
+
 def tumour_volume_ml(pixels: int, spacing: tuple[float, float, float] | None) -> float:
     """Tumour volume in millilitres from a voxel count and the voxel size (x, y, z) in mm;
     NaN (an empty cell in the tables) when the spacing is unknown."""
@@ -200,24 +208,50 @@ def tumour_volume_ml(pixels: int, spacing: tuple[float, float, float] | None) ->
     return pixels * float(np.prod(spacing)) / 1000.0
 
 
-def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = True,
-                  report=print, spacing: tuple[float, float, float] | None = None,
-                  options: dict | None = None,
-                  series_roles: dict[str, str] | None = None,
-                  save_probabilities: bool = False) -> InferenceResult:
-    """Run both stages over every patient found in ``scan_dirs`` and write the outputs into
-    ``out`` as one run (see :mod:`output_folder`). ``spacing`` is the voxel size (x, y, z) in
-    mm of slice folders, when known, for tumour volumes (volumes carry their own);
-    ``series_roles`` picks DICOM series by description (:func:`volumes.read_case`);
-    ``save_probabilities`` adds each patient's ``probability.nii.gz``; ``options`` are recorded
-    in ``run.json``."""
+@dataclass
+class FoundInputs:
+    """What a run will read, found and checked before any model loads."""
+
+    patients: list[PatientScan | VolumeScan]
+    problems: list[InputProblem]
+
+
+def find_inputs(scan_dirs: list[Path], out: Path) -> FoundInputs:
+    """The cases in ``scan_dirs`` (and the inputs that cannot be used), with OUT checked: not
+    overlapping any of them, and replaceable.
+
+    Raises:
+        UsageError: OUT cannot be used.
+    """
     folder = OutputFolder(out)
     patients, problems = scan_inputs(scan_dirs)
     check_no_overlap(folder.out, [*scan_dirs, *(path for scan in patients for path in (
         [scan.folder] if isinstance(scan, PatientScan) else
         [*scan.nifti.values(), *scan.dicom_series]))])
+    folder.check()
+    return FoundInputs(patients, problems)
+
+
+def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = True,
+                  report=print, spacing: tuple[float, float, float] | None = None,
+                  options: dict | None = None,
+                  series_roles: dict[str, str] | None = None,
+                  save_probabilities: bool = False,
+                  found: FoundInputs | None = None) -> InferenceResult:
+    """Run both stages over every patient found in ``scan_dirs`` and write the outputs into
+    ``out`` as one run (see :mod:`output_folder`). ``spacing`` is the voxel size (x, y, z) in
+    mm of slice folders, when known, for tumour volumes (volumes carry their own);
+    ``series_roles`` picks DICOM series by description (:func:`volumes.read_case`);
+    ``save_probabilities`` adds each patient's ``probability.nii.gz``; ``options`` are recorded
+    in ``run.json``; ``found``: :func:`find_inputs`' answer when already known."""
+    folder = OutputFolder(out)
+    found = find_inputs(scan_dirs, out) if found is None else found
+    patients, problems = found.patients, found.problems
     for problem in problems:
         print(problem.line(), file=sys.stderr)
+    if predictor.quality is None:
+        print(f"note: no quality estimate ships with this U-Net ({QUALITY_FILE} beside it): "
+              "predicted_dice and review stay empty", file=sys.stderr)
     started = time.time()
     with folder, _sigterm_as_interrupt():
         result = _run_patients(patients, problems, folder.staging, predictor, progress, spacing,
@@ -237,8 +271,11 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
             else ""
         if truth and row.dice_note == TRAINED_ON_NOTE:
             truth += f" ({TRAINED_ON_NOTE})"
+        volume = "" if np.isnan(row.tumor_volume_ml) else f", {row.tumor_volume_ml:.1f} mL"
+        check = f"; check: predicted Dice {row.predicted_dice:.2f}" if row.review == 1 else ""
         report(f"{row.patient_id}: {'TUMOUR' if row.tumor_detected else 'no tumour'} "
-               f"({row.n_tumor_slices}/{row.n_slices} slices, {row.tumor_pixels} px{truth})")
+               f"({row.n_tumor_slices}/{row.n_slices} slices, {row.tumor_pixels} px{volume}"
+               f"{truth}){check}")
     return result
 
 
@@ -327,19 +364,26 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
                     problems.append(InputProblem(str(named), scan.patient_id, BLANK))
                     print(problems[-1].line(), file=sys.stderr)
                     continue
+                stripped = is_skull_stripped(images)
                 notes = [*(case.notes if case is not None else []),
-                         *domain_notes(images, predictor)]
+                         *domain_notes(images, predictor, stripped)]
                 for note in notes:  # above the progress bar, not through it
                     tqdm.write(f"note: {printable(scan.patient_id)}: {note}", file=sys.stderr)
-                if save_probabilities:
+                if save_probabilities or predictor.quality is not None:
                     probabilities, masks, maps = predictor.predict(images, with_maps=True)
                 else:
                     (probabilities, masks), maps = predictor.predict(images), None
+                sequences = case.sequences if case is not None else _sequences(images)
+                quality = None if predictor.quality is None else predictor.assess(
+                    images, probabilities, [m if p >= threshold else None
+                                            for m, p in zip(maps, probabilities, strict=True)],
+                    masks, stripped, flair_only=sequences == "flair")
                 finish_pending()
                 pending = writer.submit(
                     write, out, scan, slices, probabilities, masks, threshold, pool,
                     spacing, case, learnt_from=scan.patient_id in predictor.trained_on_patients,
-                    maps=maps, notes=notes)
+                    maps=maps if save_probabilities else None, notes=notes, quality=quality,
+                    sequences=sequences)
             finish_pending()
         except KeyboardInterrupt:
             interrupted = True

@@ -29,6 +29,7 @@ from bt_pipeline.config import (
 )
 from bt_pipeline.data.preprocess import preprocess_image, standardise_volume, with_context
 from bt_pipeline.inference.postprocess import finish_volume, slice_masks
+from bt_pipeline.inference.quality import QualityModel, case_features, quality_beside
 from bt_pipeline.models.batch_norm import with_fused_batch_norm
 from bt_pipeline.models.gate import cut_layer_name, fingerprint
 from bt_pipeline.models.precision import with_dtype_policy
@@ -120,6 +121,8 @@ class TwoStagePredictor:
     #: The patients the U-Net learnt from (its JSON's ``trained_on_patients``; empty when the
     #: JSON does not say), so that a score on one of them is not taken for a held-out one.
     trained_on_patients: frozenset[str] = frozenset()
+    #: The per-case quality estimate shipped beside the U-Net (``quality.json``), if any.
+    quality: QualityModel | None = None
     _classify: object = field(init=False, repr=False, compare=False)
     _segments: tuple = field(init=False, repr=False, compare=False)
     _shared: object = field(init=False, repr=False, compare=False)
@@ -216,7 +219,8 @@ class TwoStagePredictor:
         return cls(classifier, unet, classifier_config, unet_config, mask_threshold,
                    extra_unets=tuple(extra), tta_flips=tta_flips, bfloat16=bfloat16,
                    missing_sequence_training=missing > 0, skull_strip_training=stripped > 0,
-                   trained_on_patients=frozenset(trained_on.get("trained_on_patients", [])))
+                   trained_on_patients=frozenset(trained_on.get("trained_on_patients", [])),
+                   quality=quality_beside(unet_path))
 
     def _run(self, forward, batch: np.ndarray) -> np.ndarray:
         outputs = [forward(batch[i:i + self.batch_size]).numpy()
@@ -259,6 +263,35 @@ class TwoStagePredictor:
         maps = np.mean(runs, axis=0)[..., 0]
         return [to_grid(prob, images[i].shape[0], images[i].shape[1])
                 for prob, i in zip(maps, chosen, strict=True)]
+
+    def mirrored_mask_probabilities(self, images: list[np.ndarray],
+                                    indices=None) -> list[np.ndarray]:
+        """:meth:`mask_probabilities` of the left-right mirrored slices, mirrored back: where
+        the U-Net agrees with itself (the quality estimate's ``mirror_dice``)."""
+        chosen = range(len(images)) if indices is None else [int(i) for i in indices]
+        if not images or not len(chosen):
+            return []
+        batch = np.ascontiguousarray(
+            self._model_inputs(images, self.unet_config.preprocessing, chosen)[:, :, ::-1])
+        maps = np.mean([self._run(segment, batch)[:, :, ::-1] for segment in self._segments],
+                       axis=0)[..., 0]
+        return [to_grid(prob, images[i].shape[0], images[i].shape[1])
+                for prob, i in zip(maps, chosen, strict=True)]
+
+    def assess(self, images: list[np.ndarray], probabilities: np.ndarray,
+               maps: list[np.ndarray | None], masks: list[np.ndarray], stripped: bool,
+               flair_only: bool) -> tuple[float, int] | None:
+        """(predicted Dice, review 1/0) of one case from its outputs (``maps`` None where stage
+        1 did not pass a slice), or None when no estimate ships with the U-Net."""
+        if self.quality is None:
+            return None
+        passed = [k for k, m in enumerate(maps) if m is not None]
+        mirrored: list[np.ndarray | None] = [None] * len(maps)
+        for k, found in zip(passed, self.mirrored_mask_probabilities(images, passed),
+                            strict=True):
+            mirrored[k] = found
+        return self.quality.estimate(case_features(maps, mirrored, masks, self.mask_threshold,
+                                                   stripped, flair_only))
 
     def masks(self, maps: list[np.ndarray], mask_threshold: float | None = None,
               min_pixels: int | None = None) -> list[np.ndarray]:

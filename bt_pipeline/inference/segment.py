@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bt_pipeline.data.layout import ROLES
-from bt_pipeline.inference.domain import domain_notes
+from bt_pipeline.inference.domain import domain_notes, is_skull_stripped
 from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
 from bt_pipeline.inference.pipeline import BLANK, is_blank
 
@@ -39,6 +39,10 @@ class Segmentation:
     #: What ``infer`` would print as notes for the case (a coarse axial plane, a
     #: skull-stripped input), else empty.
     notes: tuple[str, ...] = ()
+    #: The quality estimate's predicted Dice and whether to check the mask by eye (1/0); None
+    #: when the U-Net ships without an estimate.
+    predicted_dice: float | None = None
+    review: int | None = None
 
     @property
     def tumour_voxels(self) -> int:
@@ -108,6 +112,12 @@ def segment(flair, pre=None, post=None, *, predictor=None) -> Segmentation:
         raise VolumeReadError(sources["flair"], BLANK)
     predictor = shipped_predictor() if predictor is None else predictor
     probabilities, masks, maps = predictor.predict(case.images, with_maps=True)
-    notes = (*case.notes, *domain_notes(case.images, predictor))
+    stripped = is_skull_stripped(case.images)
+    notes = (*case.notes, *domain_notes(case.images, predictor, stripped))
+    threshold = predictor.classifier_config.threshold
+    quality = predictor.assess(
+        case.images, probabilities,
+        [m if p >= threshold else None for m, p in zip(maps, probabilities, strict=True)],
+        masks, stripped, flair_only=case.sequences == "flair") or (None, None)
     return Segmentation(mask_on_input_grid(masks, case), probability_on_input_grid(maps, case),
-                        np.asarray(probabilities), case.sequences, notes)
+                        np.asarray(probabilities), case.sequences, notes, *quality)
