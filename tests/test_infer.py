@@ -409,3 +409,34 @@ def test_save_probabilities_writes_the_maps_before_post_processing(tiny_models, 
     assert checked > 0  # the maps are written where the U-Net ran, not all zeros
     assert _run(tiny_models, synthetic_root, "--out", tmp_path / "plain") == 0
     assert not list((tmp_path / "plain").rglob("probability.nii.gz"))
+
+
+def test_run_json_says_when_with_what_and_how(run_infer, tiny_models, synthetic_root, tmp_path):
+    import hashlib
+    import json
+    from datetime import datetime
+
+    out = tmp_path / "out"
+    assert run_infer(synthetic_root, "--out", out, "--precision", "float32") == 0
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    started, finished = (datetime.fromisoformat(run[k]) for k in ("started", "finished"))
+    assert started.tzinfo is not None and started <= finished
+    assert 0 < run["duration_s"] < 600
+    models = run["models"]
+    assert models["precision"] == "float32" and models["tta_flips"] is False
+    assert 0 < models["stage1_threshold"] < 1 and models["mask_threshold"] == 0.5
+    for model in tiny_models:
+        for path in (model, model.with_suffix(".json")):
+            assert models["files"][str(path.absolute())] == hashlib.sha256(
+                path.read_bytes()).hexdigest()
+    assert {"python", "tensorflow", "keras", "numpy", "simpleitk"} <= set(run["versions"])
+
+
+def test_without_out_each_input_gets_its_own_folder(run_infer, synthetic_root, tmp_path,
+                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    patient = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+    assert run_infer(patient) == 0
+    assert run_infer(synthetic_root) == 0  # a second input never meets the first's OUT
+    assert (tmp_path / "predictions" / patient.name / "patients.csv").is_file()
+    assert (tmp_path / "predictions" / synthetic_root.name / "patients.csv").is_file()

@@ -16,16 +16,18 @@ from pathlib import Path
 
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.cli import UsageError, library_output_silenced
-from bt_pipeline.data.layout import printable
+from bt_pipeline.data.layout import is_nifti, nifti_stem, printable
 from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
+from bt_pipeline.inference.output_folder import name_problem
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scan_dirs", nargs="+", metavar="SCAN_DIR",
                         help="a patient folder of slices, a folder of patient folders, a NIfTI "
                              "file or case folder, a DICOM series or case folder (README)")
-    parser.add_argument("--out", default="predictions",
-                        help="output folder: new, empty, or an earlier run's (replaced whole)")
+    parser.add_argument("--out", default=None,
+                        help="output folder: new, empty, or an earlier run's (replaced whole); "
+                             "default predictions/<first SCAN_DIR's name>")
     # bfloat16 where the CPU computes it natively: masks within Dice 0.998 of float32's and
     # the end-to-end rate above 50 slices/s on 2 cores (docs/speed.md)
     add_model_arguments(parser, precision="auto")
@@ -47,9 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.out.strip():
+    if args.out is not None and not args.out.strip():
         raise UsageError("--out is empty; give the folder the outputs should go to")
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else default_out(args.scan_dirs[0])
     if not 0.0 < args.threshold < 1.0:
         raise UsageError("--threshold must be between 0 and 1")
     if args.spacing is not None and not all(0 < v < 100 for v in args.spacing):
@@ -97,6 +99,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"report: {out / 'report.html'}")
     return result.exit_code
+
+
+def default_out(scan_dir: str) -> Path:
+    """``predictions/<name>``: the first SCAN_DIR's folder name (a NIfTI file's without its
+    suffix), so that runs on different inputs never meet in one OUT."""
+    path = Path(os.path.abspath(scan_dir)) if str(scan_dir).strip() else Path("input")
+    name = nifti_stem(path) if is_nifti(path) else path.name
+    return Path("predictions") / (name if name_problem(name) is None else "input")
 
 
 def _series_roles(pairs: list[str]) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import platform
 import signal
 import sys
@@ -11,6 +12,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -417,23 +419,51 @@ def _manifest(scan_dirs: list[Path], predictor, options: dict | None, result: In
               started: float) -> dict:
     """``run.json``: what this run read, with which models and options, and how it ended."""
     import keras
+    import SimpleITK as sitk
     import tensorflow as tf
 
     from bt_pipeline import __version__
 
+    finished = time.time()
+    quality = predictor.quality
     return {
         "status": "interrupted" if result.interrupted else "complete",
-        "started_unix": round(started, 3), "finished_unix": round(time.time(), 3),
+        "started": _iso(started), "finished": _iso(finished),
+        "duration_s": round(finished - started, 2),
         "inputs": [printable(p.absolute()) for p in scan_dirs],
-        "models": {"classifier_config": dataclasses.asdict(predictor.classifier_config),
+        "models": {"files": {printable(path.absolute()): _sha256(path)
+                             for path in predictor.files},
+                   "precision": "bfloat16" if predictor.bfloat16 else "float32",
+                   "stage1_threshold": predictor.classifier_config.threshold,
+                   "mask_threshold": predictor.mask_threshold,
+                   "tta_flips": predictor.tta_flips,
+                   "quality_estimate": None if quality is None else {
+                       "review_threshold": quality.review_threshold,
+                       "fitted_on": quality.fitted_on},
+                   "classifier_config": dataclasses.asdict(predictor.classifier_config),
                    "unet_config": dataclasses.asdict(predictor.unet_config),
                    "extra_unets": len(predictor.extra_unets)},
         "options": options or {},
         "versions": {"bt_pipeline": __version__, "tensorflow": tf.__version__,
-                     "keras": keras.__version__, "python": platform.python_version()},
+                     "keras": keras.__version__, "python": platform.python_version(),
+                     "numpy": np.__version__, "simpleitk": sitk.Version_VersionString(),
+                     "pandas": pd.__version__},
         "patients": len(result.patients), "slices": len(result.slices),
         "inputs_skipped": sum(p.skipped for p in result.problems),
     }
+
+
+def _iso(unix: float) -> str:
+    """ISO 8601 in UTC, to the second."""
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="seconds")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _write_tables(out: Path, result: InferenceResult) -> None:
