@@ -212,6 +212,8 @@ def test_case_names_nnunet_brats_and_dicom_series_roles(tmp_path):
     for name in ("a_0000.nii.gz", "a_0001.nii.gz", "a_0002.nii.gz", "b_t1.nii", "b_flair.nii",
                  "b_t1ce.nii", "b_t2.nii", "notes.nii.gz"):
         (tmp_path / name).write_bytes(b"")
+    (tmp_path / "dataset.json").write_text(
+        '{"channel_names": {"0": "T1", "1": "FLAIR", "2": "T1ce"}}', encoding="utf-8")
     found, problems = scan_inputs([tmp_path])
     cases = {case.patient_id: case.nifti for case in found}
     assert {k: sorted(v) for k, v in cases.items()} == {"a": ["flair", "post", "pre"],
@@ -314,3 +316,65 @@ def _stored_pixdim(path):
 
     with gzip.open(path) as handle:
         return nib.Nifti1Header.from_fileobj(handle, check=False)["pixdim"]
+
+
+# --- numbered channels mean what their data set says -----------------------------------------
+
+MSD = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}  # the Decathlon's BrainTumour order
+
+
+def _numbered_case(folder, codes=("0000", "0001", "0002", "0003")):
+    folder.mkdir(parents=True)
+    for code in codes:
+        (folder / f"BRATS_001_{code}.nii.gz").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize("key", ["modality", "channel_names"])
+def test_channels_follow_the_dataset_json_above_the_images(tmp_path, key):
+    import json
+
+    images = _numbered_case(tmp_path / "Task01_BrainTumour" / "imagesTr")
+    (tmp_path / "Task01_BrainTumour" / "dataset.json").write_text(json.dumps({key: MSD}))
+    (case,), problems = scan_inputs([images])
+    assert {role: path.name for role, path in case.nifti.items()} == {
+        "flair": "BRATS_001_0000.nii.gz", "pre": "BRATS_001_0001.nii.gz",
+        "post": "BRATS_001_0002.nii.gz"}
+    assert [p.path.rsplit("/", 1)[-1] for p in problems] == ["BRATS_001_0003.nii.gz"]
+
+
+def test_numbered_channels_without_names_are_refused_saying_how_to_name_them(tmp_path):
+    from bt_pipeline.data.layout import channels_named
+
+    images = _numbered_case(tmp_path / "imagesTr")
+    found, problems = scan_inputs([images])
+    assert found == []
+    assert problems[0].skipped and "channels 0000, 0001, 0002, 0003 have no names" in \
+        problems[0].problem and "--channels" in problems[0].problem
+    (case,), _ = scan_inputs([images], channels_named("0000=flair,0001=t1,0002=t1ce,0003=t2"))
+    assert case.nifti["flair"].name == "BRATS_001_0000.nii.gz"
+    (alone,), _ = scan_inputs([_numbered_case(tmp_path / "one", ("0000",))])
+    assert list(alone.nifti) == ["flair"]  # one volume alone is FLAIR, as a single file is
+
+
+def test_an_msd_ordered_case_is_segmented_from_its_flair(run_infer, tmp_path, capsys):
+    """The Decathlon's 0000 is FLAIR: read by the README's old fixed order it was the T1 and
+    the answer a confident wrong one; with dataset.json the mask is the FLAIR run's."""
+    import json
+
+    rng = np.random.default_rng(0)
+    flair = rng.integers(0, 200, (6, 64, 64)).astype(np.int16)
+    root = tmp_path / "Task01"
+    (root / "imagesTr").mkdir(parents=True)
+    for code, volume in (("0000", flair), ("0001", flair // 3), ("0002", flair // 2),
+                         ("0003", flair[::-1])):
+        image = sitk.GetImageFromArray(volume)
+        sitk.WriteImage(image, str(root / "imagesTr" / f"BRATS_001_{code}.nii.gz"))
+    assert run_infer(root / "imagesTr", "--out", tmp_path / "refused") == 2
+    (root / "dataset.json").write_text(json.dumps({"modality": MSD}))
+    assert run_infer(root / "imagesTr", "--out", tmp_path / "out") == 0
+    patients = pd.read_csv(tmp_path / "out" / "patients.csv")
+    assert patients["sequences"].tolist() == ["pre+flair+post"]
+    # the case's FLAIR, whose grid the mask is on, is channel 0000
+    assert (tmp_path / "out" / "BRATS_001" / "image.nii.gz").read_bytes() == \
+        (root / "imagesTr" / "BRATS_001_0000.nii.gz").read_bytes()

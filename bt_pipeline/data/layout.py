@@ -10,8 +10,9 @@ top of a folder of patients that are not images (Kaggle's ``data.csv``, ``README
 passed over silently; images there are reported.
 
 Volumes are found too (read by :mod:`bt_pipeline.data.volumes`): a NIfTI file (FLAIR alone),
-a folder of NIfTI cases named nnU-Net style (``CASE_0000`` pre-contrast T1, ``CASE_0001``
-FLAIR, ``CASE_0002`` post-contrast T1) or BraTS style (``CASE_t1``, ``CASE_flair``,
+a folder of NIfTI cases named nnU-Net style (``CASE_0000``, ``CASE_0001``, ...: each channel's
+sequence named by a ``dataset.json`` at or above the folder, or by ``--channels``; one
+numbered file alone is FLAIR) or BraTS style (``CASE_t1``, ``CASE_flair``,
 ``CASE_t1ce``; ``flair.nii.gz`` alone takes the folder's name), a DICOM series folder (FLAIR
 alone), a folder of DICOM series folders (one case; each series' role read from its
 description), and a folder of any of these cases.
@@ -19,6 +20,7 @@ description), and a folder of any of these cases.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -30,7 +32,12 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ROLES = ("pre", "flair", "post")
 ROLE_NAMES = {"pre": "pre-contrast T1", "flair": "FLAIR", "post": "post-contrast T1"}
 _NNUNET = re.compile(r"^(?P<case>.+)_(?P<code>\d{4})$")
-_NNUNET_ROLES = {"0000": "pre", "0001": "flair", "0002": "post"}
+#: The role of a numbered (nnU-Net) channel whose name no dataset.json or --channels gives:
+#: channel numbers mean what each data set says (the Decathlon's 0000 is FLAIR, not T1).
+UNNAMED = "unnamed"
+#: How many folders above the numbered files a ``dataset.json`` is looked for (nnU-Net and
+#: the Decathlon keep it beside ``imagesTr/``).
+DATASET_JSON_LEVELS = 2
 _BRATS = re.compile(r"^(?:(?P<case>.+?)[_-])?(?P<code>t1|t1ce|t1c|t1gd|t1post|flair|t2)$",
                     re.IGNORECASE)
 _BRATS_ROLES = {"t1": "pre", "t1ce": "post", "t1c": "post", "t1gd": "post", "t1post": "post",
@@ -141,33 +148,91 @@ def _holds_dicom(folder: Path) -> bool:
     return any(p.is_file() and is_dicom(p) for p in sorted(folder.iterdir())[:50])
 
 
-def nifti_role(path: Path) -> tuple[str, str | None] | None:
+def channel_role(name: str) -> str | None:
+    """The role a sequence's name gives (a dataset.json channel name, a --channels value):
+    FLAIR; T1 with a contrast word post-contrast, T1 alone pre-contrast; None for a sequence
+    the models do not use (T2, ADC, ...)."""
+    text = re.sub(r"[^a-z0-9+]", "", name.lower())
+    if "flair" in text:
+        return "flair"
+    if not text.startswith("t1"):
+        return None
+    rest = text[2:].removeprefix("w")
+    contrast = rest in ("c", "ce") or any(word in rest for word in ("gd", "gad", "post",
+                                                                    "contrast", "+"))
+    return "post" if contrast else "pre"
+
+
+def channels_named(text: str) -> dict[str, str | None]:
+    """``--channels 0000=flair,0001=t1,0002=t1ce`` as channel code -> role.
+
+    Raises:
+        ValueError: a part that is not NUMBER=NAME.
+    """
+    channels = {}
+    for part in text.split(","):
+        code, _, name = part.partition("=")
+        if not code.strip().isdigit() or not name.strip():
+            raise ValueError(f"--channels {text!r}: {part!r} is not NUMBER=NAME (for example "
+                             "0000=flair,0001=t1,0002=t1ce)")
+        channels[f"{int(code):04d}"] = channel_role(name)
+    return channels
+
+
+def dataset_channels(folder: Path, problems: list[InputProblem]) -> dict[str, str | None] | None:
+    """Channel code -> role from the ``dataset.json`` nearest at or above ``folder``
+    (nnU-Net's ``channel_names``, the Decathlon's ``modality``), or None when there is none."""
+    for candidate in [folder, *list(folder.parents)[:DATASET_JSON_LEVELS]]:
+        path = candidate / "dataset.json"
+        if not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            names = raw.get("channel_names") or raw.get("modality")
+            return {f"{int(code):04d}": channel_role(str(name)) for code, name in names.items()}
+        except (OSError, ValueError, AttributeError, TypeError):
+            problems.append(InputProblem(str(path), "", "dataset.json without readable "
+                                         "channel_names (or modality): {\"0\": \"FLAIR\", ...}"))
+            return {}
+    return None
+
+
+def nifti_role(path: Path, channels: dict[str, str | None] | None = None
+               ) -> tuple[str, str | None] | None:
     """(case id, role) a NIfTI file's name says; role None for a sequence the models do not
-    use (T2); case id "" when the name is the role alone (``flair.nii.gz``). None: not a
-    sequence name."""
+    use (T2), :data:`UNNAMED` for a numbered channel when ``channels`` (code -> role) is not
+    given; case id "" when the name is the role alone (``flair.nii.gz``). None: not a sequence
+    name."""
     stem = nifti_stem(path)
     match = _NNUNET.match(stem)
     if match:
-        return match.group("case"), _NNUNET_ROLES.get(match.group("code"))
+        return match.group("case"), UNNAMED if channels is None else channels.get(
+            match.group("code"))
     match = _BRATS.match(stem)
     if match:
         return match.group("case") or "", _BRATS_ROLES.get(match.group("code").lower())
     return None
 
 
-def _nifti_cases(folder: Path, files: list[Path], problems: list[InputProblem]
-                 ) -> list[VolumeScan]:
+def _nifti_cases(folder: Path, files: list[Path], problems: list[InputProblem],
+                 channels: dict[str, str | None] | None = None) -> list[VolumeScan]:
+    if channels is None and any(_NNUNET.match(nifti_stem(p)) for p in files):
+        channels = dataset_channels(folder, problems)
     cases: dict[str, VolumeScan] = {}
+    unnamed: dict[str, list[Path]] = {}
     for path in files:
-        named = nifti_role(path)
+        named = nifti_role(path, channels)
         if named is None:
             problems.append(InputProblem(str(path), "", "NIfTI name says no sequence (CASE_0000"
-                                         "-0002 or CASE_t1|flair|t1ce expected)", False))
+                                         " with a dataset.json, or CASE_t1|flair|t1ce expected)",
+                                         False))
             continue
         case_id, role = named
         case_id = printable(case_id or folder.name)
         case = cases.setdefault(case_id, VolumeScan(case_id, folder))
-        if role is None:
+        if role == UNNAMED:
+            unnamed.setdefault(case_id, []).append(path)
+        elif role is None:
             problems.append(InputProblem(str(path), case_id, "sequence not used by the models",
                                          False))
         elif role in case.nifti:
@@ -175,15 +240,26 @@ def _nifti_cases(folder: Path, files: list[Path], problems: list[InputProblem]
                                          f"used is {printable(case.nifti[role].name)})"))
         else:
             case.nifti[role] = path
+    for case_id, paths in unnamed.items():
+        if len(paths) == 1 and not cases[case_id].nifti:  # one volume alone is FLAIR
+            cases[case_id].nifti["flair"] = paths[0]
+            continue
+        cases[case_id].nifti.clear()
+        codes = ", ".join(sorted(nifti_stem(p)[-4:] for p in paths))
+        problems.append(InputProblem(
+            str(folder), case_id, f"channels {codes} have no names: write a dataset.json "
+            "beside the images folder ({\"channel_names\": {\"0\": \"T1\", \"1\": "
+            "\"FLAIR\", \"2\": \"T1ce\"}}) or pass --channels 0000=t1,0001=flair,0002=t1ce"))
     for case in cases.values():
-        if "flair" not in case.nifti:
+        if "flair" not in case.nifti and case.patient_id not in unnamed:
             problems.append(InputProblem(str(folder), case.patient_id,
-                                         "no FLAIR volume (CASE_0001 or CASE_flair)"))
+                                         "no FLAIR volume (CASE_flair, or a channel named FLAIR "
+                                         "in dataset.json)"))
     return [case for case in cases.values() if "flair" in case.nifti]
 
 
-def _volume_cases(folder: Path, problems: list[InputProblem], depth: int = 0
-                  ) -> list[VolumeScan]:
+def _volume_cases(folder: Path, problems: list[InputProblem], depth: int = 0,
+                  channels: dict[str, str | None] | None = None) -> list[VolumeScan]:
     """The volume cases in ``folder``: itself a DICOM series or a case of series folders, its
     NIfTI files, and (one level down) the same in each sub-folder."""
     entries = sorted(folder.iterdir())
@@ -211,11 +287,13 @@ def _volume_cases(folder: Path, problems: list[InputProblem], depth: int = 0
             problems.append(InputProblem(str(extra), printable(folder.name),
                                          "holds no DICOM, NIfTI or slice", False))
         return [VolumeScan(printable(folder.name), folder, dicom_series=series)]
-    cases = _nifti_cases(folder, [p for p in entries if p.is_file() and is_nifti(p)], problems)
+    cases = _nifti_cases(folder, [p for p in entries if p.is_file() and is_nifti(p)], problems,
+                         channels)
     if depth == 0:
         for sub in candidates:
             cases.extend([VolumeScan(printable(sub.name), sub, dicom_series=[sub])]
-                         if sub in series else _volume_cases(sub, problems, depth + 1))
+                         if sub in series else _volume_cases(sub, problems, depth + 1,
+                                                             channels))
     else:  # deeper folders are not searched: say so for those that hold volumes
         for sub in candidates:
             if sub not in series and (_holds_dicom(sub) or any(
@@ -277,7 +355,7 @@ def _holds_slices(folder: Path) -> bool:
     return any(slice_name(p) is not None and p.is_file() for p in folder.iterdir())
 
 
-def scan_inputs(scan_dirs: list[Path]
+def scan_inputs(scan_dirs: list[Path], channels: dict[str, str | None] | None = None
                 ) -> tuple[list[PatientScan | VolumeScan], list[InputProblem]]:
     """Patients (with at least one slice, or a FLAIR volume) and the problems met on the way.
 
@@ -288,9 +366,9 @@ def scan_inputs(scan_dirs: list[Path]
     problems: list[InputProblem] = []
     for scan_dir in (Path(os.path.abspath(d)) for d in scan_dirs):  # "." has a name too
         if scan_dir.is_file() and is_nifti(scan_dir):  # one file: FLAIR alone
-            named = nifti_role(scan_dir)
+            named = nifti_role(scan_dir, channels)
             case_id = printable(named[0] if named and named[0] else nifti_stem(scan_dir))
-            if named is not None and named[1] != "flair":
+            if named is not None and named[1] not in ("flair", UNNAMED):
                 problems.append(InputProblem(str(scan_dir), case_id, "a single volume is read as "
                                              "FLAIR, and this one's name says another sequence"))
                 continue
@@ -302,7 +380,7 @@ def scan_inputs(scan_dirs: list[Path]
             problems.append(InputProblem(str(scan_dir), "", reason))
             continue
         if not _holds_slices(scan_dir):
-            cases = _volume_cases(scan_dir, problems)
+            cases = _volume_cases(scan_dir, problems, channels=channels)
             if cases:
                 patients.extend(cases)
                 # slice-folder patients beside the volume cases are patients too

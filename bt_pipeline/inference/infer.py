@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.cli import UsageError, library_output_silenced
-from bt_pipeline.data.layout import is_nifti, nifti_stem, printable
+from bt_pipeline.data.layout import channels_named, is_nifti, nifti_stem, printable
 from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
 from bt_pipeline.inference.output_folder import name_problem
 
@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DICOM: the series in the folder named TEXT, else the one whose "
                              "description contains TEXT, is ROLE (pre, flair or post); "
                              "repeatable; before the built-in words")
+    parser.add_argument("--channels", default=None, metavar="0000=NAME,...",
+                        help="nnU-Net-numbered NIfTI: each channel's sequence (flair, t1, t1ce, "
+                             "t2), e.g. 0000=flair,0001=t1,0002=t1ce,0003=t2; instead of a "
+                             "dataset.json at or above the images folder")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write each patient's probability.nii.gz: the U-Net's "
                              "probabilities before post-processing, 0 on slices stage 1 did not "
@@ -63,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     if args.timing is not None and (args.timing.is_dir() or not args.timing.parent.is_dir()):
         raise UsageError(f"--timing {args.timing}: not a file in an existing folder")
     series_roles = _series_roles(args.series)
+    try:
+        channels = None if args.channels is None else channels_named(args.channels)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     missing = [p for p in args.scan_dirs if not os.path.lexists(p)]
     for path in missing:
         print(f"error: SCAN_DIR not found: {printable(path)}", file=sys.stderr)
@@ -71,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from bt_pipeline.inference.pipeline import find_inputs, run_inference
 
     # every input and OUT checked before TensorFlow and the models load (seconds)
-    found = find_inputs(args.scan_dirs, out)
+    found = find_inputs(args.scan_dirs, out, channels)
     if not found.patients:
         for problem in found.problems:
             print(problem.line(), file=sys.stderr)

@@ -218,15 +218,17 @@ class FoundInputs:
     problems: list[InputProblem]
 
 
-def find_inputs(scan_dirs: list[Path], out: Path) -> FoundInputs:
+def find_inputs(scan_dirs: list[Path], out: Path,
+                channels: dict[str, str | None] | None = None) -> FoundInputs:
     """The cases in ``scan_dirs`` (and the inputs that cannot be used), with OUT checked: not
-    overlapping any of them, and replaceable.
+    overlapping any of them, and replaceable. ``channels`` (code -> role) names numbered
+    NIfTI channels instead of a ``dataset.json``.
 
     Raises:
         UsageError: OUT cannot be used.
     """
     folder = OutputFolder(out)
-    patients, problems = scan_inputs(scan_dirs)
+    patients, problems = scan_inputs(scan_dirs, channels)
     check_no_overlap(folder.out, [*scan_dirs, *(path for scan in patients for path in (
         [scan.folder] if isinstance(scan, PatientScan) else
         [*scan.nifti.values(), *scan.dicom_series]))])

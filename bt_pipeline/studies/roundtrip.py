@@ -12,6 +12,7 @@ masks; the written mask must carry the input's size, spacing, origin and directi
 from __future__ import annotations
 
 import argparse
+import json
 import locale
 import tempfile
 import zlib
@@ -68,6 +69,10 @@ def write_nifti_case(images: np.ndarray, folder: Path, case: str, **geometry) ->
     import SimpleITK as sitk
 
     folder.mkdir(parents=True, exist_ok=True)
+    # the channels' names, as nnU-Net's dataset.json gives them
+    names = {"pre": "T1", "flair": "FLAIR", "post": "T1ce"}
+    write_text_atomic(folder / "dataset.json", json.dumps({"channel_names": {
+        str(int(NNUNET_CODES[role])): names[role] for role in ROLES}}) + "\n")
     files = {}
     for channel, role in enumerate(ROLES):
         files[role] = folder / f"{case}_{NNUNET_CODES[role]}.nii.gz"
