@@ -378,3 +378,61 @@ def test_an_msd_ordered_case_is_segmented_from_its_flair(run_infer, tmp_path, ca
     # the case's FLAIR, whose grid the mask is on, is channel 0000
     assert (tmp_path / "out" / "BRATS_001" / "image.nii.gz").read_bytes() == \
         (root / "imagesTr" / "BRATS_001_0000.nii.gz").read_bytes()
+
+
+# --- labelled volumes get their Dice --------------------------------------------------------
+
+def _labelled(folder, case="BraTS_7", seg_name=None):
+    rng = np.random.default_rng(1)
+    flair = rng.integers(0, 200, (6, 64, 64)).astype(np.int16)
+    seg = np.zeros((6, 64, 64), np.uint8)
+    seg[2:5, 20:40, 20:40] = 2
+    seg[3, 25:30, 25:30] = 4
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, volume in ((f"{case}_flair.nii.gz", flair),
+                         (seg_name or f"{case}_seg.nii.gz", seg)):
+        image = sitk.GetImageFromArray(volume)
+        image.SetSpacing((0.9, 0.9, 3.0))
+        sitk.WriteImage(image, str(folder / name))
+    return folder / (seg_name or f"{case}_seg.nii.gz")
+
+
+def _dice_of(out, case, seg, values=None):
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / case / "mask.nii.gz"))) > 0
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(seg)))
+    truth = labels > 0 if values is None else np.isin(labels, values)
+    return 2 * (mask & truth).sum() / max(int(mask.sum() + truth.sum()), 1)
+
+
+def test_a_brats_case_with_its_seg_gets_its_dice(run_infer, tmp_path):
+    seg = _labelled(tmp_path / "scans" / "BraTS_7")
+    out = tmp_path / "out"
+    assert run_infer(tmp_path / "scans", "--out", out) == 0
+    row = pd.read_csv(out / "patients.csv").iloc[0]
+    assert row["dice"] == pytest.approx(_dice_of(out, "BraTS_7", seg), abs=1e-4)
+    assert row["dice_note"] == "3D against BraTS_7_seg.nii.gz (label > 0)"
+    assert run_infer(tmp_path / "scans", "--out", out, "--label-values", "4") == 0
+    row = pd.read_csv(out / "patients.csv").iloc[0]
+    assert row["dice"] == pytest.approx(_dice_of(out, "BraTS_7", seg, [4]), abs=1e-4)
+
+
+def test_labels_beside_images_or_in_a_folder_given(run_infer, tmp_path):
+    import json
+
+    root = tmp_path / "Dataset001"
+    seg = _labelled(root / "labelsTr", case="case1", seg_name="case1.nii.gz")
+    (root / "labelsTr" / "case1_flair.nii.gz").rename(root / "case1_0000.nii.gz")
+    (root / "imagesTr").mkdir()
+    (root / "case1_0000.nii.gz").rename(root / "imagesTr" / "case1_0000.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "FLAIR"}}))
+    out = tmp_path / "out"
+    assert run_infer(root / "imagesTr", "--out", out) == 0
+    assert pd.read_csv(out / "patients.csv")["dice"].iloc[0] == pytest.approx(
+        _dice_of(out, "case1", seg), abs=1e-4)
+    elsewhere = tmp_path / "truth"
+    elsewhere.mkdir()
+    seg.rename(elsewhere / "case1.nii.gz")
+    assert run_infer(root / "imagesTr", "--out", out) == 0
+    assert pd.read_csv(out / "patients.csv")["dice"].isna().all()
+    assert run_infer(root / "imagesTr", "--out", out, "--labels", elsewhere) == 0
+    assert pd.read_csv(out / "patients.csv")["dice"].notna().all()

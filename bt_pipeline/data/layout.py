@@ -123,6 +123,7 @@ class VolumeScan:
     folder: Path  # where the case was found
     nifti: dict[str, Path] = field(default_factory=dict)  # role -> file
     dicom_series: list[Path] = field(default_factory=list)  # series folders
+    label: Path | None = None  # ground truth: CASE_seg, labelsTr/CASE or --labels DIR/CASE
 
 
 def is_nifti(path: Path) -> bool:
@@ -220,7 +221,11 @@ def _nifti_cases(folder: Path, files: list[Path], problems: list[InputProblem],
         channels = dataset_channels(folder, problems)
     cases: dict[str, VolumeScan] = {}
     unnamed: dict[str, list[Path]] = {}
+    labels: dict[str, Path] = {}
     for path in files:
+        if nifti_stem(path).lower().endswith("_seg"):  # BraTS's ground truth beside the images
+            labels[printable(nifti_stem(path)[:-4] or folder.name)] = path
+            continue
         named = nifti_role(path, channels)
         if named is None:
             problems.append(InputProblem(str(path), "", "NIfTI name says no sequence (CASE_0000"
@@ -255,7 +260,22 @@ def _nifti_cases(folder: Path, files: list[Path], problems: list[InputProblem],
             problems.append(InputProblem(str(folder), case.patient_id,
                                          "no FLAIR volume (CASE_flair, or a channel named FLAIR "
                                          "in dataset.json)"))
-    return [case for case in cases.values() if "flair" in case.nifti]
+    found = [case for case in cases.values() if "flair" in case.nifti]
+    for case in found:
+        case.label = labels.get(case.patient_id) or labels.get(folder.name if len(found) == 1
+                                                                  else "") or \
+            labels_folder_file(folder, case.patient_id)
+    return found
+
+
+def labels_folder_file(images: Path, case_id: str) -> Path | None:
+    """nnU-Net's and the Decathlon's ground truth: ``labelsTr/CASE.nii.gz`` beside
+    ``imagesTr/`` (``labelsTs`` beside ``imagesTs``)."""
+    if not images.name.startswith("images"):
+        return None
+    folder = images.parent / ("labels" + images.name[len("images"):])
+    return next((folder / f"{case_id}{suffix}" for suffix in (".nii.gz", ".nii")
+                 if (folder / f"{case_id}{suffix}").is_file()), None)
 
 
 def _volume_cases(folder: Path, problems: list[InputProblem], depth: int = 0,

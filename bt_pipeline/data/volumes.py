@@ -238,6 +238,29 @@ def probability_on_input_grid(maps: list[np.ndarray], case: CaseVolume):
     return back
 
 
+def tumour_label(path: Path, reference, values: tuple[int, ...] | None = None
+                 ) -> tuple[np.ndarray, bool]:
+    """A label volume as whole tumour on ``reference``'s grid: bool (slices, rows, columns),
+    True where the label is > 0 (or one of ``values``), and whether it had to be resampled
+    (nearest neighbour) because its grid differs from ``reference``'s.
+
+    Raises:
+        VolumeReadError: the label cannot be read.
+    """
+    import SimpleITK as sitk
+
+    label = read_volume(path)
+    same = (label.GetSize() == reference.GetSize()
+            and np.allclose(label.GetSpacing(), reference.GetSpacing(), atol=1e-4)
+            and np.allclose(label.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+            and np.allclose(label.GetDirection(), reference.GetDirection(), atol=1e-4))
+    if not same:
+        label = sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    array = sitk.GetArrayViewFromImage(label)
+    truth = array > 0 if values is None else np.isin(np.rint(array), values)
+    return truth, not same
+
+
 def read_volume(path: Path):
     """One 3D scalar volume, from a NIfTI file or a DICOM series folder; the header is checked
     before any voxel is decoded."""

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.cli import UsageError, library_output_silenced
 from bt_pipeline.data.layout import nifti_role, nifti_stem
+from bt_pipeline.data.volumes import tumour_label
 from bt_pipeline.evaluation.metrics import dice_score
 from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
 from bt_pipeline.reports import shown_path, write_summary
@@ -54,20 +55,6 @@ def labelled_cases(folder: Path) -> dict[str, dict[str, Path]]:
     return cases
 
 
-def whole_tumour(seg: Path, mask) -> np.ndarray:
-    """``seg`` > 0 on ``mask``'s grid (nearest neighbour where the grids differ)."""
-    import SimpleITK as sitk
-
-    truth = sitk.ReadImage(str(seg))
-    same = (truth.GetSize() == mask.GetSize()
-            and np.allclose(truth.GetSpacing(), mask.GetSpacing())
-            and np.allclose(truth.GetOrigin(), mask.GetOrigin())
-            and np.allclose(truth.GetDirection(), mask.GetDirection()))
-    if not same:
-        truth = sitk.Resample(truth, mask, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return sitk.GetArrayFromImage(truth) > 0
-
-
 def score_case(case: str, files: dict[str, Path], predictor) -> list[dict]:
     """Rows of one case: every sequence it has, then FLAIR alone."""
     import SimpleITK as sitk
@@ -80,7 +67,7 @@ def score_case(case: str, files: dict[str, Path], predictor) -> list[dict]:
         result = segment(given["flair"], given.get("pre"), given.get("post"),
                          predictor=predictor)
         predicted = sitk.GetArrayViewFromImage(result.mask) > 0
-        truth = whole_tumour(files["seg"], result.mask)
+        truth, _ = tumour_label(files["seg"], result.mask)
         voxel_ml = float(np.prod(result.mask.GetSpacing())) / 1000.0
         rows.append({"case": case, "input": label, "sequences": result.sequences,
                      "dice": dice_score(truth, predicted),

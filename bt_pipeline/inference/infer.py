@@ -43,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nnU-Net-numbered NIfTI: each channel's sequence (flair, t1, t1ce, "
                              "t2), e.g. 0000=flair,0001=t1,0002=t1ce,0003=t2; instead of a "
                              "dataset.json at or above the images folder")
+    parser.add_argument("--labels", type=Path, default=None, metavar="DIR",
+                        help="ground truth of volume cases: DIR/CASE.nii.gz or CASE_seg.nii.gz "
+                             "(found by themselves: CASE_seg beside the images, labelsTr/ "
+                             "beside imagesTr/)")
+    parser.add_argument("--label-values", default=None, metavar="V,V,...",
+                        help="label values that are tumour (default: every value above 0, "
+                             "BraTS's whole tumour)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write each patient's probability.nii.gz: the U-Net's "
                              "probabilities before post-processing, 0 on slices stage 1 did not "
@@ -69,8 +76,12 @@ def run(args: argparse.Namespace) -> int:
     series_roles = _series_roles(args.series)
     try:
         channels = None if args.channels is None else channels_named(args.channels)
+        label_values = None if args.label_values is None else tuple(
+            int(v) for v in args.label_values.split(","))
     except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+        raise UsageError(f"--channels or --label-values: {exc}") from exc
+    if args.labels is not None and not args.labels.is_dir():
+        raise UsageError(f"--labels {printable(args.labels)}: not a folder")
     missing = [p for p in args.scan_dirs if not os.path.lexists(p)]
     for path in missing:
         print(f"error: SCAN_DIR not found: {printable(path)}", file=sys.stderr)
@@ -79,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from bt_pipeline.inference.pipeline import find_inputs, run_inference
 
     # every input and OUT checked before TensorFlow and the models load (seconds)
-    found = find_inputs(args.scan_dirs, out, channels)
+    found = find_inputs(args.scan_dirs, out, channels, args.labels)
     if not found.patients:
         for problem in found.problems:
             print(problem.line(), file=sys.stderr)
@@ -94,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
                                    spacing=None if args.spacing is None else
                                    tuple(args.spacing), options=_recorded_options(args),
                                    series_roles=series_roles,
-                                   save_probabilities=args.save_probabilities, found=found)
+                                   save_probabilities=args.save_probabilities, found=found,
+                                   label_values=label_values)
     except OSError as exc:
         print(f"error: cannot write outputs: {exc}", file=sys.stderr)
         return 2

@@ -144,7 +144,7 @@ def write_on_input_grid(folder: Path, masks: list[np.ndarray], case,
     given ``maps``, also ``probability.nii.gz`` (float32). A NIfTI FLAIR lends its own header
     to all, so any reader finds the same geometry in input and outputs to the last bit; a
     DICOM series becomes NIfTI (as nnU-Net writes it), whose header holds the geometry in
-    float32. Returns the mask's voxel count."""
+    float32. Returns the mask (a SimpleITK image)."""
     import SimpleITK as sitk
 
     from bt_pipeline.data.volumes import mask_on_input_grid, probability_on_input_grid
@@ -168,7 +168,7 @@ def write_on_input_grid(folder: Path, masks: list[np.ndarray], case,
                        suffix=".nii.gz")
         write_with(folder / "image.nii.gz",
                    lambda tmp: sitk.WriteImage(case.flair, str(tmp), True), suffix=".nii.gz")
-    return int(sitk.GetArrayViewFromImage(outputs["mask.nii.gz"]).sum())
+    return outputs["mask.nii.gz"]
 
 
 def _on_header_of(source, path: Path, values: np.ndarray):

@@ -145,7 +145,7 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
                    threshold, pool: ThreadPoolExecutor,
                    spacing: tuple[float, float, float] | None, case=None,
                    learnt_from: bool = False, maps=None, notes=(), quality=None,
-                   sequences: str = ""):
+                   sequences: str = "", label_values: tuple[int, ...] | None = None):
     folder = out / scan.patient_id
     images, numbers = [s.image for s in slices], [s.number for s in slices]
     truths = [s.truth for s in slices]
@@ -162,8 +162,8 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
         write_image_volume(folder / "image.nii.gz", images, spacing)
         pixels = int(sum(int(m.sum()) for m in masks))
     else:  # a volume in: the mask goes back onto its grid, the spacing is its header's
-        pixels = write_on_input_grid(folder, masks, case, maps)
-        spacing = case.spacing
+        mask = write_on_input_grid(folder, masks, case, maps)
+        pixels, spacing = int(sitk_array(mask).sum()), case.spacing
     write_overview(folder / "overview.png", images, masks, truths if has_truth else None,
                    numbers)
     # classifier_*: what the stage-1 gate said; tumor_detected: whether the final mask (after
@@ -182,7 +182,9 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
     patient["predicted_dice"], patient["review"] = quality if quality is not None else (
         float("nan"), float("nan"))
     patient["notes"] = " | ".join(notes)
-    if has_truth:
+    if case is not None and getattr(scan, "label", None) is not None:
+        patient.update(_label_scores(scan.label, mask, label_values))
+    elif has_truth:
         patient["dice"] = dice_score(np.stack(truths), np.stack(masks))
         patient["iou"] = iou_score(np.stack(truths), np.stack(masks))
         patient["dice_note"] = TRAINED_ON_NOTE if learnt_from else ""
@@ -195,6 +197,30 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
                  numbers, probabilities, threshold,
                  spacing if case is None else case.grid.GetSpacing())
     return patient, slice_rows
+
+
+def sitk_array(image) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayViewFromImage(image)
+
+
+def _label_scores(label: Path, mask, values: tuple[int, ...] | None) -> dict:
+    """Dice and IoU of a volume case's mask against its label file, in 3D on the FLAIR's grid
+    (whole tumour: label > 0, or one of ``values``)."""
+    from bt_pipeline.data.volumes import VolumeReadError, tumour_label
+
+    try:
+        truth, resampled = tumour_label(label, mask, values)
+    except VolumeReadError as exc:
+        return {"dice": float("nan"), "iou": float("nan"),
+                "dice_note": f"unavailable: label {exc.reason}"}
+    predicted = sitk_array(mask) > 0
+    kind = "label > 0" if values is None else f"label in {','.join(map(str, values))}"
+    return {"dice": dice_score(truth, predicted), "iou": iou_score(truth, predicted),
+            "dice_note": f"3D against {printable(label.name)} ({kind})" +
+                         ("; label resampled onto the FLAIR's grid (nearest neighbour)"
+                          if resampled else "")}
 
 
 def _sequences(images: list[np.ndarray]) -> str:
@@ -219,10 +245,12 @@ class FoundInputs:
 
 
 def find_inputs(scan_dirs: list[Path], out: Path,
-                channels: dict[str, str | None] | None = None) -> FoundInputs:
+                channels: dict[str, str | None] | None = None,
+                labels: Path | None = None) -> FoundInputs:
     """The cases in ``scan_dirs`` (and the inputs that cannot be used), with OUT checked: not
     overlapping any of them, and replaceable. ``channels`` (code -> role) names numbered
-    NIfTI channels instead of a ``dataset.json``.
+    NIfTI channels instead of a ``dataset.json``; ``labels``, a folder of ground-truth
+    volumes named by case (``CASE.nii.gz`` or ``CASE_seg.nii.gz``).
 
     Raises:
         UsageError: OUT cannot be used.
@@ -233,6 +261,10 @@ def find_inputs(scan_dirs: list[Path], out: Path,
         [scan.folder] if isinstance(scan, PatientScan) else
         [*scan.nifti.values(), *scan.dicom_series]))])
     folder.check()
+    for scan in (p for p in patients if isinstance(p, VolumeScan) and labels is not None):
+        scan.label = next((labels / f"{scan.patient_id}{end}" for end in (
+            ".nii.gz", ".nii", "_seg.nii.gz", "_seg.nii")
+            if (labels / f"{scan.patient_id}{end}").is_file()), scan.label)
     return FoundInputs(patients, problems)
 
 
@@ -241,13 +273,16 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
                   options: dict | None = None,
                   series_roles: dict[str, str] | None = None,
                   save_probabilities: bool = False,
-                  found: FoundInputs | None = None) -> InferenceResult:
+                  found: FoundInputs | None = None,
+                  label_values: tuple[int, ...] | None = None) -> InferenceResult:
     """Run both stages over every patient found in ``scan_dirs`` and write the outputs into
     ``out`` as one run (see :mod:`output_folder`). ``spacing`` is the voxel size (x, y, z) in
     mm of slice folders, when known, for tumour volumes (volumes carry their own);
     ``series_roles`` picks DICOM series by description (:func:`volumes.read_case`);
     ``save_probabilities`` adds each patient's ``probability.nii.gz``; ``options`` are recorded
-    in ``run.json``; ``found``: :func:`find_inputs`' answer when already known."""
+    in ``run.json``; ``found``: :func:`find_inputs`' answer when already known;
+    ``label_values``: the label values that are tumour in volume cases' ground truth (default:
+    every value > 0)."""
     folder = OutputFolder(out)
     found = find_inputs(scan_dirs, out) if found is None else found
     patients, problems = found.patients, found.problems
@@ -259,7 +294,7 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
     started = time.time()
     with folder, _sigterm_as_interrupt():
         result = _run_patients(patients, problems, folder.staging, predictor, progress, spacing,
-                               series_roles, save_probabilities)
+                               series_roles, save_probabilities, label_values)
         if result.patients.empty:  # nothing processed: an earlier OUT stays as it was
             if result.interrupted:
                 raise KeyboardInterrupt
@@ -307,7 +342,8 @@ def _sequence_note(patient: dict, predictor) -> str:
 def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[InputProblem],
                   out: Path, predictor, progress: bool, spacing,
                   series_roles: dict[str, str] | None = None,
-                  save_probabilities: bool = False) -> InferenceResult:
+                  save_probabilities: bool = False,
+                  label_values: tuple[int, ...] | None = None) -> InferenceResult:
     """Both stages over each patient, outputs into ``out``; stops early (``interrupted``) on
     Ctrl-C or SIGTERM, keeping what was finished.
 
@@ -387,7 +423,7 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
                     write, out, scan, slices, probabilities, masks, threshold, pool,
                     spacing, case, learnt_from=scan.patient_id in predictor.trained_on_patients,
                     maps=maps if save_probabilities else None, notes=notes, quality=quality,
-                    sequences=sequences)
+                    sequences=sequences, label_values=label_values)
             finish_pending()
         except KeyboardInterrupt:
             interrupted = True
