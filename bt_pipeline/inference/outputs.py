@@ -20,6 +20,8 @@ from bt_pipeline.reports import draw_outline
 
 # Okabe-Ito orange and sky blue: told apart with every common colour-vision deficiency.
 PREDICTED_RGB = (230, 159, 0)
+#: A slice with a mask and no ground truth, in the viewer's strip (Okabe-Ito vermillion).
+FALSE_ALARM_RGB = (213, 94, 0)
 TRUTH_RGB = (86, 180, 233)
 TILE = 192
 
@@ -267,11 +269,13 @@ def slice_finding(predicted: bool, truth: bool | None) -> str:
 def write_viewer(path: str | os.PathLike, patient: dict, images: list[np.ndarray],
                  masks: list[np.ndarray], truths: list[np.ndarray] | None, numbers: list[int],
                  probabilities: np.ndarray, gate_threshold: float,
-                 spacing: tuple[float, float, float] | None = None) -> None:
+                 spacing: tuple[float, float, float] | None = None,
+                 spacing_from: str = "--spacing") -> None:
     """One patient's self-contained HTML viewer: every slice on a slider, the FLAIR channel in
     grayscale under the outlines (opacity adjustable), the classifier's probability and gate
-    per slice, the tumour volume, and misses and false alarms where ground truth exists. No
-    network access: images and script are inside the page."""
+    per slice, the tumour volume, and misses and false alarms where ground truth exists;
+    ``spacing_from`` says where the voxel size came from. No network access: images and
+    script are inside the page."""
     slices = []
     for k, (image, mask) in enumerate(zip(images, masks, strict=True)):
         truth = truths[k] if truths is not None else None
@@ -290,7 +294,9 @@ def write_viewer(path: str | os.PathLike, patient: dict, images: list[np.ndarray
         "tumour_slices": patient["n_tumor_slices"], "pixels": patient["tumor_pixels"],
         "volume_ml": None if volume is None or pd.isna(volume) else round(float(volume), 2),
         "dice": None if pd.isna(patient.get("dice", float("nan"))) else round(patient["dice"], 3),
-        "spacing": None if spacing is None else [float(v) for v in spacing],
+        "spacing": None if spacing is None else [round(float(v), 2) for v in spacing],
+        "spacing_from": spacing_from, "width": int(images[0].shape[1]) if images else 0,
+        "sequences": patient.get("sequences", ""), "false_alarm_rgb": FALSE_ALARM_RGB,
         "has_truth": truths is not None, "gate_threshold": round(float(gate_threshold), 4),
         "predicted_rgb": PREDICTED_RGB, "truth_rgb": TRUTH_RGB,
         "notes": [n for n in str(patient.get("notes") or "").split(" | ") if n],
@@ -314,6 +320,9 @@ body{font-family:system-ui,sans-serif;margin:1.2em;background:#111;color:#eee}
 .row{display:flex;gap:1.5em;align-items:flex-start}
 input[type=range]{width:512px}
 #strip{display:flex;width:512px;height:10px;margin-top:2px}
+.side{position:absolute;color:#f0e442;font-weight:bold;text-shadow:0 0 3px #000}
+#scale{position:absolute;left:12px;bottom:12px;height:4px;background:#fff}
+#scalelabel{position:absolute;left:12px;bottom:18px;font-size:12px}
 #strip div{flex:1;border-right:1px solid #111}
 .key{display:inline-block;width:1.6em;height:.35em;vertical-align:middle;margin-right:.3em}
 table{border-collapse:collapse}td{padding:2px 8px}
@@ -322,9 +331,14 @@ table{border-collapse:collapse}td{padding:2px 8px}
 </style></head><body>
 <h1 id="title"></h1><p id="review"></p><p id="facts"></p><ul id="notes" class="warn"></ul>
 <div class="row"><div>
-<div id="stage"><img id="flair" alt="FLAIR slice"><img id="overlay" alt="outlines"></div>
+<div id="stage"><img id="flair" alt="FLAIR slice"><img id="overlay" alt="outlines">
+<span class="side" style="left:4px;top:246px">R</span>
+<span class="side" style="right:4px;top:246px">L</span>
+<span class="side" style="left:250px;top:2px">A</span>
+<span class="side" style="left:250px;bottom:2px">P</span>
+<div id="scale"></div><span id="scalelabel"></span></div>
 <input id="slider" type="range" min="0" value="0" aria-label="slice">
-<div id="strip" title="slices: orange = mask drawn, blue = ground truth only (miss)"></div>
+<div id="strip"></div><p id="stripkey"></p>
 <label>outline opacity <input id="opacity" type="range" min="0" max="100" value="100"></label>
 </div><div>
 <h2 id="slicetitle"></h2><table id="sliceinfo"></table>
@@ -337,10 +351,22 @@ const S = DATA.summary, slices = DATA.slices;
 const rgb = c => `rgb(${c[0]},${c[1]},${c[2]})`;
 document.getElementById("title").textContent = S.patient;
 const volume = S.volume_ml === null ? "volume unknown (no voxel spacing given)"
-  : `tumour volume ${S.volume_ml} mL (voxels ${S.spacing.join(" x ")} mm, as given)`;
+  : `tumour volume ${S.volume_ml} mL (voxels ${S.spacing.join(" x ")} mm, from ` +
+    `${S.spacing_from})`;
 document.getElementById("facts").textContent = `${S.slices} slices; mask drawn on ` +
   `${S.tumour_slices}; ${S.pixels} px; ${volume}` + (S.dice === null ? "" : `; Dice ${S.dice}`) +
-  `; classifier gate at P >= ${S.gate_threshold}`;
+  `; sequences ${S.sequences}` + (S.sequences === "flair" ? " (FLAIR only: the other " +
+  "channels filled with FLAIR)" : "") + `; stage 1 (gate) passes P >= ${S.gate_threshold}`;
+if (S.spacing !== null) {  // a 10 mm bar at the slice's display scale
+  const px = 10 / S.spacing[0] * 512 / S.width;
+  document.getElementById("scale").style.width = `${px}px`;
+  document.getElementById("scalelabel").textContent = "10 mm";
+}
+const keys = S.has_truth ? [[S.predicted_rgb, "hit (mask and truth)"],
+  [S.false_alarm_rgb, "false alarm (mask, no truth)"], [S.truth_rgb, "miss (truth, no mask)"],
+  [[51, 51, 51], "neither"]] : [[S.predicted_rgb, "mask drawn"], [[51, 51, 51], "no mask"]];
+document.getElementById("stripkey").innerHTML = "slices: " + keys.map(([c, t]) =>
+  `<span class="key" style="background:${rgb(c)}"></span>${t}`).join(" &nbsp; ");
 document.getElementById("legend").innerHTML =
   `<span class="key" style="background:${rgb(S.predicted_rgb)}"></span>predicted outline<br>` +
   (S.has_truth ? `<span class="key" style="background:${rgb(S.truth_rgb)}"></span>` +
@@ -362,8 +388,9 @@ const slider = document.getElementById("slider"), strip = document.getElementByI
 slider.max = slices.length - 1;
 for (const s of slices) {
   const d = document.createElement("div");
-  d.style.background = s.px > 0 ? rgb(S.predicted_rgb)
+  d.style.background = s.px > 0 ? rgb(s.truth_px === 0 ? S.false_alarm_rgb : S.predicted_rgb)
     : (s.truth_px ? rgb(S.truth_rgb) : "#333");
+  d.title = `slice ${s.n}` + (s.finding ? `: ${s.finding}` : "");
   strip.appendChild(d);
 }
 function show(i) {
@@ -372,8 +399,8 @@ function show(i) {
   document.getElementById("flair").src = "data:image/png;base64," + s.flair;
   document.getElementById("overlay").src = "data:image/png;base64," + s.overlay;
   document.getElementById("slicetitle").textContent = `slice ${s.n} (${i + 1} of ${slices.length})`;
-  const rows = [["classifier probability", s.p.toFixed(4)],
-    ["passed the gate", s.gate ? "yes" : "no"], ["mask pixels", s.px]];
+  const rows = [["stage 1 (gate) probability", s.p.toFixed(4)],
+    ["passed stage 1", s.gate ? "yes" : "no"], ["mask pixels", s.px]];
   if (s.truth_px !== null) rows.push(["ground-truth pixels", s.truth_px]);
   if (s.finding) rows.push(["finding", s.finding]);
   document.getElementById("sliceinfo").innerHTML = rows.map(([k, v]) =>

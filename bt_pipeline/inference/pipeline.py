@@ -195,7 +195,8 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
                                  f"{len(slices)} slices (see errors.csv)")
     write_viewer(folder / "viewer.html", patient, images, masks, truths if has_truth else None,
                  numbers, probabilities, threshold,
-                 spacing if case is None else case.grid.GetSpacing())
+                 spacing if case is None else case.grid.GetSpacing(),
+                 "--spacing" if case is None else "the volume's header, on the model's grid")
     return patient, slice_rows
 
 
