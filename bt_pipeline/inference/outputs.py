@@ -204,10 +204,20 @@ def _copy_gzipped(source: Path, target: Path) -> None:
                 shutil.copyfileobj(read, write)
 
 
+#: The report's column headers: plain words and units (the CSV keeps its column names).
+REPORT_HEADERS = {
+    "patient_id": "patient", "review": "check by eye?", "predicted_dice": "predicted Dice",
+    "sequences": "sequences", "n_slices": "slices", "n_tumor_slices": "slices with tumour",
+    "tumor_detected": "tumour found", "tumor_pixels": "tumour voxels",
+    "tumor_volume_ml": "tumour volume (mL)", "notes": "notes", "dice": "Dice", "iou": "IoU",
+    "dice_note": "about the Dice"}
+
+
 def write_html_report(path: Path, patients: pd.DataFrame, problems: pd.DataFrame,
-                      title: str = "bt_pipeline report") -> None:
-    """The run's index page: the per-patient table (each patient linked to its slice viewer),
-    every overview image, and the inputs that were not used."""
+                      title: str = "bt_pipeline report", run: dict | None = None) -> None:
+    """The run's index page: a summary of the run (``run``: its ``run.json``), the
+    per-patient table (flagged cases first, each linked to its slice viewer), every overview
+    image, and the inputs that were not used."""
     esc = html.escape
     detected = int(patients["tumor_detected"].sum()) if "tumor_detected" in patients else 0
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
@@ -218,9 +228,14 @@ def write_html_report(path: Path, patients: pd.DataFrame, problems: pd.DataFrame
              f"<h1>{esc(title)}</h1>",
              f"<p>{len(patients)} patient(s); {detected} with tumour detected. Files: "
              "<a href='patients.csv'>patients.csv</a>, <a href='slices.csv'>slices.csv</a>, "
-             "<a href='errors.csv'>errors.csv</a>.</p>"]
+             "<a href='errors.csv'>errors.csv</a>, <a href='run.json'>run.json</a>.</p>"]
+    parts += _run_summary(patients, run)
     if not patients.empty:
         table = patients.copy()
+        table["patient_id"] = [f"<a href='{esc(p)}/viewer.html'>{esc(p)}</a>"
+                               for p in table["patient_id"]]
+        if "notes" in table:
+            table["notes"] = [esc(str(n)) if isinstance(n, str) else "" for n in table["notes"]]
         if "review" in table:  # cases to check by eye first, the flag beside the name
             table = table.sort_values("review", ascending=False, na_position="last",
                                       kind="stable")
@@ -228,11 +243,12 @@ def write_html_report(path: Path, patients: pd.DataFrame, problems: pd.DataFrame
             table = table[first + [c for c in table.columns if c not in first]]
             table["review"] = ["CHECK" if r == 1 else "" if pd.isna(r) else "ok"
                                for r in table["review"]]
-        table["patient_id"] = [f"<a href='{esc(p)}/viewer.html'>{esc(p)}</a>"
-                               for p in table["patient_id"]]
-        if "notes" in table:
-            table["notes"] = [esc(str(n)) if isinstance(n, str) else "" for n in table["notes"]]
-        parts.append(table.to_html(index=False, escape=False, float_format=lambda v: f"{v:.3f}"))
+        if "tumor_volume_ml" in table:
+            table["tumor_volume_ml"] = ["-- (give --spacing)" if pd.isna(v) else f"{v:.1f}"
+                                        for v in table["tumor_volume_ml"]]
+        table = table.rename(columns=REPORT_HEADERS)
+        parts.append(table.to_html(index=False, escape=False, na_rep="",
+                                   float_format=lambda v: f"{v:.3f}"))
     if not problems.empty:
         parts.append(f"<h2>Inputs not used ({len(problems)})</h2>")
         parts.append(problems.to_html(index=False))
@@ -243,6 +259,27 @@ def write_html_report(path: Path, patients: pd.DataFrame, problems: pd.DataFrame
                      f"<img src='{pid}/overview.png' alt='overview of {pid}'>")
     parts.append("</body></html>")
     write_text_atomic(path, "\n".join(parts) + "\n")
+
+
+def _run_summary(patients: pd.DataFrame, run: dict | None) -> list[str]:
+    """The report's run summary: when, which models at which precision, mean Dice where
+    ground truth was given, how many cases are flagged for review."""
+    if run is None:
+        return []
+    esc = html.escape
+    models = run.get("models", {})
+    files = ", ".join(Path(name).name for name in models.get("files", {}))
+    lines = [f"started {run.get('started', '?')}, {run.get('duration_s', '?')} s",
+             f"models: {files} ({models.get('precision', '?')}; stage 1 passes P >= "
+             f"{models.get('stage1_threshold', float('nan')):.4f})"]
+    if "dice" in patients and patients["dice"].notna().any():
+        scored = patients["dice"].dropna()
+        lines.append(f"mean Dice {scored.mean():.3f} over the {len(scored)} patient(s) with "
+                     "ground truth")
+    if "review" in patients and patients["review"].notna().any():
+        lines.append(f"{int((patients['review'] == 1).sum())} patient(s) flagged to check by "
+                     "eye (quality estimate)")
+    return ["<ul>" + "".join(f"<li>{esc(line)}</li>" for line in lines) + "</ul>"]
 
 
 def _png_base64(array: np.ndarray) -> str:

@@ -302,8 +302,9 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
             return result
         # every patient is finished: a signal now waits until they are committed
         with signals_held():
-            _write_tables(folder.staging, result)
-            folder.commit(_manifest(scan_dirs, predictor, options, result, started))
+            manifest = _manifest(scan_dirs, predictor, options, result, started)
+            _write_tables(folder.staging, result, manifest)
+            folder.commit(manifest)
     if result.interrupted:
         raise KeyboardInterrupt
     for row in result.patients.itertuples(index=False):
@@ -505,7 +506,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_tables(out: Path, result: InferenceResult) -> None:
+def _write_tables(out: Path, result: InferenceResult, manifest: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "slices.csv", result.slices.to_csv(index=False, lineterminator="\n"))
     write_text_atomic(out / "patients.csv", result.patients.to_csv(
@@ -513,4 +514,4 @@ def _write_tables(out: Path, result: InferenceResult) -> None:
     errors = pd.DataFrame([p.__dict__ for p in result.problems], columns=ERROR_COLUMNS)
     errors["skipped"] = errors["skipped"].astype(int)  # 1/0, as README defines it
     write_text_atomic(out / "errors.csv", errors.to_csv(index=False, lineterminator="\n"))
-    write_html_report(out / "report.html", result.patients, errors)
+    write_html_report(out / "report.html", result.patients, errors, run=manifest)
