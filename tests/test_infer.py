@@ -342,7 +342,8 @@ def test_viewer_runs_in_a_real_browser(tiny_models, synthetic_root, tmp_path):
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", f"file://{viewer}#slice=3"],
         capture_output=True, text=True, timeout=120, check=True).stdout
-    assert "slice 3 (3 of 9)" in dom and "classifier probability" in dom
+    assert "slice 3 (3 of 9)" in dom and "stage 1 (gate) probability" in dom
+    assert "R</span>" in dom and "hit (mask and truth)" in dom
 
 
 def test_mask_volume_lands_in_the_anatomical_corner_the_slices_show(tmp_path):

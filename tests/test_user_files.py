@@ -283,9 +283,9 @@ def test_sigterm_while_the_tables_are_written_keeps_every_finished_patient(
 
     real = pipeline._write_tables
 
-    def write_then_signal(out, result):
+    def write_then_signal(out, result, manifest=None):
         os.kill(os.getpid(), signal.SIGTERM)
-        real(out, result)
+        real(out, result, manifest)
 
     monkeypatch.setattr(pipeline, "_write_tables", write_then_signal)
     out = tmp_path / "out"

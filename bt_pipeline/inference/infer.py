@@ -54,6 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write each patient's probability.nii.gz: the U-Net's "
                              "probabilities before post-processing, 0 on slices stage 1 did not "
                              "pass")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the cases an interrupted run into the same --out finished "
+                             "and segment only the rest")
+    parser.add_argument("--ray", default=None, metavar="local|ADDRESS",
+                        help="segment the cases on Ray actors: a local Ray runtime, or a "
+                             "running cluster's address (pip install .[cluster]; "
+                             "docs/cluster.md)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="with --ray: actors (default: cores / --worker-threads)")
+    parser.add_argument("--worker-threads", type=int, default=1,
+                        help="with --ray: TensorFlow threads per actor (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--timing", type=Path, default=None,
                         help="write wall-clock timings as JSON here (for benchmarks)")
@@ -82,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--channels or --label-values: {exc}") from exc
     if args.labels is not None and not args.labels.is_dir():
         raise UsageError(f"--labels {printable(args.labels)}: not a folder")
+    cluster = _cluster(args)
     missing = [p for p in args.scan_dirs if not os.path.lexists(p)]
     for path in missing:
         print(f"error: SCAN_DIR not found: {printable(path)}", file=sys.stderr)
@@ -106,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
                                    tuple(args.spacing), options=_recorded_options(args),
                                    series_roles=series_roles,
                                    save_probabilities=args.save_probabilities, found=found,
-                                   label_values=label_values)
+                                   label_values=label_values, resume=args.resume,
+                                   cluster=cluster)
     except OSError as exc:
         print(f"error: cannot write outputs: {exc}", file=sys.stderr)
         return 2
@@ -119,6 +132,24 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"report: {out / 'report.html'}")
     return result.exit_code
+
+
+def _cluster(args: argparse.Namespace):
+    """The --ray options as a ClusterSpec (None without --ray), checked before any work."""
+    if args.ray is None:
+        if args.workers is not None:
+            raise UsageError("--workers needs --ray local|ADDRESS")
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise UsageError("--ray needs Ray: pip install '.[cluster]' (or pip install ray)")
+    if args.worker_threads < 1 or (args.workers is not None and args.workers < 1):
+        raise UsageError("--workers and --worker-threads must be at least 1")
+    from bt_pipeline.inference.cluster import ClusterSpec
+
+    workers = args.workers or max(1, (os.cpu_count() or 1) // args.worker_threads)
+    return ClusterSpec(args.ray, workers, args.worker_threads, args, args.threshold)
 
 
 def default_out(scan_dir: str) -> Path:

@@ -113,10 +113,11 @@ def check_no_overlap(out: Path, inputs: list[Path]) -> None:
 class OutputFolder:
     """Context manager: lock OUT, give a fresh ``staging`` folder, swap it in on ``commit``."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, resume: bool = False):
         self.out = Path(out).absolute()
         self.parent = self.out.parent
         self.staging = self.parent / f".{self.out.name}.bt-partial-{os.getpid()}"
+        self.resume = resume
         self._lock = None
 
     def check(self) -> None:
@@ -131,9 +132,23 @@ class OutputFolder:
         self.check()
         self.parent.mkdir(parents=True, exist_ok=True)
         self._lock = self._locked()
+        if self.resume:
+            self._adopt_earlier_cases()
         self._remove_leftovers()
-        self.staging.mkdir()
+        self.staging.mkdir(exist_ok=self.resume)
         return self
+
+    def _adopt_earlier_cases(self) -> None:
+        """--resume: the newest staging folder a killed run left (its finished cases), else
+        the finished cases of OUT itself, become this run's staging folder's start."""
+        partial = self._leftovers("partial")
+        if partial:
+            newest = max(partial, key=lambda path: path.stat().st_mtime)
+            os.replace(newest, self.staging)
+        elif self.out.is_dir() and _is_earlier_run(self.out):
+            shutil.copytree(self.out, self.staging, symlinks=True)
+            for table in RESERVED_NAMES:  # this run writes its own
+                (self.staging / table).unlink(missing_ok=True)
 
     @property
     def lock_path(self) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import platform
 import signal
 import sys
@@ -69,6 +70,7 @@ class InferenceResult:
     problems: list[InputProblem]
     first_patient_unix: float | None  # wall clock when the first patient's outputs were written
     interrupted: bool = False
+    resumed: list[str] = dataclasses.field(default_factory=list)  # cases kept from a resume
 
     @property
     def exit_code(self) -> int:
@@ -275,7 +277,8 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
                   series_roles: dict[str, str] | None = None,
                   save_probabilities: bool = False,
                   found: FoundInputs | None = None,
-                  label_values: tuple[int, ...] | None = None) -> InferenceResult:
+                  label_values: tuple[int, ...] | None = None, resume: bool = False,
+                  cluster=None) -> InferenceResult:
     """Run both stages over every patient found in ``scan_dirs`` and write the outputs into
     ``out`` as one run (see :mod:`output_folder`). ``spacing`` is the voxel size (x, y, z) in
     mm of slice folders, when known, for tumour volumes (volumes carry their own);
@@ -283,8 +286,9 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
     ``save_probabilities`` adds each patient's ``probability.nii.gz``; ``options`` are recorded
     in ``run.json``; ``found``: :func:`find_inputs`' answer when already known;
     ``label_values``: the label values that are tumour in volume cases' ground truth (default:
-    every value > 0)."""
-    folder = OutputFolder(out)
+    every value > 0); ``resume``: keep the cases an interrupted run into the same OUT
+    finished; ``cluster``: a :class:`cluster.ClusterSpec` to run the cases on Ray."""
+    folder = OutputFolder(out, resume=resume)
     found = find_inputs(scan_dirs, out) if found is None else found
     patients, problems = found.patients, found.problems
     for problem in problems:
@@ -293,9 +297,18 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
         print(f"note: no quality estimate ships with this U-Net ({QUALITY_FILE} beside it): "
               "predicted_dice and review stay empty", file=sys.stderr)
     started = time.time()
+    case_options = CaseOptions(spacing, series_roles, save_probabilities, label_values)
     with folder, _sigterm_as_interrupt():
-        result = _run_patients(patients, problems, folder.staging, predictor, progress, spacing,
-                               series_roles, save_probabilities, label_values)
+        resumed = read_case_records(folder.staging) if resume else {}
+        if cluster is None:
+            result = _run_patients(patients, problems, folder.staging, predictor, progress,
+                                   case_options, resumed)
+        else:
+            from bt_pipeline.inference.cluster import run_on_ray
+
+            result = run_on_ray(patients, problems, folder.staging, cluster, case_options,
+                                resumed, progress)
+        result.resumed = sorted(resumed)
         if result.patients.empty:  # nothing processed: an earlier OUT stays as it was
             if result.interrupted:
                 raise KeyboardInterrupt
@@ -341,25 +354,131 @@ def _sequence_note(patient: dict, predictor) -> str:
             f"ones are filled with FLAIR, as the dataset does; {model}")
 
 
+@dataclass(frozen=True)
+class CaseOptions:
+    """What every case of one run is read and written with."""
+
+    spacing: tuple[float, float, float] | None = None
+    series_roles: dict[str, str] | None = None
+    save_probabilities: bool = False
+    label_values: tuple[int, ...] | None = None
+
+
+@dataclass
+class PredictedCase:
+    """One case read, checked and through both stages, ready to be written."""
+
+    scan: PatientScan | VolumeScan
+    slices: list[LoadedSlice]
+    case: object  # CaseVolume of a volume case, None for slices
+    probabilities: np.ndarray
+    masks: list[np.ndarray]
+    maps: list[np.ndarray] | None
+    notes: list[str]
+    quality: tuple[float, int] | None
+    sequences: str
+
+
+def predict_case(scan: PatientScan | VolumeScan, predictor, pool: ThreadPoolExecutor,
+                 problems: list[InputProblem], options: CaseOptions) -> PredictedCase | None:
+    """Read one case, check it, run both stages and the quality estimate; None (and the
+    reason in ``problems``) when nothing of it can be segmented."""
+    if isinstance(scan, VolumeScan):
+        slices, case = _load_case(scan, problems, options.series_roles)
+    else:
+        slices, case = _load_patient(scan, pool, problems), None
+    if not slices:
+        return None
+    images = [s.image for s in slices]
+    if is_blank(images):
+        named = slices[0].image_path if case is None else case.sources["flair"]
+        problems.append(InputProblem(str(named), scan.patient_id, BLANK))
+        return None
+    stripped = is_skull_stripped(images)
+    notes = [*(case.notes if case is not None else []),
+             *domain_notes(images, predictor, stripped)]
+    if options.save_probabilities or predictor.quality is not None:
+        probabilities, masks, maps = predictor.predict(images, with_maps=True)
+    else:
+        (probabilities, masks), maps = predictor.predict(images), None
+    sequences = case.sequences if case is not None else _sequences(images)
+    threshold = predictor.classifier_config.threshold
+    quality = None if predictor.quality is None else predictor.assess(
+        images, probabilities, [m if p >= threshold else None
+                                for m, p in zip(maps, probabilities, strict=True)],
+        masks, stripped, flair_only=sequences == "flair")
+    return PredictedCase(scan, slices, case, probabilities, masks,
+                         maps if options.save_probabilities else None, notes, quality, sequences)
+
+
+#: Written last into each finished case's folder: the case's rows and problems, so that a
+#: run resumed into the same OUT (``--resume``) keeps the case instead of segmenting it again.
+CASE_RECORD = ".bt-case.json"
+
+
+def write_case(out: Path, predicted: PredictedCase, predictor, pool: ThreadPoolExecutor,
+               options: CaseOptions, problems: list[InputProblem]) -> tuple[dict, list[dict]]:
+    """Write one predicted case's outputs under ``out``, its record last; ``problems``: the
+    case's own. Returns its patient row and slice rows."""
+    scan = predicted.scan
+    patient, rows = _write_patient(
+        out, scan, predicted.slices, predicted.probabilities, predicted.masks,
+        predictor.classifier_config.threshold, pool, options.spacing, predicted.case,
+        learnt_from=scan.patient_id in predictor.trained_on_patients, maps=predicted.maps,
+        notes=predicted.notes, quality=predicted.quality, sequences=predicted.sequences,
+        label_values=options.label_values)
+    write_text_atomic(out / scan.patient_id / CASE_RECORD, json.dumps(
+        {"patient": patient, "slices": rows, "problems": [p.__dict__ for p in problems]}) + "\n")
+    return patient, rows
+
+
+def read_case_records(folder: Path) -> dict[str, dict]:
+    """Case id -> record of every finished case under ``folder`` (an earlier run's)."""
+    records = {}
+    for path in sorted(folder.glob(f"*/{CASE_RECORD}")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # cut short by a kill: the case runs again
+            continue
+        records[record["patient"]["patient_id"]] = record
+    return records
+
+
+def case_admitted(scan: PatientScan | VolumeScan, seen: set[str],
+                  problems: list[InputProblem]) -> bool:
+    """Whether ``scan`` may be processed: a new case id that can name its output folder."""
+    if scan.patient_id in seen:
+        problems.append(InputProblem(str(scan.folder), scan.patient_id, "duplicate patient id"))
+        return False
+    seen.add(scan.patient_id)
+    unusable = name_problem(scan.patient_id)
+    if unusable:
+        named = scan.nifti.get("flair", scan.folder) if isinstance(scan, VolumeScan) \
+            else scan.folder
+        problems.append(InputProblem(str(named), scan.patient_id,
+                                     f"case not processed: {unusable}; rename it"))
+        return False
+    return True
+
+
 def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[InputProblem],
-                  out: Path, predictor, progress: bool, spacing,
-                  series_roles: dict[str, str] | None = None,
-                  save_probabilities: bool = False,
-                  label_values: tuple[int, ...] | None = None) -> InferenceResult:
+                  out: Path, predictor, progress: bool, options: CaseOptions,
+                  resumed: dict[str, dict] | None = None) -> InferenceResult:
     """Both stages over each patient, outputs into ``out``; stops early (``interrupted``) on
-    Ctrl-C or SIGTERM, keeping what was finished.
+    Ctrl-C or SIGTERM, keeping what was finished. ``resumed``: cases an earlier run into the
+    same OUT finished (their outputs already in ``out``), kept as they are.
 
     One patient's outputs are written on a thread of their own while the next patient is read
     and predicted: the model leaves a core idle between its graph calls, and PNG, zlib and
     OpenCV release the GIL, so the writing mostly hides behind the prediction. At most one
     patient waits to be written, so memory stays that of two patients."""
     seen: set[str] = set()
+    resumed = resumed or {}
     patient_rows, slice_rows, first, interrupted = [], [], None, False
-    threshold = predictor.classifier_config.threshold
     pending = None  # the previous patient's write
 
-    def write(*args, **kwargs):
-        return (*_write_patient(*args, **kwargs), time.time())
+    def write(*args):
+        return (*write_case(*args), time.time())
 
     def finish_pending() -> None:
         nonlocal pending, first
@@ -377,61 +496,36 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
             ThreadPoolExecutor(max_workers=1) as writer:
         try:
             for scan in tqdm(patients, desc="patients", unit="patient", disable=not progress):
-                if scan.patient_id in seen:
-                    problems.append(InputProblem(str(scan.folder), scan.patient_id,
-                                                 "duplicate patient id"))
-                    print(problems[-1].line(), file=sys.stderr)
-                    continue
-                seen.add(scan.patient_id)
-                unusable = name_problem(scan.patient_id)
-                if unusable:
-                    named = scan.nifti.get("flair", scan.folder) \
-                        if isinstance(scan, VolumeScan) else scan.folder
-                    problems.append(InputProblem(str(named), scan.patient_id,
-                                                 f"case not processed: {unusable}; rename it"))
-                    print(problems[-1].line(), file=sys.stderr)
-                    continue
                 before = len(problems)
-                if isinstance(scan, VolumeScan):
-                    slices, case = _load_case(scan, problems, series_roles)
-                else:
-                    slices, case = _load_patient(scan, pool, problems), None
+                if not case_admitted(scan, seen, problems):
+                    print(problems[-1].line(), file=sys.stderr)
+                    continue
+                if scan.patient_id in resumed:
+                    record = resumed[scan.patient_id]
+                    problems.extend(InputProblem(**p) for p in record["problems"])
+                    patient_rows.append(record["patient"])
+                    slice_rows.extend(record["slices"])
+                    continue
+                predicted = predict_case(scan, predictor, pool, problems, options)
                 for problem in problems[before:]:
                     print(problem.line(), file=sys.stderr)
-                if not slices:
+                if predicted is None:
                     continue
-                images = [s.image for s in slices]
-                if is_blank(images):
-                    named = slices[0].image_path if case is None else case.sources["flair"]
-                    problems.append(InputProblem(str(named), scan.patient_id, BLANK))
-                    print(problems[-1].line(), file=sys.stderr)
-                    continue
-                stripped = is_skull_stripped(images)
-                notes = [*(case.notes if case is not None else []),
-                         *domain_notes(images, predictor, stripped)]
-                for note in notes:  # above the progress bar, not through it
+                for note in predicted.notes:  # above the progress bar, not through it
                     tqdm.write(f"note: {printable(scan.patient_id)}: {note}", file=sys.stderr)
-                if save_probabilities or predictor.quality is not None:
-                    probabilities, masks, maps = predictor.predict(images, with_maps=True)
-                else:
-                    (probabilities, masks), maps = predictor.predict(images), None
-                sequences = case.sequences if case is not None else _sequences(images)
-                quality = None if predictor.quality is None else predictor.assess(
-                    images, probabilities, [m if p >= threshold else None
-                                            for m, p in zip(maps, probabilities, strict=True)],
-                    masks, stripped, flair_only=sequences == "flair")
                 finish_pending()
-                pending = writer.submit(
-                    write, out, scan, slices, probabilities, masks, threshold, pool,
-                    spacing, case, learnt_from=scan.patient_id in predictor.trained_on_patients,
-                    maps=maps if save_probabilities else None, notes=notes, quality=quality,
-                    sequences=sequences, label_values=label_values)
+                pending = writer.submit(write, out, predicted, predictor, pool, options,
+                                        problems[before:])
             finish_pending()
         except KeyboardInterrupt:
             interrupted = True
             # the write under way runs to its end on its thread; keep what it finished
             with contextlib.suppress(KeyboardInterrupt):
                 finish_pending()
+    return inference_result(patient_rows, slice_rows, problems, first, interrupted)
+
+
+def inference_result(patient_rows, slice_rows, problems, first, interrupted) -> InferenceResult:
     # one column set whether or not truth was given: empty cells where it was not
     return InferenceResult(
         pd.DataFrame(patient_rows, columns=PATIENT_COLUMNS + TRUTH_COLUMNS),
@@ -489,6 +583,7 @@ def _manifest(scan_dirs: list[Path], predictor, options: dict | None, result: In
                      "numpy": np.__version__, "simpleitk": sitk.Version_VersionString(),
                      "pandas": pd.__version__},
         "patients": len(result.patients), "slices": len(result.slices),
+        "resumed_patients": result.resumed,
         "inputs_skipped": sum(p.skipped for p in result.problems),
     }
 
