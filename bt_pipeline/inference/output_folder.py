@@ -188,7 +188,8 @@ class OutputFolder:
             else:
                 shutil.rmtree(leftover, ignore_errors=True)
         for leftover in self._leftovers("partial"):
-            shutil.rmtree(leftover, ignore_errors=True)
+            if leftover != self.staging:  # with --resume, this run's adopted start
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def commit(self, manifest: dict) -> None:
         """Write ``run.json`` and the run marker into the staging folder, then swap it in as
