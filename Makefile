@@ -35,7 +35,7 @@ EXP_BASE_FILTERS ?= 8
 
 .PHONY: install data manifest brain-masks external eda test test-quick test-slow lint tune cv-gates fold-gates gate tune-classifier stage1-choice fit-gap tune-distributed \
         train-unet postprocess cv demo screenshot evaluate roundtrip radiogenomics experiments bench bench-loader \
-        bench-infer bench-widths clean
+        bench-infer bench-cluster bench-widths quality-check clean
 
 install: $(VENV)/.installed
 
@@ -185,6 +185,18 @@ bench-loader: install
 BENCH_INFER_FLAGS ?=
 bench-infer: install
 	$(PY) -m bt_pipeline bench-infer --data-dir $(KAGGLE_ROOT) --splits val test $(BENCH_INFER_FLAGS)
+
+# The per-case quality estimate on held-out patients (nested CV, test, the BraTS development
+# cases when present), fitted on every fold's held-out cases and shipped beside the U-Net
+# -> reports/quality/, bt_pipeline/weights/quality.json.
+quality-check: install
+	$(PY) -m bt_pipeline quality --data-dir $(KAGGLE_ROOT) --ship-to bt_pipeline/weights/unet.keras \
+		$(if $(wildcard external/brats2015_dev),--external external/brats2015_dev)
+
+# Plain infer against infer on a local Ray runtime (1 actor x 2 threads, 2 x 1) on the test
+# patients -> reports/bench_cluster.json (docs/cluster.md).
+bench-cluster: install
+	$(PY) -m bt_pipeline bench-cluster --data-dir $(KAGGLE_ROOT)
 
 # What a wider U-Net would cost at inference (random weights, the shipped design otherwise).
 bench-widths: install

@@ -52,6 +52,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "speed of every stage against the machine's peak -> reports/bench.json"),
     "bench-loader": ("bt_pipeline.studies.bench", "_loader", "tf.data loader throughput"),
     "bench-infer": ("bt_pipeline.studies.bench", "_infer", "end-to-end inference speed"),
+    "bench-cluster": ("bt_pipeline.studies.bench", "_cluster",
+                      "plain infer against infer on a local Ray runtime -> "
+                      "reports/bench_cluster.json"),
     "bench-widths": ("bt_pipeline.studies.bench", "_widths",
                      "U-Net inference speed at wider base widths than the shipped one"),
     "eda": ("bt_pipeline.studies.eda", "", "plots of the dataset -> reports/eda"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,7 @@ def run_on_ray(patients: list[PatientScan | VolumeScan], problems: list[InputPro
             queue.append((index, scan))
     idle = [start() for _ in range(min(spec.workers, len(queue)))]
     running: dict = {}
-    interrupted = False
+    interrupted, first = False, None
     bar = tqdm(total=len(queue), desc="patients", unit="patient", disable=not progress)
     try:
         while queue or running:
@@ -147,6 +148,7 @@ def run_on_ray(patients: list[PatientScan | VolumeScan], problems: list[InputPro
             for note in notes:
                 tqdm.write(f"note: {printable(scan.patient_id)}: {note}", file=sys.stderr)
             done[index] = (patient, rows, case_problems)
+            first = first if first is not None else time.time()
             bar.update()
     except KeyboardInterrupt:
         interrupted = True  # what finished is kept; the cases under way are dropped
@@ -159,4 +161,4 @@ def run_on_ray(patients: list[PatientScan | VolumeScan], problems: list[InputPro
         if patient is not None:
             patient_rows.append(patient)
             slice_rows.extend(rows)
-    return inference_result(patient_rows, slice_rows, problems, None, interrupted)
+    return inference_result(patient_rows, slice_rows, problems, first, interrupted)

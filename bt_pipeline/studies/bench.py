@@ -319,6 +319,48 @@ def run_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The ways ``make bench-cluster`` runs infer on the same patients: plain, then Ray with the
+#: same two threads as one actor of two or two actors of one.
+CLUSTER_RUNS = {"plain infer (2 threads)": (),
+                "ray: 1 actor x 2 threads": ("--ray", "local", "--workers", "1",
+                                             "--worker-threads", "2"),
+                "ray: 2 actors x 1 thread": ("--ray", "local", "--workers", "2",
+                                             "--worker-threads", "1")}
+
+
+def add_arguments_cluster(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=DataConfig.data_root)
+    parser.add_argument("--manifest", default=DataConfig.manifest)
+    parser.add_argument("--splits", nargs="+", default=["test"])
+    parser.add_argument("--out", type=Path, default=Path("reports/bench_cluster.json"))
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    """Plain infer against infer on a local Ray runtime, same patients, same threads: slices/s
+    over each whole run and after its first patient (start-up excluded), and Ray's overhead."""
+    table = read_manifest(args.manifest)
+    chosen = table[table["split"].isin(args.splits)]["patient_id"].unique()
+    folders = [f"{args.data_dir}/{patient}" for patient in sorted(chosen)]
+    rows = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, extra in CLUSTER_RUNS.items():
+            result = infer_throughput(folders, Path(scratch) / str(len(rows)), extra)
+            after_first = result["infer_slices"] / max(
+                result["infer_seconds"] - result["infer_first_patient_s"], 1e-9)
+            rows[name] = {**result, "slices_per_s_after_first_patient": after_first}
+            print(f"{name}: {result['infer_slices_per_s']:.1f} slices/s whole run, "
+                  f"{after_first:.1f} after the first patient", flush=True)
+    plain = rows["plain infer (2 threads)"]
+    for row in rows.values():
+        row["overhead_vs_plain"] = 1 - row["infer_slices_per_s"] / plain["infer_slices_per_s"]
+    write_text_atomic(args.out, json.dumps({
+        "what": "bt infer on the patients of splits " + ", ".join(args.splits) +
+                ", in a fresh process each, outputs written; overhead = 1 - rate / plain rate",
+        "cpu_threads": os.cpu_count(), "runs": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
 #: Base widths ``make bench-widths`` times: the shipped 16 and the wider U-Nets that would fit
 #: the development patients better at more compute.
 BENCH_WIDTHS = (16, 20, 24, 32)
