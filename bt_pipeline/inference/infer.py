@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
               f"{', '.join(printable(p) for p in args.scan_dirs)} (README: input formats)",
               file=sys.stderr)
         return 2
+    if not args.quiet:
+        print(f"loading the models ({len(found.patients)} case(s) found) ...", file=sys.stderr,
+              flush=True)
     predictor = load_predictor(args, args.threshold)
     try:
         with library_output_silenced(keep=args.debug):

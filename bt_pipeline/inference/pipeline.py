@@ -179,7 +179,8 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
     patient = {"patient_id": scan.patient_id, "sequences": sequences, "n_slices": len(slices),
                "n_tumor_slices": int(sum(r["tumor_detected"] for r in slice_rows)),
                "tumor_pixels": pixels,
-               "tumor_volume_ml": tumour_volume_ml(pixels, spacing)}
+               # one rounding for the table, the terminal line and the viewer
+               "tumor_volume_ml": round(tumour_volume_ml(pixels, spacing), 2)}
     patient["tumor_detected"] = int(patient["n_tumor_slices"] > 0)
     patient["predicted_dice"], patient["review"] = quality if quality is not None else (
         float("nan"), float("nan"))
@@ -325,7 +326,7 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
             else ""
         if truth and row.dice_note == TRAINED_ON_NOTE:
             truth += f" ({TRAINED_ON_NOTE})"
-        volume = "" if np.isnan(row.tumor_volume_ml) else f", {row.tumor_volume_ml:.1f} mL"
+        volume = "" if np.isnan(row.tumor_volume_ml) else f", {row.tumor_volume_ml:.2f} mL"
         check = f"; check: predicted Dice {row.predicted_dice:.2f}" if row.review == 1 else ""
         report(f"{row.patient_id}: {'TUMOUR' if row.tumor_detected else 'no tumour'} "
                f"({row.n_tumor_slices}/{row.n_slices} slices, {row.tumor_pixels} px{volume}"
