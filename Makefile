@@ -35,7 +35,7 @@ EXP_BASE_FILTERS ?= 8
 
 .PHONY: install data manifest brain-masks external eda test test-quick test-slow lint tune cv-gates fold-gates gate tune-classifier stage1-choice fit-gap tune-distributed \
         train-unet postprocess cv demo screenshot evaluate roundtrip radiogenomics experiments bench bench-loader \
-        bench-infer bench-cluster bench-widths quality-check clean
+        bench-infer bench-cluster bench-widths quality-check docs docs-check clean
 
 install: $(VENV)/.installed
 
@@ -192,6 +192,14 @@ bench-infer: install
 quality-check: install
 	$(PY) -m bt_pipeline quality --data-dir $(KAGGLE_ROOT) --ship-to bt_pipeline/weights/unet.keras \
 		$(if $(wildcard external/brats2015_dev),--external external/brats2015_dev)
+
+# The README's and the model card's figures from the committed reports (make docs-check: fail
+# where a document differs).
+docs: install
+	$(PY) -m bt_pipeline docs
+
+docs-check: install
+	$(PY) -m bt_pipeline docs --check
 
 # Plain infer against infer on a local Ray runtime (1 actor x 2 threads, 2 x 1) on the test
 # patients -> reports/bench_cluster.json (docs/cluster.md).

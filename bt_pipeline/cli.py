@@ -58,6 +58,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench-widths": ("bt_pipeline.studies.bench", "_widths",
                      "U-Net inference speed at wider base widths than the shipped one"),
     "eda": ("bt_pipeline.studies.eda", "", "plots of the dataset -> reports/eda"),
+    "docs": ("bt_pipeline.studies.doc_figures", "",
+             "the README's and the model card's figures, written from reports/ (--check: "
+             "say where they differ)"),
     "radiogenomics": ("bt_pipeline.radiogenomics.report", "",
                       "shape features of manual and automatic masks against genomic subtypes "
                       "-> reports/radiogenomics"),
