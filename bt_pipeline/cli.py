@@ -38,7 +38,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "cv": ("bt_pipeline.evaluation.cv_report", "",
            "5-fold cross-validation over the development patients -> reports/cv"),
     "tune": ("bt_pipeline.training.tune", "",
-             "stage 1: RandomSearch for the slice classifier, retrain the best, ship it"),
+             "stage 1: RandomSearch for the gate on the U-Net's encoder (--gate, as make tune "
+             "runs it) or the from-scratch slice classifier; retrain the best, ship it"),
     "train-unet": ("bt_pipeline.training.train_unet", "", "stage 2: train and ship the U-Net"),
     "manifest": ("bt_pipeline.data.manifest", "_manifest",
                  "(re)write the slice manifest with its patient split and folds"),
