@@ -90,7 +90,8 @@ lint: install
 tune: install
 	$(PY) -m bt_pipeline tune --gate --recipe $(UNET_RECIPE) --data-dir $(KAGGLE_ROOT) \
 		--trials $(TRIALS) --epochs $(EPOCHS) --executions $(EXECUTIONS) \
-		--fine-tune-choices $(FINE_TUNE_CHOICES) --out-dir tuning/gate --work-dir tuning/work/gate
+		--fine-tune-choices $(FINE_TUNE_CHOICES) --out-dir tuning/gate --work-dir tuning/work/gate \
+		--ship-to bt_pipeline/weights/classifier.keras
 
 # A candidate recipe's fold gates, searched as `make tune` searches (same Keras Tuner project, so
 # a later `make tune` on it reruns no trial), before it has an all-patient U-Net: what its
@@ -112,7 +113,7 @@ fold-gates: install
 
 gate: install
 	$(PY) -m bt_pipeline tune --gate --shipped-only --recipe $(UNET_RECIPE) --retrain-from $(GATE_FROM) \
-		--data-dir $(KAGGLE_ROOT) --out-dir tuning/gate
+		--data-dir $(KAGGLE_ROOT) --out-dir tuning/gate --ship-to bt_pipeline/weights/classifier.keras
 
 # The from-scratch slice CNN, stage 1 before the gate, kept as an option and as the baseline row:
 # RandomSearch on val, the best retrained into runs/classifier/ (not shipped).

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from bt_pipeline.cli import COMMANDS, main
 
 
@@ -46,3 +48,38 @@ def test_an_internal_error_is_one_line_and_status_3(monkeypatch, capsys):
 def test_bad_input_is_status_2_with_one_line(tmp_path, capsys):
     assert main(["patients", "--manifest", str(tmp_path / "missing.csv")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+# --- nothing but an explicit --ship-to writes the shipped models ------------------------------
+
+def _shipped_bytes() -> dict[str, bytes]:
+    from bt_pipeline.config import SHIPPED_UNET
+
+    return {p.name: p.read_bytes() for p in sorted(SHIPPED_UNET.parent.iterdir())
+            if p.is_file()}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", ["train-unet", "tune", "evaluate"])
+def test_a_command_leaves_the_shipped_models_alone_without_its_flag(
+        command, synthetic_root, synthetic_manifest, tiny_models, tmp_path):
+    from bt_pipeline.cli import main
+
+    data = ["--data-dir", str(synthetic_root), "--manifest", str(synthetic_manifest)]
+    argv = {
+        "train-unet": ["train-unet", *data, "--run-dir", str(tmp_path / "run"), "--epochs", "1",
+                       "--image-size", "32", "--depth", "2", "--base-filters", "4",
+                       "--batch-size", "8"],
+        "tune": ["tune", *data, "--trials", "1", "--epochs", "1", "--executions", "1",
+                 "--retrain-epochs", "1", "--image-size", "32",
+                 "--out-dir", str(tmp_path / "tuning"), "--work-dir", str(tmp_path / "work")],
+        "evaluate": ["evaluate", *data, "--splits", "val", "--classifier", str(tiny_models[0]),
+                     "--unet", str(tiny_models[1]), "--out", str(tmp_path / "report")],
+    }[command]
+    before = _shipped_bytes()
+    assert main(argv) == 0
+    assert _shipped_bytes() == before
+    made = {"train-unet": tmp_path / "run" / "unet.keras",
+            "tune": tmp_path / "tuning" / "classifier.keras",
+            "evaluate": tmp_path / "report" / "summary.md"}[command]
+    assert made.is_file()

@@ -38,7 +38,7 @@ from bt_pipeline.training.callbacks import (
 
 
 def train_unet(data_config: DataConfig, unet_config: UNetConfig, run_dir: Path,
-               ship_to: Path | None = SHIPPED_UNET, max_minutes: float | None = None,
+               ship_to: Path | None = None, max_minutes: float | None = None,
                verbose: int | str = "auto", patients: tuple[list[str], list[str]] | None = None
                ) -> keras.Model:
     """Fit the U-Net and ship it to ``ship_to``: the best epoch on val (schedule "plateau") or
@@ -176,7 +176,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training compute; auto = mixed_bfloat16 where the CPU multiplies "
                              "bfloat16 natively (AVX512-BF16 or AMX)")
     parser.add_argument("--max-minutes", type=float, default=None)
-    parser.add_argument("--ship-to", default=str(SHIPPED_UNET))
+    parser.add_argument("--ship-to", default=None, metavar="KERAS",
+                        help="where the trained U-Net and its JSON go (default: "
+                             "<run-dir>/unet.keras; the shipped one, "
+                             f"{SHIPPED_UNET}, only when named here)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -196,7 +199,9 @@ def run(args: argparse.Namespace) -> int:
                              distribution=args.distribution,
                              precision=resolve_precision(args.precision),
                              context_slices=args.context_slices, seed=args.seed)
-    train_unet(data_config, unet_config, Path(args.run_dir), Path(args.ship_to),
-               args.max_minutes, keras_verbosity())
-    print(f"shipped U-Net: {args.ship_to}")
+    target = Path(args.ship_to) if args.ship_to else Path(args.run_dir) / "unet.keras"
+    train_unet(data_config, unet_config, Path(args.run_dir), target, args.max_minutes,
+               keras_verbosity())
+    print(f"trained U-Net: {target}" + ("" if args.ship_to else
+                                        f" (the shipped {SHIPPED_UNET} is unchanged)"))
     return 0

@@ -198,11 +198,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --gate: where the recipe's fold U-Nets are")
     parser.add_argument("--out-dir", default="tuning")
     parser.add_argument("--work-dir", default="tuning/work")
-    parser.add_argument("--ship-to", default=str(SHIPPED_CLASSIFIER))
+    parser.add_argument("--ship-to", default=None, metavar="KERAS",
+                        help="where the retrained best model and its JSON go (default: "
+                             "<out-dir>/gate.keras or classifier.keras; the shipped stage 1, "
+                             f"{SHIPPED_CLASSIFIER}, only when named here: make tune)")
 
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
+    if args.ship_to is None:  # nothing shipped unless asked for
+        args.ship_to = str(Path(args.out_dir) / ("gate.keras" if args.gate else
+                                                 "classifier.keras"))
     if args.gate:
         from bt_pipeline.training.tune_gate import run_gate_tuning
 
@@ -217,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
                                 args.shipped_only)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         if trunk is not None:
-            print(f"shipped gate: {args.ship_to}; reports in {args.out_dir}/")
+            print(f"gate: {args.ship_to}; reports in {args.out_dir}/")
         else:
             print(f"fold gates: {Path(args.cv_dir) / args.recipe / 'models'}/; "
                   f"reports in {args.out_dir}/")
@@ -234,5 +240,5 @@ def run(args: argparse.Namespace) -> int:
                        keras_verbosity(), hparams_file)
     if table is not None:
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        print(f"shipped classifier: {args.ship_to}; reports in {args.out_dir}/")
+        print(f"classifier: {args.ship_to}; reports in {args.out_dir}/")
     return 0
