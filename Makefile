@@ -219,17 +219,24 @@ demo: install
 		--data-dir $(KAGGLE_ROOT)) --out predictions/demo
 	@echo "open predictions/demo/report.html"
 
-# docs/viewer.png: the slice viewer of one real test patient, rendered by headless Chromium
+# docs/viewer.png, report.png, viewer_nifti.png: the viewer and report of one real test patient
+# (with ground truth), and the viewer of its FLAIR as a NIfTI case (none), by headless Chromium
 # (Debian package chromium; CHROMIUM=... to use another binary).
 CHROMIUM ?= chromium
 SCREENSHOT_PATIENT ?= TCGA_CS_4941_19960909
+SHOT = $(CHROMIUM) --headless --no-sandbox --disable-gpu --no-first-run \
+	--disable-background-networking --disable-component-update --disable-sync --hide-scrollbars
 screenshot: install
 	$(PY) -m bt_pipeline infer $(KAGGLE_ROOT)/$(SCREENSHOT_PATIENT) --out runs/screenshot \
 		--spacing 0.94 0.94 3.0 --quiet
-	$(CHROMIUM) --headless --no-sandbox --disable-gpu --no-first-run \
-		--disable-background-networking --disable-component-update --disable-sync \
-		--hide-scrollbars --window-size=1100,720 --screenshot=$(CURDIR)/docs/viewer.png \
+	$(PY) -m bt_pipeline infer runs/screenshot/$(SCREENSHOT_PATIENT)/image.nii.gz \
+		--out runs/screenshot_nifti --quiet
+	$(SHOT) --window-size=1100,790 --screenshot=$(CURDIR)/docs/viewer.png \
 		file://$(CURDIR)/runs/screenshot/$(SCREENSHOT_PATIENT)/viewer.html
+	$(SHOT) --window-size=1100,790 --screenshot=$(CURDIR)/docs/viewer_nifti.png \
+		file://$(CURDIR)/runs/screenshot_nifti/image/viewer.html
+	$(SHOT) --window-size=1300,900 --screenshot=$(CURDIR)/docs/report.png \
+		file://$(CURDIR)/runs/screenshot/report.html
 
 # The shipped models on the test patients (only reported), with all three sequences and with
 # FLAIR alone; the U-Net trained on every development patient, so val is not held out.
