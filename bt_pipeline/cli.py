@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in COMMANDS:
         return run_command(argv[0], argv[1:])
+    if argv and not argv[0].startswith("-"):  # before argparse, which would honour a --help
+        return _unknown(argv[0])
     parser = _front_parser()
     parser.add_argument("--version", action="version", version=f"bt_pipeline {__version__}")
     parser.add_argument("command", nargs="?", help=argparse.SUPPRESS)
@@ -141,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    print(f"bt: unknown command {args.command!r}; one of: {', '.join(COMMANDS)}",
-          file=sys.stderr)
+    return _unknown(args.command)
+
+
+def _unknown(name: str) -> int:
+    print(f"bt: unknown command {name!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
 
 

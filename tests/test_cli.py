@@ -83,3 +83,8 @@ def test_a_command_leaves_the_shipped_models_alone_without_its_flag(
             "tune": tmp_path / "tuning" / "classifier.keras",
             "evaluate": tmp_path / "report" / "summary.md"}[command]
     assert made.is_file()
+
+
+def test_an_unknown_command_is_refused_even_with_help(capsys):
+    assert main(["segmnet", "--help"]) == 2
+    assert "unknown command 'segmnet'" in capsys.readouterr().err
