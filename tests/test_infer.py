@@ -441,3 +441,17 @@ def test_without_out_each_input_gets_its_own_folder(run_infer, synthetic_root, t
     assert run_infer(synthetic_root) == 0  # a second input never meets the first's OUT
     assert (tmp_path / "predictions" / patient.name / "patients.csv").is_file()
     assert (tmp_path / "predictions" / synthetic_root.name / "patients.csv").is_file()
+
+
+def test_outputs_masks_writes_the_masks_and_tables_alone(run_infer, synthetic_root, tmp_path):
+    full, lean = tmp_path / "full", tmp_path / "lean"
+    assert run_infer(synthetic_root, "--out", full) == 0
+    assert run_infer(synthetic_root, "--out", lean, "--outputs", "masks") == 0
+    for patient in (p for p in lean.iterdir() if p.is_dir()):
+        assert sorted(f.name for f in patient.iterdir() if not f.name.startswith(".")) == \
+            ["mask.nii.gz"]
+        assert (patient / "mask.nii.gz").read_bytes() == \
+            (full / patient.name / "mask.nii.gz").read_bytes()
+    for table in ("patients.csv", "slices.csv"):
+        assert (lean / table).read_bytes() == (full / table).read_bytes()
+    assert "viewer.html" not in (lean / "report.html").read_text(encoding="utf-8")

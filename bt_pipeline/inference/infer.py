@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --ray: actors (default: cores / --worker-threads)")
     parser.add_argument("--worker-threads", type=int, default=1,
                         help="with --ray: TensorFlow threads per actor (default 1)")
+    parser.add_argument("--outputs", choices=["all", "masks"], default="all",
+                        help="masks: each case's mask and the tables only, no slice PNGs, "
+                             "image copy, overview or viewer (a cohort's run; default all)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--timing", type=Path, default=None,
                         help="write wall-clock timings as JSON here (for benchmarks)")
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                                    series_roles=series_roles,
                                    save_probabilities=args.save_probabilities, found=found,
                                    label_values=label_values, resume=args.resume,
-                                   cluster=cluster)
+                                   cluster=cluster, outputs=args.outputs)
     except OSError as exc:
         print(f"error: cannot write outputs: {exc}", file=sys.stderr)
         return 2

@@ -140,10 +140,11 @@ def write_image_volume(path: str | os.PathLike, images: list[np.ndarray],
 
 
 def write_on_input_grid(folder: Path, masks: list[np.ndarray], case,
-                        maps: list[np.ndarray] | None = None) -> int:
+                        maps: list[np.ndarray] | None = None, with_image: bool = True):
     """A volume case's outputs on its input's grid: ``mask.nii.gz`` (uint8 {0, 1}) with the
     input FLAIR's exact size, spacing, origin and direction, and ``image.nii.gz``, that FLAIR;
-    given ``maps``, also ``probability.nii.gz`` (float32). A NIfTI FLAIR lends its own header
+    given ``maps``, also ``probability.nii.gz`` (float32); ``with_image`` False leaves the
+    FLAIR's copy out. A NIfTI FLAIR lends its own header
     to all, so any reader finds the same geometry in input and outputs to the last bit; a
     DICOM series becomes NIfTI (as nnU-Net writes it), whose header holds the geometry in
     float32. Returns the mask (a SimpleITK image)."""
@@ -161,15 +162,18 @@ def write_on_input_grid(folder: Path, masks: list[np.ndarray], case,
             out = _on_header_of(source, case.flair_nifti, values.transpose(2, 1, 0))
             write_with(folder / name, lambda tmp, out=out: nib.save(out, str(tmp)),
                        suffix=".nii.gz")
-        write_with(folder / "image.nii.gz", lambda tmp: _copy_gzipped(case.flair_nifti, tmp),
-                   suffix=".nii.gz")
+        if with_image:
+            write_with(folder / "image.nii.gz",
+                       lambda tmp: _copy_gzipped(case.flair_nifti, tmp), suffix=".nii.gz")
     else:
         for name, image in outputs.items():
             write_with(folder / name, lambda tmp, image=image: sitk.WriteImage(image, str(tmp),
                                                                                True),
                        suffix=".nii.gz")
-        write_with(folder / "image.nii.gz",
-                   lambda tmp: sitk.WriteImage(case.flair, str(tmp), True), suffix=".nii.gz")
+        if with_image:
+            write_with(folder / "image.nii.gz",
+                       lambda tmp: sitk.WriteImage(case.flair, str(tmp), True),
+                       suffix=".nii.gz")
     return outputs["mask.nii.gz"]
 
 
@@ -214,7 +218,8 @@ REPORT_HEADERS = {
 
 
 def write_html_report(path: Path, patients: pd.DataFrame, problems: pd.DataFrame,
-                      title: str = "bt_pipeline report", run: dict | None = None) -> None:
+                      title: str = "bt_pipeline report", run: dict | None = None,
+                      pictures: bool = True) -> None:
     """The run's index page: a summary of the run (``run``: its ``run.json``), the
     per-patient table (flagged cases first, each linked to its slice viewer), every overview
     image, and the inputs that were not used."""
@@ -232,8 +237,8 @@ def write_html_report(path: Path, patients: pd.DataFrame, problems: pd.DataFrame
     parts += _run_summary(patients, run)
     if not patients.empty:
         table = patients.copy()
-        table["patient_id"] = [f"<a href='{esc(p)}/viewer.html'>{esc(p)}</a>"
-                               for p in table["patient_id"]]
+        table["patient_id"] = [f"<a href='{esc(p)}/viewer.html'>{esc(p)}</a>" if pictures
+                               else esc(p) for p in table["patient_id"]]
         if "notes" in table:
             table["notes"] = [esc(str(n)) if isinstance(n, str) else "" for n in table["notes"]]
         if "review" in table:  # cases to check by eye first, the flag beside the name
@@ -252,7 +257,7 @@ def write_html_report(path: Path, patients: pd.DataFrame, problems: pd.DataFrame
     if not problems.empty:
         parts.append(f"<h2>Inputs not used ({len(problems)})</h2>")
         parts.append(problems.to_html(index=False))
-    for patient in patients["patient_id"] if not patients.empty else []:
+    for patient in patients["patient_id"] if pictures and not patients.empty else []:
         pid = esc(patient)
         parts.append(f"<h2 id='{pid}'>{pid}</h2><p><a href='{pid}/viewer.html'>every slice "
                      f"(viewer)</a> · <a href='{pid}/mask.nii.gz'>mask.nii.gz</a></p>"

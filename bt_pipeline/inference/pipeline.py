@@ -147,27 +147,31 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
                    threshold, pool: ThreadPoolExecutor,
                    spacing: tuple[float, float, float] | None, case=None,
                    learnt_from: bool = False, maps=None, notes=(), quality=None,
-                   sequences: str = "", label_values: tuple[int, ...] | None = None):
+                   sequences: str = "", label_values: tuple[int, ...] | None = None,
+                   outputs: str = "all"):
     folder = out / scan.patient_id
+    everything = outputs == "all"
     images, numbers = [s.image for s in slices], [s.number for s in slices]
     truths = [s.truth for s in slices]
     has_truth = all(t is not None for t in truths)
     truth_files = sum(s.mask_path is not None for s in slices)
     if case is None:  # slices in, slices (and the stack as NIfTI) out
-        list(pool.map(lambda pair: write_mask_png(
-            folder / output_file_name(printable(pair[0].image_path.stem), "_mask.png"),
-            pair[1]),
-            zip(slices, masks, strict=True)))
+        if everything:
+            list(pool.map(lambda pair: write_mask_png(
+                folder / output_file_name(printable(pair[0].image_path.stem), "_mask.png"),
+                pair[1]),
+                zip(slices, masks, strict=True)))
+            write_image_volume(folder / "image.nii.gz", images, spacing)
         write_mask_volume(folder / "mask.nii.gz", masks, spacing)
         if maps is not None:
             write_probability_volume(folder / "probability.nii.gz", maps, spacing)
-        write_image_volume(folder / "image.nii.gz", images, spacing)
         pixels = int(sum(int(m.sum()) for m in masks))
     else:  # a volume in: the mask goes back onto its grid, the spacing is its header's
-        mask = write_on_input_grid(folder, masks, case, maps)
+        mask = write_on_input_grid(folder, masks, case, maps, with_image=everything)
         pixels, spacing = int(sitk_array(mask).sum()), case.spacing
-    write_overview(folder / "overview.png", images, masks, truths if has_truth else None,
-                   numbers)
+    if everything:
+        write_overview(folder / "overview.png", images, masks, truths if has_truth else None,
+                       numbers)
     # classifier_*: what the stage-1 gate said; tumor_detected: whether the final mask (after
     # the U-Net and post-processing) is non-empty, which is the answer.
     slice_rows = [{"patient_id": scan.patient_id, "slice": s.number,
@@ -196,10 +200,11 @@ def _write_patient(out: Path, scan: PatientScan | VolumeScan, slices, probabilit
         patient.update(dice=float("nan"), iou=float("nan"),
                        dice_note=f"unavailable: ground truth usable for {usable} of "
                                  f"{len(slices)} slices (see errors.csv)")
-    write_viewer(folder / "viewer.html", patient, images, masks, truths if has_truth else None,
-                 numbers, probabilities, threshold,
-                 spacing if case is None else case.grid.GetSpacing(),
-                 "--spacing" if case is None else "the volume's header, on the model's grid")
+    if everything:
+        write_viewer(folder / "viewer.html", patient, images, masks,
+                     truths if has_truth else None, numbers, probabilities, threshold,
+                     spacing if case is None else case.grid.GetSpacing(),
+                     "--spacing" if case is None else "the volume's header, on the model's grid")
     return patient, slice_rows
 
 
@@ -279,7 +284,7 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
                   save_probabilities: bool = False,
                   found: FoundInputs | None = None,
                   label_values: tuple[int, ...] | None = None, resume: bool = False,
-                  cluster=None) -> InferenceResult:
+                  cluster=None, outputs: str = "all") -> InferenceResult:
     """Run both stages over every patient found in ``scan_dirs`` and write the outputs into
     ``out`` as one run (see :mod:`output_folder`). ``spacing`` is the voxel size (x, y, z) in
     mm of slice folders, when known, for tumour volumes (volumes carry their own);
@@ -288,7 +293,8 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
     in ``run.json``; ``found``: :func:`find_inputs`' answer when already known;
     ``label_values``: the label values that are tumour in volume cases' ground truth (default:
     every value > 0); ``resume``: keep the cases an interrupted run into the same OUT
-    finished; ``cluster``: a :class:`cluster.ClusterSpec` to run the cases on Ray."""
+    finished; ``cluster``: a :class:`cluster.ClusterSpec` to run the cases on Ray;
+    ``outputs``: "all", or "masks" (each case's mask and the tables only)."""
     folder = OutputFolder(out, resume=resume)
     found = find_inputs(scan_dirs, out) if found is None else found
     patients, problems = found.patients, found.problems
@@ -298,7 +304,7 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
         print(f"note: no quality estimate ships with this U-Net ({QUALITY_FILE} beside it): "
               "predicted_dice and review stay empty", file=sys.stderr)
     started = time.time()
-    case_options = CaseOptions(spacing, series_roles, save_probabilities, label_values)
+    case_options = CaseOptions(spacing, series_roles, save_probabilities, label_values, outputs)
     with folder, _sigterm_as_interrupt():
         resumed = read_case_records(folder.staging) if resume else {}
         if cluster is None:
@@ -363,6 +369,9 @@ class CaseOptions:
     series_roles: dict[str, str] | None = None
     save_probabilities: bool = False
     label_values: tuple[int, ...] | None = None
+    #: "all", or "masks": each case's mask (and probabilities when asked) and the tables
+    #: only, no slice PNGs, image copy, overview or viewer (a cohort's run)
+    outputs: str = "all"
 
 
 @dataclass
@@ -427,7 +436,7 @@ def write_case(out: Path, predicted: PredictedCase, predictor, pool: ThreadPoolE
         predictor.classifier_config.threshold, pool, options.spacing, predicted.case,
         learnt_from=scan.patient_id in predictor.trained_on_patients, maps=predicted.maps,
         notes=predicted.notes, quality=predicted.quality, sequences=predicted.sequences,
-        label_values=options.label_values)
+        label_values=options.label_values, outputs=options.outputs)
     write_text_atomic(out / scan.patient_id / CASE_RECORD, json.dumps(
         {"patient": patient, "slices": rows, "problems": [p.__dict__ for p in problems]}) + "\n")
     return patient, rows
@@ -610,4 +619,5 @@ def _write_tables(out: Path, result: InferenceResult, manifest: dict | None = No
     errors = pd.DataFrame([p.__dict__ for p in result.problems], columns=ERROR_COLUMNS)
     errors["skipped"] = errors["skipped"].astype(int)  # 1/0, as README defines it
     write_text_atomic(out / "errors.csv", errors.to_csv(index=False, lineterminator="\n"))
-    write_html_report(out / "report.html", result.patients, errors, run=manifest)
+    write_html_report(out / "report.html", result.patients, errors, run=manifest,
+                      pictures=(manifest or {}).get("options", {}).get("outputs", "all") == "all")

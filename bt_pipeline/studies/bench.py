@@ -80,7 +80,7 @@ def infer_throughput(scan_dirs: list[str], out_dir: str | os.PathLike,
     """End-to-end ``python -m bt_pipeline.infer`` in a fresh process: slices/s over the whole
     run (start-up, reading, both stages, writing) and seconds from process start to the first
     patient's outputs on disk."""
-    timing_file = Path(out_dir) / "timing.json"
+    timing_file = Path(out_dir).with_name(Path(out_dir).name + ".timing.json")
     started = time.time()
     subprocess.run([sys.executable, "-m", "bt_pipeline.infer", *scan_dirs, "--out", str(out_dir),
                     "--quiet", "--timing", str(timing_file), *extra_args], check=False,
@@ -302,9 +302,18 @@ def add_arguments_infer(parser: argparse.ArgumentParser) -> None:
                         help="passed on to infer (default: as the shipped U-Net's JSON says)")
     parser.add_argument("--precision", choices=["float32", "bfloat16", "auto"], default=None,
                         help="passed on to infer (default: infer's)")
+    parser.add_argument("--out", type=Path, default=Path("reports/bench_infer.json"),
+                        help="the runs' figures, with and without the quality estimate")
 
 
 def run_infer(args: argparse.Namespace) -> int:
+    """infer end to end on the chosen patients, the shipped models as they are and once more
+    without their quality estimate (what it costs), each in a fresh process."""
+    import shutil
+
+    from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET
+    from bt_pipeline.inference.quality import QUALITY_FILE
+
     table = read_manifest(args.manifest)
     chosen = table[table["split"].isin(args.splits)]["patient_id"].unique()
     folders = [f"{args.data_dir}/{patient}" for patient in sorted(chosen)]
@@ -313,9 +322,28 @@ def run_infer(args: argparse.Namespace) -> int:
         passed.append("--tta-flips" if args.tta_flips else "--no-tta-flips")
     if args.precision is not None:
         passed += ["--precision", args.precision]
-    with tempfile.TemporaryDirectory() as out:
-        for name, value in infer_throughput(folders, out, tuple(passed)).items():
-            print(f"{name}={value:.2f}")
+    runs = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        bare = Path(scratch) / "without_quality"
+        bare.mkdir()
+        for path in SHIPPED_UNET.parent.iterdir():
+            if path.is_file() and path.name != QUALITY_FILE:
+                shutil.copyfile(path, bare / path.name)
+        models = {"shipped (with the quality estimate)": (),
+                  "without the quality estimate": (
+                      "--classifier", str(bare / SHIPPED_CLASSIFIER.name),
+                      "--unet", str(bare / SHIPPED_UNET.name))}
+        for name, extra in models.items():
+            result = infer_throughput(folders, Path(scratch) / f"out{len(runs)}",
+                                      (*passed, *extra))
+            runs[name] = result
+            print(f"{name}: " + ", ".join(f"{k}={v:.2f}" for k, v in result.items()),
+                  flush=True)
+    write_text_atomic(args.out, json.dumps({
+        "what": f"bt infer end to end on the {', '.join(args.splits)} patients, a fresh "
+                "process each, start-up included, every output written",
+        "options": passed, "cpu_threads": os.cpu_count(), "runs": runs}, indent=2) + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 
