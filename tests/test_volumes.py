@@ -10,6 +10,7 @@ from bt_pipeline.data.layout import scan_inputs  # noqa: E402
 from bt_pipeline.data.synthetic import make_synthetic_dataset  # noqa: E402
 from bt_pipeline.studies.roundtrip import (  # noqa: E402
     geometry,
+    geometry_difference,
     oblique_direction,
     patient_slices,
     round_trip,
@@ -436,3 +437,33 @@ def test_labels_beside_images_or_in_a_folder_given(run_infer, tmp_path):
     assert pd.read_csv(out / "patients.csv")["dice"].isna().all()
     assert run_infer(root / "imagesTr", "--out", out, "--labels", elsewhere) == 0
     assert pd.read_csv(out / "patients.csv")["dice"].notna().all()
+
+
+# --- NRRD and MetaImage: one registry entry each, the mask back in the input's format ---------
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_nrrd_and_metaimage_cases_round_trip_on_their_own_grid(run_infer, patient_256, tmp_path,
+                                                               suffix):
+    images = patient_slices(patient_256)  # (k, 256, 256, 3) uint8
+    geometry_kw = dict(spacing=(0.8, 0.9, 3.5), origin=(-90.0, 110.0, -40.0),
+                       direction=oblique_direction())
+    cases = {}
+    for kind in (".nii.gz", suffix):
+        folder = tmp_path / kind.strip(".").replace(".", "_") / "case1"
+        folder.mkdir(parents=True)
+        for channel, role in enumerate(("t1", "flair", "t1ce")):
+            sitk.WriteImage(slices_to_sitk(images[..., channel], **geometry_kw),
+                            str(folder / f"case1_{role}{kind}"))
+        cases[kind] = folder
+    outs = {}
+    for kind, folder in cases.items():
+        outs[kind] = tmp_path / f"out_{kind.strip('.')}"
+        assert run_infer(folder, "--out", outs[kind]) == 0
+    mask = sitk.ReadImage(str(outs[suffix] / "case1" / f"mask{suffix}"))
+    flair = sitk.ReadImage(str(cases[suffix] / f"case1_flair{suffix}"))
+    # the input's exact grid, in its own format (NRRD stores spacing x direction: 1e-15 apart)
+    assert geometry_difference(mask, flair) < 1e-9
+    assert (outs[suffix] / "case1" / f"image{suffix}").is_file()
+    reference = sitk.ReadImage(str(outs[".nii.gz"] / "case1" / "mask.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask),
+                                  sitk.GetArrayFromImage(reference))

@@ -26,8 +26,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bt_pipeline.data.formats import is_volume_file, volume_stem
+
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: Sequence roles of a case, in the channel order of a slice (pre-contrast, FLAIR, post-contrast).
 ROLES = ("pre", "flair", "post")
 ROLE_NAMES = {"pre": "pre-contrast T1", "flair": "FLAIR", "post": "post-contrast T1"}
@@ -126,15 +127,6 @@ class VolumeScan:
     label: Path | None = None  # ground truth: CASE_seg, labelsTr/CASE or --labels DIR/CASE
 
 
-def is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
-
-
-def nifti_stem(path: Path) -> str:
-    name = path.name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else name[: -len(".nii")]
-
-
 def is_dicom(path: Path) -> bool:
     """A DICOM Part 10 file: ``DICM`` after its 128-byte preamble (extensions vary)."""
     try:
@@ -198,13 +190,13 @@ def dataset_channels(folder: Path, problems: list[InputProblem]) -> dict[str, st
     return None
 
 
-def nifti_role(path: Path, channels: dict[str, str | None] | None = None
+def volume_role(path: Path, channels: dict[str, str | None] | None = None
                ) -> tuple[str, str | None] | None:
-    """(case id, role) a NIfTI file's name says; role None for a sequence the models do not
-    use (T2), :data:`UNNAMED` for a numbered channel when ``channels`` (code -> role) is not
-    given; case id "" when the name is the role alone (``flair.nii.gz``). None: not a sequence
-    name."""
-    stem = nifti_stem(path)
+    """(case id, role) a volume file's name says (NIfTI, NRRD, MetaImage); role None for a
+    sequence the models do not use (T2), :data:`UNNAMED` for a numbered channel when
+    ``channels`` (code -> role) is not given; case id "" when the name is the role alone
+    (``flair.nii.gz``). None: not a sequence name."""
+    stem = volume_stem(path)
     match = _NNUNET.match(stem)
     if match:
         return match.group("case"), UNNAMED if channels is None else channels.get(
@@ -215,20 +207,20 @@ def nifti_role(path: Path, channels: dict[str, str | None] | None = None
     return None
 
 
-def _nifti_cases(folder: Path, files: list[Path], problems: list[InputProblem],
+def _file_cases(folder: Path, files: list[Path], problems: list[InputProblem],
                  channels: dict[str, str | None] | None = None) -> list[VolumeScan]:
-    if channels is None and any(_NNUNET.match(nifti_stem(p)) for p in files):
+    if channels is None and any(_NNUNET.match(volume_stem(p)) for p in files):
         channels = dataset_channels(folder, problems)
     cases: dict[str, VolumeScan] = {}
     unnamed: dict[str, list[Path]] = {}
     labels: dict[str, Path] = {}
     for path in files:
-        if nifti_stem(path).lower().endswith("_seg"):  # BraTS's ground truth beside the images
-            labels[printable(nifti_stem(path)[:-4] or folder.name)] = path
+        if volume_stem(path).lower().endswith("_seg"):  # BraTS's ground truth beside the images
+            labels[printable(volume_stem(path)[:-4] or folder.name)] = path
             continue
-        named = nifti_role(path, channels)
+        named = volume_role(path, channels)
         if named is None:
-            problems.append(InputProblem(str(path), "", "NIfTI name says no sequence (CASE_0000"
+            problems.append(InputProblem(str(path), "", "volume name says no sequence (CASE_0000"
                                          " with a dataset.json, or CASE_t1|flair|t1ce expected)",
                                          False))
             continue
@@ -250,7 +242,7 @@ def _nifti_cases(folder: Path, files: list[Path], problems: list[InputProblem],
             cases[case_id].nifti["flair"] = paths[0]
             continue
         cases[case_id].nifti.clear()
-        codes = ", ".join(sorted(nifti_stem(p)[-4:] for p in paths))
+        codes = ", ".join(sorted(volume_stem(p)[-4:] for p in paths))
         problems.append(InputProblem(
             str(folder), case_id, f"channels {codes} have no names: write a dataset.json "
             "beside the images folder ({\"channel_names\": {\"0\": \"T1\", \"1\": "
@@ -307,8 +299,8 @@ def _volume_cases(folder: Path, problems: list[InputProblem], depth: int = 0,
             problems.append(InputProblem(str(extra), printable(folder.name),
                                          "holds no DICOM, NIfTI or slice", False))
         return [VolumeScan(printable(folder.name), folder, dicom_series=series)]
-    cases = _nifti_cases(folder, [p for p in entries if p.is_file() and is_nifti(p)], problems,
-                         channels)
+    cases = _file_cases(folder, [p for p in entries if p.is_file() and is_volume_file(p)],
+                        problems, channels)
     if depth == 0:
         for sub in candidates:
             cases.extend([VolumeScan(printable(sub.name), sub, dicom_series=[sub])]
@@ -317,7 +309,7 @@ def _volume_cases(folder: Path, problems: list[InputProblem], depth: int = 0,
     else:  # deeper folders are not searched: say so for those that hold volumes
         for sub in candidates:
             if sub not in series and (_holds_dicom(sub) or any(
-                    p.is_file() and is_nifti(p) for p in sub.iterdir())):
+                    p.is_file() and is_volume_file(p) for p in sub.iterdir())):
                 problems.append(InputProblem(str(sub), printable(sub.name), "volumes two "
                                              "levels below SCAN_DIR are not searched; give "
                                              "this folder or its parent as SCAN_DIR"))
@@ -367,7 +359,7 @@ def _mask_of(image: Path, masks: dict[str, Path]) -> Path | None:
 def _holds_nothing(folder: Path) -> bool:
     """Whether ``folder`` holds no slice, NIfTI or DICOM file, nor a folder."""
     entries = list(folder.iterdir())
-    return not any(p.is_dir() or is_nifti(p) or slice_name(p) is not None for p in entries) \
+    return not any(p.is_dir() or is_volume_file(p) or slice_name(p) is not None for p in entries) \
         and not _holds_dicom(folder)
 
 
@@ -385,9 +377,9 @@ def scan_inputs(scan_dirs: list[Path], channels: dict[str, str | None] | None = 
     patients: list[PatientScan | VolumeScan] = []
     problems: list[InputProblem] = []
     for scan_dir in (Path(os.path.abspath(d)) for d in scan_dirs):  # "." has a name too
-        if scan_dir.is_file() and is_nifti(scan_dir):  # one file: FLAIR alone
-            named = nifti_role(scan_dir, channels)
-            case_id = printable(named[0] if named and named[0] else nifti_stem(scan_dir))
+        if scan_dir.is_file() and is_volume_file(scan_dir):  # one file: FLAIR alone
+            named = volume_role(scan_dir, channels)
+            case_id = printable(named[0] if named and named[0] else volume_stem(scan_dir))
             if named is not None and named[1] not in ("flair", UNNAMED):
                 problems.append(InputProblem(str(scan_dir), case_id, "a single volume is read as "
                                              "FLAIR, and this one's name says another sequence"))

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bt_pipeline.data.layout import ROLE_NAMES, ROLES, VolumeScan, is_nifti, printable
+from bt_pipeline.data.formats import NIFTI, volume_format
+from bt_pipeline.data.layout import ROLE_NAMES, ROLES, VolumeScan, printable
 
 #: In-plane size of the model grid: the dataset's slices are 256x256.
 GRID_SIDE = 256
@@ -74,7 +75,7 @@ class CaseVolume:
     grid: object  # SimpleITK image: the model grid (geometry only)
     sources: dict[str, str] = field(default_factory=dict)  # role -> file or folder used
     replaced: list[str] = field(default_factory=list)  # roles filled with FLAIR
-    flair_nifti: Path | None = None  # the FLAIR's file when it is NIfTI (its header is reused)
+    flair_file: Path | None = None  # the FLAIR's file (not a DICOM series): outputs take its format
     notes: list[str] = field(default_factory=list)  # what the user should know (stderr)
 
     @property
@@ -101,23 +102,23 @@ def read_case(scan: VolumeScan, series_roles: dict[str, str] | None = None) -> C
 
 
 def case_on_model_grid(volumes: dict, sources: dict[str, str | Path],
-                       flair_nifti: Path | None = None) -> CaseVolume:
+                       flair_file: Path | None = None) -> CaseVolume:
     """Volumes already read (role -> SimpleITK image; FLAIR required) onto the model grid.
-    ``sources`` names each volume in messages; ``flair_nifti`` is the FLAIR's NIfTI file, whose
-    header the written outputs reuse.
+    ``sources`` names each volume in messages; ``flair_file`` is the FLAIR's file, whose format
+    (and for NIfTI, header) the written outputs take.
 
     Raises:
         VolumeReadError: naming the volume that cannot be used.
     """
     try:
-        return _on_model_grid(volumes, sources, flair_nifti)
+        return _on_model_grid(volumes, sources, flair_file)
     except RuntimeError as exc:  # SimpleITK refusing a geometry it cannot resample
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise VolumeReadError(sources["flair"], f"cannot be resampled ({reason})") from exc
 
 
 def _on_model_grid(volumes: dict, sources: dict[str, str | Path],
-                   flair_nifti: Path | None) -> CaseVolume:
+                   flair_file: Path | None) -> CaseVolume:
     import SimpleITK as sitk
 
     flair = volumes["flair"]
@@ -145,7 +146,7 @@ def _on_model_grid(volumes: dict, sources: dict[str, str | Path],
     stack = np.stack([channels[role] for role in ROLES], axis=-1)  # (k, row, column, 3)
     return CaseVolume([np.ascontiguousarray(s) for s in stack], flair, grid,
                       {role: printable(path) for role, path in sources.items()}, replaced,
-                      flair_nifti, notes)
+                      flair_file, notes)
 
 
 def coarse_axial_notes(spacing) -> list[str]:
@@ -281,7 +282,7 @@ def read_volume(path: Path):
     size = reader.GetSize()
     if files is None:
         _check_header(path, reader.GetDimension(), size, reader.GetNumberOfComponents())
-        if is_nifti(path) and not _nifti_complete(path):
+        if volume_format(path) is NIFTI and not _nifti_complete(path):
             # SimpleITK would fill the missing voxels with 0 and say nothing
             raise VolumeReadError(path, "truncated: holds fewer voxels than its header "
                                   "declares")

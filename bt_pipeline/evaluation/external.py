@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.cli import UsageError, library_output_silenced
-from bt_pipeline.data.layout import nifti_role, nifti_stem
+from bt_pipeline.data.formats import is_volume_file, volume_stem
+from bt_pipeline.data.layout import volume_role
 from bt_pipeline.data.volumes import tumour_label
 from bt_pipeline.evaluation.metrics import dice_score
 from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
@@ -41,13 +42,13 @@ def labelled_cases(folder: Path) -> dict[str, dict[str, Path]]:
     for case_dir in sorted([folder, *[p for p in folder.iterdir() if p.is_dir()]]):
         files = {}
         for path in sorted(case_dir.iterdir()):
-            if not path.is_file() or not path.name.lower().endswith((".nii", ".nii.gz")):
+            if not path.is_file() or not is_volume_file(path):
                 continue
-            stem = nifti_stem(path)
+            stem = volume_stem(path)
             if stem.lower().endswith("_seg"):
                 files["seg"] = path
                 continue
-            found = nifti_role(path)
+            found = volume_role(path)
             if found and found[1]:
                 files[found[1]] = path
         if "flair" in files and "seg" in files:

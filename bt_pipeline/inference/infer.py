@@ -16,7 +16,8 @@ from pathlib import Path
 
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.cli import UsageError, library_output_silenced
-from bt_pipeline.data.layout import channels_named, is_nifti, nifti_stem, printable
+from bt_pipeline.data.formats import is_volume_file, volume_stem
+from bt_pipeline.data.layout import channels_named, printable
 from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
 from bt_pipeline.inference.output_folder import name_problem
 
@@ -162,7 +163,7 @@ def default_out(scan_dir: str) -> Path:
     """``predictions/<name>``: the first SCAN_DIR's folder name (a NIfTI file's without its
     suffix), so that runs on different inputs never meet in one OUT."""
     path = Path(os.path.abspath(scan_dir)) if str(scan_dir).strip() else Path("input")
-    name = nifti_stem(path) if is_nifti(path) else path.name
+    name = volume_stem(path) if is_volume_file(path) else path.name
     return Path("predictions") / (name if name_problem(name) is None else "input")
 
 

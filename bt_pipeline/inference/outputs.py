@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic, write_with
+from bt_pipeline.data.formats import NIFTI, volume_format
 from bt_pipeline.data.preprocess import FLAIR
 from bt_pipeline.reports import draw_outline
 
@@ -141,9 +142,10 @@ def write_image_volume(path: str | os.PathLike, images: list[np.ndarray],
 
 def write_on_input_grid(folder: Path, masks: list[np.ndarray], case,
                         maps: list[np.ndarray] | None = None, with_image: bool = True):
-    """A volume case's outputs on its input's grid: ``mask.nii.gz`` (uint8 {0, 1}) with the
-    input FLAIR's exact size, spacing, origin and direction, and ``image.nii.gz``, that FLAIR;
-    given ``maps``, also ``probability.nii.gz`` (float32); ``with_image`` False leaves the
+    """A volume case's outputs on its input's grid, in its FLAIR's format (``mask.nii.gz``,
+    ``mask.nrrd``, ``mask.mha``; DICOM: NIfTI): the mask (uint8 {0, 1}) with the input FLAIR's
+    exact size, spacing, origin and direction, and ``image``, that FLAIR; given ``maps``, also
+    ``probability`` (float32); ``with_image`` False leaves the
     FLAIR's copy out. A NIfTI FLAIR lends its own header
     to all, so any reader finds the same geometry in input and outputs to the last bit; a
     DICOM series becomes NIfTI (as nnU-Net writes it), whose header holds the geometry in
@@ -152,29 +154,30 @@ def write_on_input_grid(folder: Path, masks: list[np.ndarray], case,
 
     from bt_pipeline.data.volumes import mask_on_input_grid, probability_on_input_grid
 
-    outputs = {"mask.nii.gz": mask_on_input_grid(masks, case)}
+    # a file's own format (DICOM becomes NIfTI, as nnU-Net writes it)
+    form = NIFTI if case.flair_file is None else volume_format(case.flair_file)
+    outputs = {"mask": mask_on_input_grid(masks, case)}
     if maps is not None:
-        outputs["probability.nii.gz"] = probability_on_input_grid(maps, case)
-    if case.flair_nifti is not None:
-        source = nib.load(case.flair_nifti)
+        outputs["probability"] = probability_on_input_grid(maps, case)
+    ending = form.output_suffix
+    if form is NIFTI and case.flair_file is not None:  # its own header, field for field
+        source = nib.load(case.flair_file)
         for name, image in outputs.items():
             values = sitk.GetArrayFromImage(image)  # (k, j, i)
-            out = _on_header_of(source, case.flair_nifti, values.transpose(2, 1, 0))
-            write_with(folder / name, lambda tmp, out=out: nib.save(out, str(tmp)),
-                       suffix=".nii.gz")
+            out = _on_header_of(source, case.flair_file, values.transpose(2, 1, 0))
+            write_with(folder / f"{name}{ending}", lambda tmp, out=out: nib.save(out, str(tmp)),
+                       suffix=ending)
         if with_image:
-            write_with(folder / "image.nii.gz",
-                       lambda tmp: _copy_gzipped(case.flair_nifti, tmp), suffix=".nii.gz")
+            write_with(folder / f"image{ending}",
+                       lambda tmp: _copy_gzipped(case.flair_file, tmp), suffix=ending)
     else:
-        for name, image in outputs.items():
-            write_with(folder / name, lambda tmp, image=image: sitk.WriteImage(image, str(tmp),
-                                                                               True),
-                       suffix=".nii.gz")
         if with_image:
-            write_with(folder / "image.nii.gz",
-                       lambda tmp: sitk.WriteImage(case.flair, str(tmp), True),
-                       suffix=".nii.gz")
-    return outputs["mask.nii.gz"]
+            outputs["image"] = case.flair
+        for name, image in outputs.items():
+            write_with(folder / f"{name}{ending}",
+                       lambda tmp, image=image: sitk.WriteImage(image, str(tmp), True),
+                       suffix=ending)
+    return outputs["mask"]
 
 
 def _on_header_of(source, path: Path, values: np.ndarray):
