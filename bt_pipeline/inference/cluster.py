@@ -86,8 +86,8 @@ def _exit_if_asked(case_id: str) -> None:
 
 
 def run_on_ray(patients: list[PatientScan | VolumeScan], problems: list[InputProblem],
-               staging: Path, spec: ClusterSpec, options: CaseOptions,
-               resumed: dict[str, dict], progress: bool) -> InferenceResult:
+               staging: Path, options: CaseOptions, resumed: dict[str, dict], progress: bool,
+               *, spec: ClusterSpec) -> InferenceResult:
     """Every admitted case on ``spec.workers`` actors; rows in the order of ``patients``."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                                    series_roles=series_roles,
                                    save_probabilities=args.save_probabilities, found=found,
                                    label_values=label_values, resume=args.resume,
-                                   cluster=cluster, outputs=args.outputs)
+                                   runner=_ray_runner(cluster), outputs=args.outputs)
     except OSError as exc:
         print(f"error: cannot write outputs: {exc}", file=sys.stderr)
         return 2
@@ -157,6 +157,17 @@ def _cluster(args: argparse.Namespace):
 
     workers = args.workers or max(1, (os.cpu_count() or 1) // args.worker_threads)
     return ClusterSpec(args.ray, workers, args.worker_threads, args, args.threshold)
+
+
+def _ray_runner(cluster):
+    """The cases on Ray when --ray was given, else None (this process runs them)."""
+    if cluster is None:
+        return None
+    import functools
+
+    from bt_pipeline.inference.cluster import run_on_ray
+
+    return functools.partial(run_on_ray, spec=cluster)
 
 
 def default_out(scan_dir: str) -> Path:

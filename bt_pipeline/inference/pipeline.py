@@ -284,7 +284,7 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
                   save_probabilities: bool = False,
                   found: FoundInputs | None = None,
                   label_values: tuple[int, ...] | None = None, resume: bool = False,
-                  cluster=None, outputs: str = "all") -> InferenceResult:
+                  runner=None, outputs: str = "all") -> InferenceResult:
     """Run both stages over every patient found in ``scan_dirs`` and write the outputs into
     ``out`` as one run (see :mod:`output_folder`). ``spacing`` is the voxel size (x, y, z) in
     mm of slice folders, when known, for tumour volumes (volumes carry their own);
@@ -293,7 +293,8 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
     in ``run.json``; ``found``: :func:`find_inputs`' answer when already known;
     ``label_values``: the label values that are tumour in volume cases' ground truth (default:
     every value > 0); ``resume``: keep the cases an interrupted run into the same OUT
-    finished; ``cluster``: a :class:`cluster.ClusterSpec` to run the cases on Ray;
+    finished; ``runner``: what runs the cases instead of this process (``cluster.run_on_ray``
+    with its spec bound), called as :func:`_run_patients` is, less the predictor;
     ``outputs``: "all", or "masks" (each case's mask and the tables only)."""
     folder = OutputFolder(out, resume=resume)
     found = find_inputs(scan_dirs, out) if found is None else found
@@ -307,14 +308,11 @@ def run_inference(scan_dirs: list[Path], out: Path, predictor, progress: bool = 
     case_options = CaseOptions(spacing, series_roles, save_probabilities, label_values, outputs)
     with folder, _sigterm_as_interrupt():
         resumed = read_case_records(folder.staging) if resume else {}
-        if cluster is None:
+        if runner is None:
             result = _run_patients(patients, problems, folder.staging, predictor, progress,
                                    case_options, resumed)
         else:
-            from bt_pipeline.inference.cluster import run_on_ray
-
-            result = run_on_ray(patients, problems, folder.staging, cluster, case_options,
-                                resumed, progress)
+            result = runner(patients, problems, folder.staging, case_options, resumed, progress)
         result.resumed = sorted(resumed)
         if result.patients.empty:  # nothing processed: an earlier OUT stays as it was
             if result.interrupted:
