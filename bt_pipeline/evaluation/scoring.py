@@ -37,7 +37,6 @@ from bt_pipeline.data.preprocess import (
 )
 from bt_pipeline.evaluation.metrics import dice_score, iou_score
 from bt_pipeline.inference.predictor import TwoStagePredictor, to_grid
-from bt_pipeline.inference.quality import mirror_slices
 
 
 @dataclass
@@ -72,20 +71,18 @@ def predict_split(predictor: TwoStagePredictor, manifest: pd.DataFrame, split: s
         if flair_alone:
             images = [flair_only(image) for image in images]
         probabilities = predictor.tumour_probabilities(images)
-        maps = predictor.mask_probabilities(images)
         mirror = None
-        if mirrored:  # as inference chooses them (quality.mirror_slices)
-            gate = probabilities >= predictor.classifier_config.threshold
-            chosen = mirror_slices([m if g else None for m, g in zip(maps, gate, strict=True)],
-                                   predictor.mask_threshold)
+        if mirrored:
+            passed = np.flatnonzero(probabilities >= predictor.classifier_config.threshold)
             mirror = [None] * len(images)
-            for k, found in zip(chosen, predictor.mirrored_mask_probabilities(images, chosen),
+            for k, found in zip(passed, predictor.mirrored_mask_probabilities(images, passed),
                                 strict=True):
                 mirror[k] = found
         predictions.append(PatientPrediction(
             rows=group.reset_index(drop=True),
             truths=[read_mask(root / p).astype(bool) for p in group["mask"]],
-            probabilities=probabilities, maps=maps, mirrored=mirror))
+            probabilities=probabilities, maps=predictor.mask_probabilities(images),
+            mirrored=mirror))
     return predictions
 
 

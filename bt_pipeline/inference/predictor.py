@@ -33,7 +33,6 @@ from bt_pipeline.inference.quality import (
     QUALITY_FILE,
     QualityModel,
     case_features,
-    mirror_slices,
     quality_beside,
 )
 from bt_pipeline.models.batch_norm import with_fused_batch_norm
@@ -297,9 +296,9 @@ class TwoStagePredictor:
         1 did not pass a slice), or None when no estimate ships with the U-Net."""
         if self.quality is None:
             return None
-        chosen = mirror_slices(maps, self.mask_threshold)
+        passed = [k for k, m in enumerate(maps) if m is not None]
         mirrored: list[np.ndarray | None] = [None] * len(maps)
-        for k, found in zip(chosen, self.mirrored_mask_probabilities(images, chosen),
+        for k, found in zip(passed, self.mirrored_mask_probabilities(images, passed),
                             strict=True):
             mirrored[k] = found
         return self.quality.estimate(case_features(maps, mirrored, masks, self.mask_threshold,

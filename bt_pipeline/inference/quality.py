@@ -6,10 +6,8 @@ passed), one row of features per case, all on the model grid:
 - ``size``: log(1 + final mask voxels / 1000);
 - ``uncertain``: of the voxels the U-Net gives p > 0.2, the share under 0.8 (a soft outline,
   a hesitant region);
-- ``mirror_dice``: Dice between the thresholded maps and those predicted on the left-right
-  mirrored slices (mirrored back), on the (up to) ``MIRROR_SLICES`` slices with the most
-  tumour: a model sure of a tumour finds it both ways, and one more U-Net pass over a few
-  slices is all it costs;
+- ``mirror_dice``: Dice between the mask and the mask predicted on the left-right mirrored
+  slices (mirrored back); a model sure of a tumour finds it both ways;
 - ``removed``: share of the thresholded voxels that post-processing removed (small components,
   the 3D rule);
 - ``components``: log(1 + 3D components of the thresholded maps, before post-processing);
@@ -42,25 +40,12 @@ POOR_DICE = 0.7
 QUALITY_FILE = "quality.json"
 
 
-#: How many slices the mirrored U-Net pass covers: those with the largest thresholded area.
-MIRROR_SLICES = 5
-
-
-def mirror_slices(maps: list[np.ndarray | None], mask_threshold: float) -> list[int]:
-    """The slices (indices) the mirrored pass covers: of those stage 1 passed (a map, not
-    None), the ``MIRROR_SLICES`` with the largest area over ``mask_threshold``, in order."""
-    areas = [(int((m > mask_threshold).sum()), k) for k, m in enumerate(maps) if m is not None]
-    chosen = sorted(areas, key=lambda pair: (-pair[0], pair[1]))[:MIRROR_SLICES]
-    return sorted(k for area, k in chosen if area > 0)
-
-
 def case_features(maps: list[np.ndarray | None], mirrored: list[np.ndarray | None],
                   masks: list[np.ndarray], mask_threshold: float, stripped: bool,
                   flair_only: bool) -> dict[str, float]:
     """One case's features. ``maps``: the U-Net's probability map per slice, None where stage
-    1 did not pass it; ``mirrored``: the map of the mirrored slice, mirrored back, on the
-    slices :func:`mirror_slices` chose (None elsewhere); ``masks``: the final {0, 1} masks,
-    one per slice."""
+    1 did not pass it; ``mirrored``: the same from the mirrored slices, mirrored back;
+    ``masks``: the final {0, 1} masks, one per slice."""
     passed = [k for k, m in enumerate(maps) if m is not None]
     final = np.stack(masks).astype(bool)
     if passed:
@@ -68,10 +53,7 @@ def case_features(maps: list[np.ndarray | None], mirrored: list[np.ndarray | Non
         above = probability > 0.2
         uncertain = float((above & (probability < 0.8)).sum() / max(int(above.sum()), 1))
         raw = probability > mask_threshold
-        both = [k for k, m in enumerate(mirrored) if m is not None]
-        mirror = dice_score(np.stack([maps[k] for k in both]) > mask_threshold,
-                            np.stack([mirrored[k] for k in both]) > mask_threshold) \
-            if both else 1.0
+        mirror = dice_score(raw, np.stack([mirrored[k] for k in passed]) > mask_threshold)
         _, components = ndimage.label(raw, structure=np.ones((3, 3, 3), bool))
         removed = float(1.0 - (raw & final[passed]).sum() / max(int(raw.sum()), 1)) \
             if raw.any() else 0.0
