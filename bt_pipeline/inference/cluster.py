@@ -74,9 +74,6 @@ class CaseWorker:
                                    options, problems)
         return patient, rows, problems, predicted.notes
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 def _exit_if_asked(case_id: str) -> None:
     case, _, marker = os.environ.get(EXIT_ONCE_ENV, "").partition(":")

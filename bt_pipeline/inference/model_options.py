@@ -13,9 +13,11 @@ from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET
 def add_model_arguments(parser: argparse.ArgumentParser, precision: str = "float32") -> None:
     """Which models run, and how: --classifier, --unet, --extra-unet, --tta-flips, and
     --precision (default ``precision``)."""
-    parser.add_argument("--classifier", type=Path, default=SHIPPED_CLASSIFIER, metavar="KERAS",
-                        help="stage 1: a gate built on --unet's encoder, or a from-scratch "
-                             "slice CNN; its JSON beside it (default: the shipped gate)")
+    parser.add_argument("--gate", "--classifier", dest="classifier", type=Path,
+                        default=SHIPPED_CLASSIFIER, metavar="KERAS",
+                        help="stage 1 (the gate): a head on --unet's encoder, or a from-scratch "
+                             "slice CNN; its JSON beside it (default: the shipped gate; "
+                             "--classifier is the same option)")
     parser.add_argument("--unet", type=Path, default=SHIPPED_UNET, metavar="KERAS",
                         help="stage 2, its JSON beside it (default: the shipped U-Net)")
     parser.add_argument("--extra-unet", type=Path, nargs="*", default=None, metavar="KERAS",
