@@ -332,3 +332,15 @@ def test_an_extra_folder_without_images_does_not_split_a_dicom_case(tmp_path):
     assert [p.patient_id for p in patients] == ["case7"]
     assert len(patients[0].dicom_series) == 2
     assert any("holds no DICOM" in p.problem and not p.skipped for p in problems)
+
+
+def test_nothing_is_left_beside_out(run_infer, synthetic_root, tmp_path):
+    """No lock file, staging folder or old copy stays in OUT's parent after a run, a rerun, or
+    a refused call."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    out = runs / "out"
+    assert run_infer(synthetic_root, "--out", out) == 0
+    assert run_infer(synthetic_root, "--out", out) == 0  # replaces the earlier run
+    assert run_infer(tmp_path / "missing", "--out", out) == 2
+    assert sorted(p.name for p in runs.iterdir()) == ["out"]
