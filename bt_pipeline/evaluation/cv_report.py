@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic, write_with
-from bt_pipeline.cli import UsageError, keras_verbosity, quiet_tensorflow
 from bt_pipeline.config import (
     INTENSITY_RULES,
     SHIPPED_UNET,
@@ -46,6 +45,7 @@ from bt_pipeline.evaluation.scoring import (
 from bt_pipeline.inference.postprocess import choose_postprocessing, write_choice
 from bt_pipeline.models.precision import TRAINING_PRECISIONS, resolve_precision
 from bt_pipeline.reports import plt, save_figure, write_summary
+from bt_pipeline.runtime import UsageError, keras_verbosity, quiet_tensorflow
 from bt_pipeline.training.cross_validation import (
     ALL,
     RECIPES,

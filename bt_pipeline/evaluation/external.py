@@ -23,13 +23,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.cli import UsageError, library_output_silenced
 from bt_pipeline.data.formats import is_volume_file, volume_stem
 from bt_pipeline.data.layout import volume_role
 from bt_pipeline.data.volumes import tumour_label
 from bt_pipeline.evaluation.metrics import dice_score
 from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
 from bt_pipeline.reports import shown_path, write_summary
+from bt_pipeline.runtime import UsageError, library_output_silenced
 
 #: The inputs each case is segmented with.
 INPUTS = ("all sequences", "FLAIR alone")

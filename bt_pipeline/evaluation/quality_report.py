@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.cli import UsageError, library_output_silenced, quiet_tensorflow
 from bt_pipeline.config import DataConfig, UNetConfig, load_json
 from bt_pipeline.data.brain_mask import load_masks
 from bt_pipeline.data.manifest import N_FOLDS, read_manifest
@@ -38,6 +37,7 @@ from bt_pipeline.inference.quality import (
     fit_quality,
 )
 from bt_pipeline.reports import plt, save_figure, shown_path, write_summary
+from bt_pipeline.runtime import UsageError, library_output_silenced, quiet_tensorflow
 from bt_pipeline.training.cross_validation import SHIPPED_RECIPE
 
 #: The inputs each held-out patient is estimated on.

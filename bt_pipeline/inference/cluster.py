@@ -56,8 +56,8 @@ class CaseWorker:
     """One Ray actor: the models loaded once, then one case per call."""
 
     def __init__(self, model_args: argparse.Namespace, mask_threshold: float, threads: int):
-        from bt_pipeline.cli import quiet_tensorflow
         from bt_pipeline.inference.model_options import load_predictor
+        from bt_pipeline.runtime import quiet_tensorflow
 
         quiet_tensorflow(threads)
         self.predictor = load_predictor(model_args, mask_threshold)

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.cli import UsageError, library_output_silenced
 from bt_pipeline.data.formats import is_volume_file, volume_stem
 from bt_pipeline.data.layout import channels_named, printable
 from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
 from bt_pipeline.inference.output_folder import name_problem
+from bt_pipeline.runtime import UsageError, library_output_silenced
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

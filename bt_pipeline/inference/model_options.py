@@ -36,7 +36,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, precision: str = "float
 def load_predictor(args: argparse.Namespace, mask_threshold: float = 0.5):
     """The TwoStagePredictor that :func:`add_model_arguments`' options describe (auto
     precision looks at the CPU's flags)."""
-    from bt_pipeline.cli import quiet_tensorflow
+    from bt_pipeline.runtime import quiet_tensorflow
 
     quiet_tensorflow()
     from bt_pipeline.inference.predictor import TwoStagePredictor

@@ -35,8 +35,8 @@ import uuid
 from pathlib import Path
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.cli import UsageError
 from bt_pipeline.data.layout import printable
+from bt_pipeline.runtime import UsageError
 
 #: The file by which an OUT is recognised as an earlier run's outputs: only this tool writes
 #: it, with the run's id.

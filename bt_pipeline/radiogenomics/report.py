@@ -26,7 +26,6 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.cli import quiet_tensorflow
 from bt_pipeline.config import BASELINE_CLASSIFIER, SHIPPED_UNET, DataConfig, UNetConfig, load_json
 from bt_pipeline.data.manifest import NO_FOLD, read_manifest
 from bt_pipeline.data.preprocess import read_image, read_mask
@@ -41,6 +40,7 @@ from bt_pipeline.radiogenomics.association import (
 )
 from bt_pipeline.radiogenomics.shape import FEATURES, shape_features
 from bt_pipeline.reports import plt, save_figure, shown_path, write_summary
+from bt_pipeline.runtime import quiet_tensorflow
 from bt_pipeline.training.cross_validation import SHIPPED_RECIPE, fold_model
 
 #: What Buda et al. (2019) report in their abstract, for the README's comparison.

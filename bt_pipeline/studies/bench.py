@@ -20,7 +20,6 @@ import pandas as pd
 import tensorflow as tf
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.cli import quiet_tensorflow
 from bt_pipeline.config import SHIPPED_UNET, DataConfig, GateConfig, UNetConfig, load_json
 from bt_pipeline.data.loader import classifier_dataset, load_split, unet_dataset
 from bt_pipeline.data.manifest import read_manifest
@@ -31,6 +30,7 @@ from bt_pipeline.models.batch_norm import with_fused_batch_norm
 from bt_pipeline.models.losses import LOSSES
 from bt_pipeline.models.precision import cpu_has_bfloat16, with_dtype_policy
 from bt_pipeline.models.unet import build_unet_from_config
+from bt_pipeline.runtime import quiet_tensorflow
 from bt_pipeline.studies.flops import TRAINING_STEP_FORWARD_PASSES, forward_flops
 
 

@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic, write_with
-from bt_pipeline.cli import add_common_arguments, apply_threads, keras_verbosity
 from bt_pipeline.config import (
     BASELINE_CLASSIFIER,
     ClassifierConfig,
@@ -40,6 +39,7 @@ from bt_pipeline.evaluation.scoring import predict_split, score_split, summarise
 from bt_pipeline.inference.predictor import TwoStagePredictor, load_model_file
 from bt_pipeline.models.unet import build_unet, compile_unet
 from bt_pipeline.reports import plt, save_figure, write_summary
+from bt_pipeline.runtime import add_common_arguments, apply_threads, keras_verbosity
 
 LR_BN_RATES = (0.1, 0.01, 0.0001)
 BATCH_SIZES = (16, 32, 64)

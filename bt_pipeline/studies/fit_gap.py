@@ -15,13 +15,13 @@ from pathlib import Path
 import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.cli import quiet_tensorflow
 from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET, DataConfig
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.evaluation.cv_report import report_dir, standard_error
 from bt_pipeline.evaluation.scoring import evaluate_split
 from bt_pipeline.inference.predictor import TwoStagePredictor
 from bt_pipeline.reports import save_figure, shown_path, write_summary
+from bt_pipeline.runtime import quiet_tensorflow
 from bt_pipeline.training.cross_validation import SHIPPED_RECIPE
 
 #: The scores compared: the U-Net on the true tumour slices, and the whole pipeline.

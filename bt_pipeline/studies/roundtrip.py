@@ -203,7 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bt_pipeline.cli import quiet_tensorflow
+    from bt_pipeline.runtime import quiet_tensorflow
 
     quiet_tensorflow()
     from bt_pipeline.inference.predictor import TwoStagePredictor

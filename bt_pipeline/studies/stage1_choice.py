@@ -19,7 +19,6 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.cli import quiet_tensorflow
 from bt_pipeline.config import SHIPPED_UNET, DataConfig, UNetConfig, load_json
 from bt_pipeline.data.manifest import N_FOLDS, read_manifest
 from bt_pipeline.data.preprocess import read_image
@@ -33,6 +32,7 @@ from bt_pipeline.evaluation.metrics import dice_score
 from bt_pipeline.evaluation.scoring import PatientPrediction, gated_volume
 from bt_pipeline.inference.predictor import TwoStagePredictor
 from bt_pipeline.reports import shown_path, write_summary
+from bt_pipeline.runtime import quiet_tensorflow
 from bt_pipeline.training.cross_validation import SHIPPED_RECIPE, fold_gate
 
 #: The gates compared, in report order.

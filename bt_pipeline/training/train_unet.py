@@ -14,7 +14,6 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from bt_pipeline.cli import add_common_arguments, apply_threads, keras_verbosity
 from bt_pipeline.config import (
     SHIPPED_UNET,
     DataConfig,
@@ -28,6 +27,7 @@ from bt_pipeline.data.preprocess import MASK_RESIZE
 from bt_pipeline.models.losses import LOSSES
 from bt_pipeline.models.precision import TRAINING_PRECISIONS, resolve_precision, with_dtype_policy
 from bt_pipeline.models.unet import build_unet_from_config, compile_unet
+from bt_pipeline.runtime import add_common_arguments, apply_threads, keras_verbosity
 from bt_pipeline.training.callbacks import (
     logged_values,
     make_strategy,

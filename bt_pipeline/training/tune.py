@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 
 from bt_pipeline.atomic import write_text_atomic
-from bt_pipeline.cli import add_common_arguments, apply_threads, keras_verbosity
 from bt_pipeline.config import (
     SHIPPED_CLASSIFIER,
     SHIPPED_UNET,
@@ -33,6 +32,7 @@ from bt_pipeline.config import (
 from bt_pipeline.data.loader import SplitArrays, classifier_dataset, load_split
 from bt_pipeline.data.manifest import read_manifest
 from bt_pipeline.models.classifier import build_classifier_from_config, compile_classifier
+from bt_pipeline.runtime import add_common_arguments, apply_threads, keras_verbosity
 from bt_pipeline.training.cross_validation import SHIPPED_RECIPE
 from bt_pipeline.training.search_reports import trials_table, write_search_reports
 from bt_pipeline.training.train_classifier import retrain_and_ship
