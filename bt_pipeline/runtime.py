@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 from bt_pipeline.config import DataConfig
 
@@ -102,3 +103,13 @@ def apply_threads(args: argparse.Namespace) -> None:
 def keras_verbosity() -> int | str:
     """A progress bar in a terminal, one line per epoch in a log file."""
     return "auto" if sys.stdout.isatty() else 2
+
+
+def cpu_has_bfloat16() -> bool:
+    """True where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it, slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))

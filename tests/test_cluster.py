@@ -83,9 +83,9 @@ def test_resume_after_the_driver_is_killed_runs_only_the_unfinished_cases(
         finished = list(tmp_path.glob(f".out.bt-partial-*/*/{CASE_RECORD}"))
         time.sleep(0.2)
     assert finished, "no case finished in time"
-    os.kill(driver.pid, signal.SIGKILL)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver, and the Ray runtime it started with it
     driver.wait()
-    os.killpg(driver.pid, signal.SIGKILL)  # the Ray runtime it started goes with it
+    time.sleep(1)  # nothing of that run writes any more
     kept = {p.parent.name for p in tmp_path.glob(f".out.bt-partial-*/*/{CASE_RECORD}")}
     resumed = _infer(tiny_models, scans, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -94,3 +94,23 @@ def test_resume_after_the_driver_is_killed_runs_only_the_unfinished_cases(
     patients = pd.read_csv(out / "patients.csv")
     assert len(patients) == 24 and list(patients["patient_id"]) == sorted(patients["patient_id"])
     assert not list(tmp_path.glob(".out.bt-partial-*"))
+
+
+def test_models_the_workers_cannot_load_are_one_line_not_a_failure_per_case(
+        tiny_models, synthetic_root, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for model in tiny_models:
+        for suffix in (".keras", ".json"):
+            (broken / model.with_suffix(suffix).name).write_bytes(
+                model.with_suffix(suffix).read_bytes())
+    (broken / tiny_models[1].name).write_bytes(b"not a keras file")
+    result = subprocess.run(
+        [sys.executable, "-m", "bt_pipeline.infer", str(_three_cases(synthetic_root, tmp_path)),
+         "--out", str(tmp_path / "out"), "--quiet", "--ray", "local", "--workers", "1",
+         "--classifier", str(broken / tiny_models[0].name),
+         "--unet", str(broken / tiny_models[1].name)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "the workers cannot load the models" in result.stderr
+    assert not (tmp_path / "out").exists()

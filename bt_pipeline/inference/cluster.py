@@ -63,6 +63,9 @@ class CaseWorker:
         self.predictor = load_predictor(model_args, mask_threshold)
         self.pool = ThreadPoolExecutor(max_workers=max(threads, 2))
 
+    def ready(self) -> bool:
+        return True
+
     def run(self, scan: PatientScan | VolumeScan, staging: str, options: CaseOptions):
         """(patient row or None, slice rows, the case's problems, its notes)."""
         _exit_if_asked(scan.patient_id)
@@ -114,6 +117,11 @@ def run_on_ray(patients: list[PatientScan | VolumeScan], problems: list[InputPro
         else:
             queue.append((index, scan))
     idle = [start() for _ in range(min(spec.workers, len(queue)))]
+    try:  # a model that cannot be loaded is one line, as without Ray, not a failure per case
+        ray.get([actor.ready.remote() for actor in idle])
+    except (RayActorError, RayTaskError) as exc:
+        cause = getattr(exc, "cause", None) or exc
+        raise ValueError(f"the workers cannot load the models: {str(cause).strip()}") from exc
     running: dict = {}
     interrupted, first = False, None
     bar = tqdm(total=len(queue), desc="patients", unit="patient", disable=not progress)

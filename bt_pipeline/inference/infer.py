@@ -17,7 +17,11 @@ from pathlib import Path
 from bt_pipeline.atomic import write_text_atomic
 from bt_pipeline.data.formats import is_volume_file, volume_stem
 from bt_pipeline.data.layout import channels_named, printable
-from bt_pipeline.inference.model_options import add_model_arguments, load_predictor
+from bt_pipeline.inference.model_options import (
+    add_model_arguments,
+    load_predictor,
+    model_facts,
+)
 from bt_pipeline.inference.output_folder import name_problem
 from bt_pipeline.runtime import UsageError, library_output_silenced
 
@@ -117,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"loading the models ({len(found.patients)} case(s) found) ...", file=sys.stderr,
               flush=True)
-    predictor = load_predictor(args, args.threshold)
+    # on Ray each actor loads the models: the driver only reads what run.json records
+    predictor = load_predictor(args, args.threshold) if cluster is None else \
+        model_facts(args, args.threshold)
     try:
         with library_output_silenced(keep=args.debug):
             result = run_inference(args.scan_dirs, out, predictor, progress=not args.quiet,

@@ -559,10 +559,11 @@ def _sigterm_as_interrupt():
 
 def _manifest(scan_dirs: list[Path], predictor, options: dict | None, result: InferenceResult,
               started: float) -> dict:
-    """``run.json``: what this run read, with which models and options, and how it ended."""
-    import keras
+    """``run.json``: what this run read, with which models and options, and how it ended.
+    ``predictor`` a loaded predictor or, for a run on Ray, ``model_options.ModelFacts``."""
+    from importlib.metadata import version
+
     import SimpleITK as sitk
-    import tensorflow as tf
 
     from bt_pipeline import __version__
 
@@ -586,8 +587,8 @@ def _manifest(scan_dirs: list[Path], predictor, options: dict | None, result: In
                    "unet_config": dataclasses.asdict(predictor.unet_config),
                    "extra_unets": len(predictor.extra_unets)},
         "options": options or {},
-        "versions": {"bt_pipeline": __version__, "tensorflow": tf.__version__,
-                     "keras": keras.__version__, "python": platform.python_version(),
+        "versions": {"bt_pipeline": __version__, "tensorflow": version("tensorflow"),
+                     "keras": version("keras"), "python": platform.python_version(),
                      "numpy": np.__version__, "simpleitk": sitk.Version_VersionString(),
                      "pandas": pd.__version__},
         "patients": len(result.patients), "slices": len(result.slices),

@@ -30,7 +30,6 @@ from bt_pipeline.config import (
 from bt_pipeline.data.preprocess import preprocess_image, standardise_volume, with_context
 from bt_pipeline.inference.postprocess import finish_volume, slice_masks
 from bt_pipeline.inference.quality import (
-    QUALITY_FILE,
     QualityModel,
     case_features,
     quality_beside,
@@ -128,7 +127,8 @@ class TwoStagePredictor:
     trained_on_patients: frozenset[str] = frozenset()
     #: The per-case quality estimate shipped beside the U-Net (``quality.json``), if any.
     quality: QualityModel | None = None
-    #: The files the models and their configs were loaded from (run.json hashes them).
+    #: The files the models and their configs were loaded from (run.json hashes them; set by
+    #: ``model_options.load_predictor``).
     files: tuple[Path, ...] = ()
     _classify: object = field(init=False, repr=False, compare=False)
     _segments: tuple = field(init=False, repr=False, compare=False)
@@ -227,11 +227,7 @@ class TwoStagePredictor:
                    extra_unets=tuple(extra), tta_flips=tta_flips, bfloat16=bfloat16,
                    missing_sequence_training=missing > 0, skull_strip_training=stripped > 0,
                    trained_on_patients=frozenset(trained_on.get("trained_on_patients", [])),
-                   quality=quality_beside(unet_path),
-                   files=tuple(p for path in (classifier_path, unet_path, *map(Path,
-                                                                               extra_unet_paths))
-                               for p in (path, path.with_suffix(".json"))) + tuple(
-                       p for p in [unet_path.with_name(QUALITY_FILE)] if p.is_file()))
+                   quality=quality_beside(unet_path))
 
     def _run(self, forward, batch: np.ndarray) -> np.ndarray:
         outputs = [forward(batch[i:i + self.batch_size]).numpy()

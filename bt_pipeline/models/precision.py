@@ -6,23 +6,13 @@ The output layer always stays float32, so probabilities, losses and thresholds s
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import keras
+
+from bt_pipeline.runtime import cpu_has_bfloat16
 
 PRECISIONS = ("float32", "mixed_bfloat16")
 #: What a training command accepts: a precision, or "auto" (:func:`resolve_precision`).
 TRAINING_PRECISIONS = (*PRECISIONS, "auto")
-
-
-def cpu_has_bfloat16() -> bool:
-    """True where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); elsewhere oneDNN
-    emulates it, slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def resolve_precision(name: str) -> str:
