@@ -71,13 +71,8 @@ def predict_split(predictor: TwoStagePredictor, manifest: pd.DataFrame, split: s
         if flair_alone:
             images = [flair_only(image) for image in images]
         probabilities = predictor.tumour_probabilities(images)
-        mirror = None
-        if mirrored:
-            passed = np.flatnonzero(probabilities >= predictor.classifier_config.threshold)
-            mirror = [None] * len(images)
-            for k, found in zip(passed, predictor.mirrored_mask_probabilities(images, passed),
-                                strict=True):
-                mirror[k] = found
+        mirror = predictor.mirrored_maps(images, np.flatnonzero(
+            probabilities >= predictor.classifier_config.threshold)) if mirrored else None
         predictions.append(PatientPrediction(
             rows=group.reset_index(drop=True),
             truths=[read_mask(root / p).astype(bool) for p in group["mask"]],

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from bt_pipeline.data.layout import InputProblem, PatientScan, VolumeScan, printable
 from bt_pipeline.inference.pipeline import (
     CaseOptions,
+    CaseRecord,
     InferenceResult,
     case_admitted,
     inference_result,
@@ -86,7 +87,8 @@ def _exit_if_asked(case_id: str) -> None:
 
 
 def run_on_ray(patients: list[PatientScan | VolumeScan], problems: list[InputProblem],
-               staging: Path, options: CaseOptions, resumed: dict[str, dict], progress: bool,
+               staging: Path, options: CaseOptions, resumed: dict[str, CaseRecord],
+               progress: bool,
                *, spec: ClusterSpec) -> InferenceResult:
     """Every admitted case on ``spec.workers`` actors; rows in the order of ``patients``."""
     import ray
@@ -111,9 +113,7 @@ def run_on_ray(patients: list[PatientScan | VolumeScan], problems: list[InputPro
             print(refused[-1].line(), file=sys.stderr)
             done[index] = (None, [], refused)
         elif scan.patient_id in resumed:
-            record = resumed[scan.patient_id]
-            done[index] = (record["patient"], record["slices"],
-                           [InputProblem(**p) for p in record["problems"]])
+            done[index] = resumed[scan.patient_id]
         else:
             queue.append((index, scan))
     idle = [start() for _ in range(min(spec.workers, len(queue)))]

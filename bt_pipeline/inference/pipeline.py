@@ -440,7 +440,15 @@ def write_case(out: Path, predicted: PredictedCase, predictor, pool: ThreadPoolE
     return patient, rows
 
 
-def read_case_records(folder: Path) -> dict[str, dict]:
+class CaseRecord(NamedTuple):
+    """A finished case as its ``CASE_RECORD`` keeps it."""
+
+    patient: dict
+    slices: list[dict]
+    problems: list[InputProblem]
+
+
+def read_case_records(folder: Path) -> dict[str, CaseRecord]:
     """Case id -> record of every finished case under ``folder`` (an earlier run's)."""
     records = {}
     for path in sorted(folder.glob(f"*/{CASE_RECORD}")):
@@ -448,7 +456,9 @@ def read_case_records(folder: Path) -> dict[str, dict]:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):  # cut short by a kill: the case runs again
             continue
-        records[record["patient"]["patient_id"]] = record
+        records[record["patient"]["patient_id"]] = CaseRecord(
+            record["patient"], record["slices"],
+            [InputProblem(**p) for p in record["problems"]])
     return records
 
 
@@ -471,7 +481,7 @@ def case_admitted(scan: PatientScan | VolumeScan, seen: set[str],
 
 def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[InputProblem],
                   out: Path, predictor, progress: bool, options: CaseOptions,
-                  resumed: dict[str, dict] | None = None) -> InferenceResult:
+                  resumed: dict[str, CaseRecord] | None = None) -> InferenceResult:
     """Both stages over each patient, outputs into ``out``; stops early (``interrupted``) on
     Ctrl-C or SIGTERM, keeping what was finished. ``resumed``: cases an earlier run into the
     same OUT finished (their outputs already in ``out``), kept as they are.
@@ -510,9 +520,9 @@ def _run_patients(patients: list[PatientScan | VolumeScan], problems: list[Input
                     continue
                 if scan.patient_id in resumed:
                     record = resumed[scan.patient_id]
-                    problems.extend(InputProblem(**p) for p in record["problems"])
-                    patient_rows.append(record["patient"])
-                    slice_rows.extend(record["slices"])
+                    problems.extend(record.problems)
+                    patient_rows.append(record.patient)
+                    slice_rows.extend(record.slices)
                     continue
                 predicted = predict_case(scan, predictor, pool, problems, options)
                 for problem in problems[before:]:

@@ -271,19 +271,21 @@ class TwoStagePredictor:
         return [to_grid(prob, images[i].shape[0], images[i].shape[1])
                 for prob, i in zip(maps, chosen, strict=True)]
 
-    def mirrored_mask_probabilities(self, images: list[np.ndarray],
-                                    indices=None) -> list[np.ndarray]:
-        """:meth:`mask_probabilities` of the left-right mirrored slices, mirrored back: where
-        the U-Net agrees with itself (the quality estimate's ``mirror_dice``)."""
-        chosen = range(len(images)) if indices is None else [int(i) for i in indices]
-        if not images or not len(chosen):
-            return []
+    def mirrored_maps(self, images: list[np.ndarray], indices) -> list[np.ndarray | None]:
+        """One entry per slice: at ``indices``, :meth:`mask_probabilities` of the left-right
+        mirrored slice, mirrored back (where the U-Net agrees with itself: the quality
+        estimate's ``mirror_dice``); None elsewhere."""
+        chosen = [int(i) for i in indices]
+        mirrored: list[np.ndarray | None] = [None] * len(images)
+        if not chosen:
+            return mirrored
         batch = np.ascontiguousarray(
             self._model_inputs(images, self.unet_config.preprocessing, chosen)[:, :, ::-1])
         maps = np.mean([self._run(segment, batch)[:, :, ::-1] for segment in self._segments],
                        axis=0)[..., 0]
-        return [to_grid(prob, images[i].shape[0], images[i].shape[1])
-                for prob, i in zip(maps, chosen, strict=True)]
+        for prob, i in zip(maps, chosen, strict=True):
+            mirrored[i] = to_grid(prob, images[i].shape[0], images[i].shape[1])
+        return mirrored
 
     def assess(self, images: list[np.ndarray], probabilities: np.ndarray,
                maps: list[np.ndarray | None], masks: list[np.ndarray], stripped: bool,
@@ -292,11 +294,7 @@ class TwoStagePredictor:
         1 did not pass a slice), or None when no estimate ships with the U-Net."""
         if self.quality is None:
             return None
-        passed = [k for k, m in enumerate(maps) if m is not None]
-        mirrored: list[np.ndarray | None] = [None] * len(maps)
-        for k, found in zip(passed, self.mirrored_mask_probabilities(images, passed),
-                            strict=True):
-            mirrored[k] = found
+        mirrored = self.mirrored_maps(images, [k for k, m in enumerate(maps) if m is not None])
         return self.quality.estimate(case_features(maps, mirrored, masks, self.mask_threshold,
                                                    stripped, flair_only))
 

@@ -294,6 +294,13 @@ def run_loader(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_folders(args: argparse.Namespace) -> list[str]:
+    """The patient folders of ``args.splits`` (the manifest's split), sorted."""
+    table = read_manifest(args.manifest)
+    chosen = table[table["split"].isin(args.splits)]["patient_id"].unique()
+    return [f"{args.data_dir}/{patient}" for patient in sorted(chosen)]
+
+
 def add_arguments_infer(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=DataConfig.data_root)
     parser.add_argument("--manifest", default=DataConfig.manifest)
@@ -314,9 +321,7 @@ def run_infer(args: argparse.Namespace) -> int:
     from bt_pipeline.config import SHIPPED_CLASSIFIER, SHIPPED_UNET
     from bt_pipeline.inference.quality import QUALITY_FILE
 
-    table = read_manifest(args.manifest)
-    chosen = table[table["split"].isin(args.splits)]["patient_id"].unique()
-    folders = [f"{args.data_dir}/{patient}" for patient in sorted(chosen)]
+    folders = _split_folders(args)
     passed = []
     if args.tta_flips is not None:
         passed.append("--tta-flips" if args.tta_flips else "--no-tta-flips")
@@ -366,9 +371,7 @@ def add_arguments_cluster(parser: argparse.ArgumentParser) -> None:
 def run_cluster(args: argparse.Namespace) -> int:
     """Plain infer against infer on a local Ray runtime, same patients, same threads: slices/s
     over each whole run and after its first patient (start-up excluded), and Ray's overhead."""
-    table = read_manifest(args.manifest)
-    chosen = table[table["split"].isin(args.splits)]["patient_id"].unique()
-    folders = [f"{args.data_dir}/{patient}" for patient in sorted(chosen)]
+    folders = _split_folders(args)
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, extra in CLUSTER_RUNS.items():

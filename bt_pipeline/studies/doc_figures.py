@@ -135,9 +135,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.check:
-        for name in stale(args.root):
+        differ = stale(args.root)
+        for name in differ:
             print(f"{name}: figures differ from the reports; run make docs")
-        return 1 if stale(args.root) else 0
+        return 1 if differ else 0
     found = figures(args.root)
     for name, make in DOCUMENTS.items():
         path = args.root / name
